@@ -1,0 +1,339 @@
+"""Typed job configs: dataclasses loaded from YAML, then `--key=value` CLI overrides.
+
+Why one system: every job (opd, sft, transcribe, evaluate, serve) takes its settings the same
+way, and every key carries its own documentation (`docs/config.md` is generated from the
+`doc=` strings here, and a test fails when a key has none).
+
+    cfg = parse_job_args(OpdConfig, sys.argv[1:], default_config="jobs/configs/opd_tiny.yaml")
+
+Precedence: dataclass defaults < `--config FILE` (YAML) < `--a.b=value` overrides. Nested
+sections use dotted keys (`--learner.zero_stage=3`). Unknown keys are errors, with a suggestion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import pathlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the typed schema."""
+
+
+def opt(default: Any, doc: str, **kw: Any) -> Any:
+    """A documented config field. Mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"doc": doc}, **kw)
+    if dataclasses.is_dataclass(default):
+        factory = type(default)
+        return field(default_factory=factory, metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = opt(
+        None, "Ray address to connect to. None: $RAY_ADDRESS if set (as under `ray job submit`), "
+        "else start a local Ray.")
+    num_cpus: Optional[int] = opt(
+        None, "Logical CPUs for a local Ray (None: Ray's default). Ignored when connecting.")
+    num_gpus: Optional[int] = opt(None, "GPUs for a local Ray (None: Ray's default).")
+    namespace: str = opt("ark-ray", "Ray namespace for the job's named actors.")
+    temp_dir: Optional[str] = opt(None, "Temp dir for a local Ray's session files.")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = opt(0.0, "Sampling temperature; 0 means greedy.")
+    top_p: float = opt(1.0, "Nucleus sampling mass (1.0 disables).")
+    n: int = opt(1, "Samples per clip.")
+    max_new_tokens: int = opt(128, "Maximum transcript tokens per clip (per chunk for long audio).")
+    logprobs_topk: int = opt(0, "If > 0, also return the top-k token ids and log-probs at every position.")
+    seed: Optional[int] = opt(None, "Sampling seed (None: nondeterministic when temperature > 0).")
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["vllm", "hf"] = opt("vllm", "Inference engine: vLLM (default) or HF transformers.")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+    device: str = opt("auto", "HF engine device: auto, cpu, cuda.")
+    max_num_seqs: int = opt(64, "Most sequences vLLM decodes at once.")
+    max_model_len: int = opt(1024, "Longest prompt + transcript in tokens (30 s of audio = 384 prompt tokens).")
+    gpu_memory_utilization: float = opt(0.85, "Fraction of GPU memory vLLM may take.")
+    enforce_eager: bool = opt(False, "Disable CUDA graphs in vLLM (always eager on CPU).")
+    max_chunk_s: float = opt(30.0, "Long audio is cut by the shared chunker into windows of at most this many seconds.")
+    num_gpus: float = opt(0.0, "GPUs per engine actor (0 on CPU).")
+    num_cpus: float = opt(1.0, "CPUs per engine actor.")
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = opt(1, "Learner ranks (Ray actors, one torch.distributed rank each).")
+    use_gpu: bool = opt(False, "One GPU per rank, NCCL, bf16 with fp32 master weights; else CPU, gloo, fp32.")
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage (0-3).")
+    lr: float = opt(3e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    betas: list = opt([0.9, 0.98], "AdamW betas.")
+    warmup_steps: int = opt(0, "Linear warm-up steps before the cosine decay.")
+    min_lr_ratio: float = opt(0.1, "Cosine decay floor as a fraction of lr.")
+    micro_batch_size: int = opt(8, "Samples per rank per micro-step.")
+    grad_accum_steps: int = opt(1, "Micro-steps per optimizer step.")
+    grad_clip: float = opt(1.0, "Gradient norm clip (0 disables).")
+    seed: int = opt(0, "Seed for parameter init, dropout and data order.")
+    num_cpus_per_worker: float = opt(1.0, "CPUs each learner actor asks for.")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from e
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from e
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp in (list, dict) or origin in (list, dict):
+        want = origin or tp
+        if not isinstance(value, want):
+            raise ConfigError(f"{key}: expected a {want.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {prefix}{k}{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (for YAML dumps, logs and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["--a.b=1", "--c", "x"]` -> `{"a": {"b": 1}, "c": "x"}` (values parsed as YAML scalars)."""
+    out: dict = {}
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --key=value")
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+        elif i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            key, raw = body, overrides[i + 1]
+            i += 1
+        else:
+            key, raw = body, "true"  # a bare flag: --resume
+        key = key.replace("-", "_")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key} conflicts with an earlier value")
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None,
+                overrides: list[str] | dict | None = None) -> T:
+    """Defaults < YAML file at `path` < overrides (CLI strings or a nested dict)."""
+    data: dict = {}
+    if path is not None:
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        data = loaded
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        data = _deep_merge(data, extra)
+    return _build(cls, data)
+
+
+def parse_job_args(cls: type[T], argv: list[str], default_config: str | os.PathLike | None = None) -> T:
+    """A job's command line: `[--config FILE] [--key=value ...]`; no --config -> `default_config`."""
+    argv = list(argv)
+    path = default_config
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            path, i = a.split("=", 1)[1], i + 1
+            continue
+        if a in ("-h", "--help"):
+            print(render_markdown([cls]))
+            raise SystemExit(0)
+        rest.append(a)
+        i += 1
+    return load_config(cls, path, rest)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Documentation
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    tp, optional = _unwrap_optional(tp)
+    if typing.get_origin(tp) is Literal:
+        name = " | ".join(repr(a) for a in typing.get_args(tp))
+    else:
+        name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+    return f"{name} (optional)" if optional else name
+
+
+def iter_keys(cls: type, prefix: str = ""):
+    """Yield (dotted key, type name, default, doc) for every leaf key of a config class."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner, _ = _unwrap_optional(tp)
+        doc = f.metadata.get("doc", "")
+        if dataclasses.is_dataclass(inner):
+            yield (prefix + f.name, inner.__name__, "(section)", doc)
+            yield from iter_keys(inner, prefix + f.name + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        yield (prefix + f.name, _type_name(tp), default, doc)
+
+
+def render_markdown(classes: list[type]) -> str:
+    lines = ["# Configuration keys", "",
+             "Generated from `ark_ray/config.py` by `python -m ark_ray.config > docs/config.md`. "
+             "Jobs take `--config FILE.yaml` and `--key=value` overrides (dotted keys for sections).", ""]
+    for cls in classes:
+        lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, tname, default, doc in iter_keys(cls):
+            d = "" if default == "(section)" else f"`{default!r}`"
+            lines.append(f"| `{key}` | {tname} | {d} | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def job_config_classes() -> list[type]:
+    """Every top-level job config, for docs and the documentation test."""
+    return list(_JOB_CONFIGS)
+
+
+_JOB_CONFIGS: list[type] = []
+
+
+def job_config(cls: type[T]) -> type[T]:
+    """Register a top-level job config class (so it appears in docs/config.md)."""
+    _JOB_CONFIGS.append(cls)
+    return cls
+
+
+# --------------------------------------------------------------------------------------------
+# Job configs (one per job; each job's owner keeps its section here so all keys live in one place)
+# --------------------------------------------------------------------------------------------
+
+# >>> job configs >>>
+# <<< job configs <<<
+
+
+if __name__ == "__main__":
+    print(render_markdown([RayConfig, SamplingConfig, EngineConfig, LearnerConfig] + job_config_classes()))
