@@ -1,0 +1,74 @@
+"""The one interface every job uses to run ARK-ASR: audio in, tokens + text (+ top-k) out.
+
+Rollouts (OPD), batch transcription and serving all go through `Transcriber`, so sampling,
+the allowed-token mask, long-audio chunking and output cleanup behave the same everywhere.
+`VllmEngine` is the default; `HFEngine` is the reference and the fallback.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ark_ray.config import SamplingConfig
+
+
+@dataclass
+class Segment:
+    """One chunk of a long clip (the shared chunker's window) and its transcript."""
+    start_s: float
+    end_s: float
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Transcript:
+    """The result for one clip and one sample (`sample_index` < n)."""
+    clip_index: int
+    sample_index: int
+    token_ids: list[int]                      # generated ids, EOS included when generated
+    text: str                                 # pred_text: cleaned
+    text_raw: str                             # pred_text_raw: decoded up to EOS
+    prompt_ids: list[int] = field(default_factory=list)
+    token_logprobs: Optional[np.ndarray] = None   # [T] log-prob of each generated token
+    topk_ids: Optional[np.ndarray] = None         # [T, k] int64, when sampling.logprobs_topk > 0
+    topk_logprobs: Optional[np.ndarray] = None    # [T, k] float32
+    segments: list[Segment] = field(default_factory=list)
+    duration_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Transcriber(abc.ABC):
+    """Audio (16 kHz mono float32 arrays) in, one `Transcript` per clip and sample out."""
+
+    #: the shared ArkAsrProcessor (prompt ids, features, token mask, cleanup)
+    processor: object
+
+    @abc.abstractmethod
+    def transcribe(self, audios: Sequence[np.ndarray],
+                   sampling: Optional[SamplingConfig] = None) -> list[Transcript]:
+        """Transcribe clips; returns len(audios) * sampling.n results, clip-major.
+
+        Clips longer than the engine's `max_chunk_s` are cut by `ark_ray.audio.chunk_audio`
+        and their chunks' transcripts joined, with one `Segment` per chunk.
+        """
+
+    @abc.abstractmethod
+    def update_weights(self, weights: Mapping[str, "object"] | Iterable[tuple[str, "object"]]) -> None:
+        """Load new weights in place (real checkpoint key names), e.g. after an OPD step."""
+
+    def close(self) -> None:
+        """Release the engine's memory and processes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
