@@ -1,0 +1,105 @@
+"""The batch of trajectories that travels rollout -> teacher -> learner through the object store.
+
+Why a fixed numpy layout: the batch is put into Ray's object store once per stage, and numpy
+arrays there are zero-copy for every reader; ragged per-sample lists would be pickled per
+element. Audio never travels here, only `audio_ref` (an id into the audio store: the waveforms
+are put into the object store once by the controller).
+
+Columns (one row per sample, T = longest response in the batch, k = top-k, U = 2k union slots):
+  sample_id            [B]      str    stable id of the data item (resume and dedupe key)
+  audio_ref            [B]      str    key of the clip in the controller's audio store
+  prompt_ids           [B]      object int32 arrays (prompts differ by audio length)
+  response_ids         [B, T]   int32  student tokens, right-padded with -1 (EOS included)
+  response_mask        [B, T]   bool   valid response positions
+  student_topk_ids     [B, T, k] int32 student top-k ids from vLLM (processed log-probs), -1 pad
+  teacher_ids          [B, T, U] int32 the union ids U_t (teacher top-k ∪ student top-k), -1 pad
+  teacher_logprobs     [B, T, U] float32 teacher log-probs at teacher_ids (-inf at pads)
+  teacher_tail_logprob [B, T]   float32 log of the teacher mass outside U_t
+  policy_version       [B]      int64  student weights version that produced the rollout
+  reference_text       [B]      str    manifest transcript ("" when unlabelled)
+  pred_text            [B]      str    the student's cleaned transcript (for rollout WER)
+  timings              dict[str, float] per-batch stage times (rollout_s, teacher_s, ...)
+About 25 KB per 100-token sample at k = 32 (union 64 ids x (4 + 4) bytes x 100 positions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+@dataclass
+class TrajectoryBatch:
+    sample_id: np.ndarray
+    audio_ref: np.ndarray
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    response_mask: np.ndarray
+    student_topk_ids: np.ndarray
+    policy_version: np.ndarray
+    reference_text: np.ndarray
+    pred_text: np.ndarray
+    teacher_ids: Optional[np.ndarray] = None
+    teacher_logprobs: Optional[np.ndarray] = None
+    teacher_tail_logprob: Optional[np.ndarray] = None
+    timings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    @property
+    def scored(self) -> bool:
+        return self.teacher_ids is not None
+
+    @property
+    def min_version(self) -> int:
+        return int(self.policy_version.min()) if len(self) else 0
+
+    def nbytes(self) -> int:
+        total = 0
+        for v in self.__dict__.values():
+            if isinstance(v, np.ndarray):
+                total += v.nbytes if v.dtype != object else sum(
+                    getattr(x, "nbytes", len(str(x))) for x in v)
+        return total
+
+    @classmethod
+    def from_rollouts(cls, *, sample_ids: Sequence[str], audio_refs: Sequence[str],
+                      prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                      student_topk: Sequence[np.ndarray], policy_version: int,
+                      reference_texts: Sequence[str], pred_texts: Sequence[str], k: int,
+                      timings: Optional[dict] = None) -> "TrajectoryBatch":
+        """Pack per-sample rollout outputs (ragged) into the padded columns."""
+        b = len(responses)
+        t = max([len(r) for r in responses] + [1])
+        resp = np.full((b, t), -1, dtype=np.int32)
+        topk = np.full((b, t, k), -1, dtype=np.int32)
+        for i, (r, tk) in enumerate(zip(responses, student_topk)):
+            n = len(r)
+            resp[i, :n] = r
+            if n:
+                tk = np.asarray(tk, dtype=np.int32).reshape(n, -1)[:, :k]
+                topk[i, :n, : tk.shape[1]] = tk
+        prompts = np.empty(b, dtype=object)
+        for i, p in enumerate(prompt_ids):
+            prompts[i] = np.asarray(p, dtype=np.int32)
+        return cls(
+            sample_id=np.asarray(sample_ids, dtype=object),
+            audio_ref=np.asarray(audio_refs, dtype=object),
+            prompt_ids=prompts,
+            response_ids=resp,
+            response_mask=resp >= 0,
+            student_topk_ids=topk,
+            policy_version=np.full(b, policy_version, dtype=np.int64),
+            reference_text=np.asarray(reference_texts, dtype=object),
+            pred_text=np.asarray(pred_texts, dtype=object),
+            timings=dict(timings or {}),
+        )
+
+    def select(self, keep: np.ndarray) -> "TrajectoryBatch":
+        """Rows where `keep` is true (used to drop stale samples)."""
+        out = {}
+        for name, v in self.__dict__.items():
+            out[name] = v[keep] if isinstance(v, np.ndarray) else v
+        return TrajectoryBatch(**out)
