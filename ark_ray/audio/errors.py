@@ -1,0 +1,22 @@
+"""One typed error for every way an audio input can be unusable.
+
+Batch jobs turn it into an error row (`reason` is the column value), the HTTP endpoint into a
+400 naming the reason, training into a skipped-and-counted sample. Nothing else is raised for
+bad audio, so callers catch exactly one thing.
+"""
+from __future__ import annotations
+
+REASONS = ("empty", "unreadable", "unsupported_format", "non_finite", "zero_length_segment",
+           "bad_segment", "too_long", "silent")
+
+
+class AudioError(ValueError):
+    def __init__(self, reason: str, message: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown audio error reason {reason!r}")
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+    def __reduce__(self):  # survives pickling across Ray workers
+        return (AudioError, (self.reason, self.message))
