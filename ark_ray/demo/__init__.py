@@ -1,0 +1,1 @@
+"""Bundled demo material: the synthetic speech corpus and the tiny teacher/student."""
