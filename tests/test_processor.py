@@ -197,3 +197,21 @@ def test_real_save_load_roundtrip(real, tmp_path):
     assert pc["merge_factor"] == 4 and pc["audio_token"] == "<|audio|>"
     fe = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert (fe["feature_size"], fe["sampling_rate"], fe["hop_length"], fe["n_samples"]) == (128, 16000, 160, 480000)
+
+
+@pytest.mark.parametrize("raw,clean", [
+    ("hello<|im_end|>tail", "hello"),
+    ("<|assistant|>", ""),
+    (", . hello  world", "hello world"),
+    ("<|en|><|text|> call alice", "call alice"),
+    ("three <tool_call> seven", "three seven"),
+])
+def test_clean_text(tiny, raw, clean):
+    from ark_ray.model.processor import clean_text
+    assert clean_text(raw, tiny._special_strings) == clean
+
+
+def test_decode_removes_non_pipe_specials(tiny):
+    enc = lambda s: tiny.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    tool = tiny.tokenizer.convert_tokens_to_ids("<tool_call>")
+    assert tiny.decode(enc("three") + [tool] + enc(" seven") + [tiny.token_ids.eos])[0] == "three seven"

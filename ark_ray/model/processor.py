@@ -26,7 +26,27 @@ from ark_ray.model.config import audio_token_count
 
 INSTRUCTION = "Please transcribe this audio."
 _SPECIAL_PATTERN = re.compile(r"<\|[^|<>]*\|>")
-_TURN_MARKERS = ("<|user|>", "<|assistant|>", "<|im_start|>", "<|system|>")
+_TURN_MARKERS = ("<|user|>", "<|assistant|>", "<|im_end|>", "<|im_start|>", "<|system|>")
+_LEADING_NOISE = re.compile(r"^[\s,.;:!?-]+")
+
+
+def clean_text(raw: str, specials: Sequence[str] = ()) -> str:
+    """The seed's `normalize_prediction_text`: raw decoded text -> transcript.
+
+    Cut at the first turn/stop marker, keep only what follows a `<|text|>` tag, drop every other
+    `<|...|>` token (and any of `specials`, e.g. `<tool_call>`), collapse whitespace, strip
+    leading punctuation noise.
+    """
+    text = raw
+    for marker in _TURN_MARKERS:
+        if marker in text:
+            text = text[: text.index(marker)]
+    if "<|text|>" in text:
+        text = text.split("<|text|>", 1)[1]
+    text = _SPECIAL_PATTERN.sub(" ", text)
+    for tok in specials:
+        text = text.replace(tok, " ")
+    return _LEADING_NOISE.sub("", " ".join(text.split()))
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,11 @@ class ArkAsrProcessor:
                 ids.add(int(tid))
         return frozenset(ids)
 
+    @cached_property
+    def _special_strings(self) -> tuple[str, ...]:
+        return tuple(sorted({t.content for t in self.tokenizer.added_tokens_decoder.values()}
+                            | set(self.tokenizer.all_special_tokens), key=len, reverse=True))
+
     def blocked_token_ids(self, vocab_size: int) -> list[int]:
         """Every special / added / control id, and every id past the tokenizer, except EOS."""
         blocked = {i for i in self._special_ids if i < vocab_size}
@@ -151,20 +176,13 @@ class ArkAsrProcessor:
     def decode(self, ids: Sequence[int]) -> tuple[str, str]:
         """Generated ids -> (pred_text, pred_text_raw).
 
-        raw: everything before the first EOS, special tokens kept; clean: cut at a turn marker,
-        special tokens removed, whitespace collapsed.
+        raw: everything before the first EOS, special tokens kept; clean: `clean_text(raw)`.
         """
         ids = [int(i) for i in ids]
         if self.token_ids.eos in ids:
             ids = ids[: ids.index(self.token_ids.eos)]
         raw = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        text = raw
-        for marker in _TURN_MARKERS:
-            if marker in text:
-                text = text[: text.index(marker)]
-        text = _SPECIAL_PATTERN.sub(" ", text)
-        text = " ".join(text.split())
-        return text, raw
+        return clean_text(raw, self._special_strings), raw
 
     def batch_decode(self, sequences: Sequence[Sequence[int]]) -> list[tuple[str, str]]:
         return [self.decode(s) for s in sequences]
