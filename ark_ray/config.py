@@ -332,6 +332,30 @@ def job_config(cls: type[T]) -> type[T]:
 # --------------------------------------------------------------------------------------------
 
 # >>> job configs >>>
+
+
+@job_config
+@dataclass
+class SftConfig:
+    """jobs/sft.py: supervised fine-tuning on a JSONL/Parquet manifest (also teacher-data adaptation)."""
+    init_model: str = opt("preset:tiny", "Model to start from: an HF-format ARK-ASR directory, or "
+                          "`preset:NAME` for a random model of a preset with a tokenizer trained on the demo corpus.")
+    model_overrides: dict = opt({}, "ArkAsrConfig overrides when init_model is a preset (e.g. num_hidden_layers).")
+    train_manifest: str = opt("assets/demo_corpus/train_sample.jsonl", "Training manifest (JSONL or Parquet).")
+    dev_manifest: Optional[str] = opt("assets/demo_corpus/dev.jsonl", "Manifest for periodic WER (None: no eval).")
+    text_field: str = opt("text", "Manifest column holding the target text (`pred_text` for teacher labels).")
+    output_dir: str = opt("runs/sft", "Where checkpoints, metrics.jsonl and the final HF export go.")
+    max_steps: int = opt(20, "Optimizer steps.")
+    batch_size: int = opt(8, "Utterances per optimizer step (split over learner ranks).")
+    eval_every: int = opt(0, "Steps between dev WER evaluations (0: only at the end).")
+    eval_max_samples: int = opt(64, "Most dev utterances scored per evaluation.")
+    save_every: int = opt(0, "Steps between checkpoints (0: only at the end).")
+    resume: bool = opt(False, "Continue from the checkpoint in output_dir (same data order, no repeats or skips).")
+    max_audio_s: float = opt(30.0, "Clips longer than this are error rows.")
+    max_new_tokens: int = opt(48, "Generation limit for dev WER.")
+    export_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the final HF export.")
+    learner: LearnerConfig = opt(LearnerConfig(), "Learner group (DeepSpeed) settings.")
+    ray: RayConfig = opt(RayConfig(), "Ray connection.")
 # <<< job configs <<<
 
 
