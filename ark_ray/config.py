@@ -35,8 +35,8 @@ def opt(default: Any, doc: str, **kw: Any) -> Any:
         value = default
         return field(default_factory=lambda: type(value)(value), metadata={"doc": doc}, **kw)
     if dataclasses.is_dataclass(default):
-        factory = type(default)
-        return field(default_factory=factory, metadata={"doc": doc}, **kw)
+        import copy
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc}, **kw)
     return field(default=default, metadata={"doc": doc}, **kw)
 
 
@@ -336,6 +336,27 @@ def job_config(cls: type[T]) -> type[T]:
 
 @job_config
 @dataclass
+class ServeConfig:
+    """ark_ray.serve (`serve run serve_configs/*.yaml`): the OpenAI-compatible transcription endpoint."""
+    model_dir: str = opt("assets/models/student", "HF-format ARK-ASR directory the replicas load; `$VAR`/`${VAR}` "
+                         "are expanded from the environment of `serve run`, relative paths from its directory.")
+    model_name: str = opt("ark-asr", "Model id clients pass as `model` and GET /v1/models lists.")
+    engine: EngineConfig = opt(EngineConfig(), "Inference engine of each model replica (num_gpus/num_cpus: per replica).")
+    max_new_tokens: int = opt(128, "Most transcript tokens per 30 s window.")
+    max_batch_size: int = opt(16, "Most audio windows one replica decodes together (@serve.batch).")
+    batch_wait_timeout_s: float = opt(0.01, "How long a replica waits to fill a batch before running it.")
+    max_ongoing_requests: int = opt(32, "Windows a model replica holds at once (>= max_batch_size); beyond it they queue.")
+    max_queued_requests: int = opt(64, "Windows waiting for a model replica; beyond it requests get 503 (-1: unbounded).")
+    max_upload_mb: float = opt(25.0, "Largest accepted upload in MB (bigger: 413).")
+    max_audio_s: float = opt(600.0, "Longest accepted audio in seconds (longer: 400 too_long).")
+    api_key: Optional[str] = opt(None, "If set, requests to /v1/* need `Authorization: Bearer <key>` (else 401).")
+    api_key_env: Optional[str] = opt("ARK_SERVE_API_KEY", "Environment variable read for the API key when api_key is unset.")
+    ingress_max_ongoing_requests: int = opt(1000, "Concurrent HTTP requests one ingress replica accepts "
+                                            "(high: it only decodes audio and waits, so /health stays responsive).")
+
+
+@job_config
+@dataclass
 class SftConfig:
     """jobs/sft.py: supervised fine-tuning on a JSONL/Parquet manifest (also teacher-data adaptation)."""
     init_model: str = opt("preset:tiny", "Model to start from: an HF-format ARK-ASR directory, or "
@@ -356,6 +377,40 @@ class SftConfig:
     export_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the final HF export.")
     learner: LearnerConfig = opt(LearnerConfig(), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
+
+@job_config
+@dataclass
+class OpdConfig:
+    """jobs/opd.py: asynchronous on-policy distillation (vLLM rollouts, teacher scorers, DeepSpeed learners)."""
+    student: str = opt("assets/models/student", "Student model directory (HF format); the learner trains it.")
+    teacher: str = opt("assets/models/teacher", "Teacher model directory (ARK architecture, same text vocabulary).")
+    train_manifest: str = opt("assets/demo_corpus/train_sample.jsonl", "Audio to distil on (transcripts not needed).")
+    eval_manifest: Optional[str] = opt("assets/demo_corpus/test.jsonl", "Held-out manifest for student/teacher WER.")
+    output_dir: str = opt("runs/opd", "Checkpoints, metrics.jsonl, summary.json and the final HF export.")
+    mode: Literal["async", "sync"] = opt("async", "async overlaps rollout, teacher and learner; sync runs them in turn.")
+    steps: int = opt(12, "Learner steps.")
+    rollout_batch_size: int = opt(8, "Clips per rollout batch (= samples per learner step when n=1).")
+    num_rollout_workers: int = opt(1, "RolloutWorker actors (student on the inference engine).")
+    num_teacher_workers: int = opt(1, "TeacherScorer actors.")
+    teacher_num_cpus: float = opt(1.0, "CPUs per teacher actor.")
+    teacher_num_gpus: float = opt(0.0, "GPUs per teacher actor.")
+    topk: int = opt(16, "k of the teacher and student top-k whose union carries the loss.")
+    tau: float = opt(1.0, "Distillation temperature (loss scaled by tau^2).")
+    sync_every: int = opt(1, "Learner steps between weight pushes to the rollout workers.")
+    max_staleness: int = opt(1, "Trajectories more than this many versions behind are dropped (and counted).")
+    max_inflight: int = opt(3, "Most batches between rollout start and learner (bounded queues).")
+    eval_every: int = opt(0, "Steps between student WER evaluations (0: before and after only).")
+    eval_max_samples: int = opt(60, "Most eval utterances scored.")
+    save_every: int = opt(4, "Steps between checkpoints (0: only at the end).")
+    resume: bool = opt(False, "Continue from output_dir's checkpoint: no utterance repeated or skipped.")
+    max_audio_s: float = opt(30.0, "Longer clips are rejected when loaded.")
+    max_actor_restarts: int = opt(3, "Restarts of a crashed rollout/teacher actor (its in-flight call is redone).")
+    seed: int = opt(0, "Seed of the data order.")
+    sampling: SamplingConfig = opt(SamplingConfig(max_new_tokens=48), "Student rollout sampling (greedy by default).")
+    rollout_engine: EngineConfig = opt(EngineConfig(), "Inference engine of the rollout workers.")
+    learner: LearnerConfig = opt(LearnerConfig(lr=2e-4), "Learner group (DeepSpeed) settings.")
+    ray: RayConfig = opt(RayConfig(), "Ray connection.")
+
 # <<< job configs <<<
 
 

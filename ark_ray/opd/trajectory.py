@@ -43,6 +43,8 @@ class TrajectoryBatch:
     teacher_ids: Optional[np.ndarray] = None
     teacher_logprobs: Optional[np.ndarray] = None
     teacher_tail_logprob: Optional[np.ndarray] = None
+    input_features: Optional[np.ndarray] = None   # [B, 128, T] log-mel, attached by the teacher
+    feature_lengths: Optional[np.ndarray] = None  # [B]
     timings: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -96,6 +98,28 @@ class TrajectoryBatch:
             pred_text=np.asarray(pred_texts, dtype=object),
             timings=dict(timings or {}),
         )
+
+    def to_learner_batch(self, pad_id: int) -> dict[str, np.ndarray]:
+        """prompt + response per row (right padded) with the teacher columns, for the learner."""
+        if not self.scored or self.input_features is None:
+            raise ValueError("the batch has not been scored by the teacher yet")
+        b, t = self.response_ids.shape
+        lens = [len(p) + int(m.sum()) for p, m in zip(self.prompt_ids, self.response_mask)]
+        width = max(lens)
+        ids = np.full((b, width), pad_id, np.int64)
+        att = np.zeros((b, width), np.int64)
+        for i, p in enumerate(self.prompt_ids):
+            r = self.response_ids[i][self.response_mask[i]]
+            ids[i, : len(p)] = p
+            ids[i, len(p): len(p) + len(r)] = r
+            att[i, : len(p) + len(r)] = 1
+        return {
+            "input_ids": ids, "attention_mask": att,
+            "input_features": self.input_features, "feature_lengths": self.feature_lengths,
+            "response_start": np.asarray([len(p) for p in self.prompt_ids], np.int64),
+            "union_ids": self.teacher_ids.astype(np.int64), "teacher_logprobs": self.teacher_logprobs,
+            "teacher_tail_logprob": self.teacher_tail_logprob, "response_mask": self.response_mask,
+        }
 
     def select(self, keep: np.ndarray) -> "TrajectoryBatch":
         """Rows where `keep` is true (used to drop stale samples)."""

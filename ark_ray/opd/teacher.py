@@ -1,0 +1,110 @@
+"""TeacherScorer actor: a frozen ARK-architecture teacher scores the student's own tokens.
+
+Teacher forcing on (audio, student response) in one forward; at each response position t the
+union U_t = teacher top-k ∪ student top-k and the teacher's log-probs at U_t plus the log of the
+mass outside U_t (the tail bucket) go into the trajectory: log-probs, never raw logits.
+The teacher and the student must share the text vocabulary (checked at start-up), so ids need
+no mapping. Batches are grouped by duration so padding stays small.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+import torch
+
+from ark_ray.opd.trajectory import TrajectoryBatch
+
+
+def check_shared_vocabulary(teacher_tok, student_tok) -> None:
+    """Refuse a teacher whose tokenizer maps text differently from the student's."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        diff = len(set(tv.items()) ^ set(sv.items()))
+        raise ValueError(f"teacher and student tokenizers differ ({diff} entries): OPD needs a shared "
+                         "vocabulary or an explicit, tested id map")
+
+
+class TeacherScorer:
+    def __init__(self, teacher_dir: str, student_dir: str, topk: int, tau: float = 1.0,
+                 device: str = "auto", dtype: str = "auto", max_batch: int = 16):
+        from ark_ray.model import ArkAsrForConditionalGeneration
+        from ark_ray.model.processor import ArkAsrProcessor
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if device == "auto" else device))
+        dt = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+        self.processor = ArkAsrProcessor.from_pretrained(teacher_dir)
+        check_shared_vocabulary(self.processor.tokenizer, ArkAsrProcessor.from_pretrained(student_dir).tokenizer)
+        self.model = ArkAsrForConditionalGeneration.from_pretrained(teacher_dir, dtype=dt).to(self.device).eval()
+        self.dtype = dt
+        self.topk, self.tau, self.max_batch = topk, tau, max_batch
+        vocab = self.model.config.vocab_size
+        self.blocked = ~self.processor.allowed_token_mask(vocab).to(self.device)
+
+    @torch.inference_mode()
+    def score(self, batch: TrajectoryBatch, audio_refs: list) -> TrajectoryBatch:
+        """Fill teacher_ids / teacher_logprobs / teacher_tail_logprob and attach the features."""
+        from ark_ray.opd.loss import gather_teacher_logprobs, union_topk
+
+        t0 = time.perf_counter()
+        waves = ray.get(list(audio_refs))
+        b, t_max = batch.response_ids.shape
+        k = self.topk
+        u = 2 * k
+        union = np.full((b, t_max, u), -1, np.int32)
+        logp = np.full((b, t_max, u), -np.inf, np.float32)
+        tail = np.zeros((b, t_max), np.float32)
+        feats, frames = self.processor.featurize(waves)
+        order = np.argsort([len(w) for w in waves], kind="stable")   # duration buckets
+        for start in range(0, b, self.max_batch):
+            rows = order[start:start + self.max_batch]
+            seqs, lens, starts = [], [], []
+            for i in rows:
+                prompt = self.processor.prompt_ids(self.processor.audio_token_count(len(waves[i])))
+                resp = batch.response_ids[i][batch.response_mask[i]].tolist()
+                seqs.append(prompt + resp)
+                starts.append(len(prompt))
+                lens.append(len(resp))
+            width = max(map(len, seqs))
+            ids = torch.full((len(rows), width), self.processor.token_ids.pad, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            for j, s in enumerate(seqs):
+                ids[j, : len(s)] = torch.tensor(s)
+                att[j, : len(s)] = 1
+            fr = frames[rows]
+            mel = feats[rows][..., : int(fr.max())]
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device),
+                                input_features=mel.to(self.device, self.dtype),
+                                feature_lengths=fr.to(self.device)).logits
+            for j, i in enumerate(rows):
+                n = lens[j]
+                if n == 0:
+                    continue
+                # position p predicts token p + 1: response token r comes from starts + r - 1
+                lg = logits[j, starts[j] - 1: starts[j] - 1 + n].float() / self.tau
+                lg = lg.masked_fill(self.blocked[: lg.shape[-1]], float("-inf"))
+                t_top = lg.topk(k, dim=-1).indices
+                s_top = torch.as_tensor(batch.student_topk_ids[i, :n], device=self.device).long()
+                uid = union_topk(t_top, s_top)
+                lp, tl = gather_teacher_logprobs(lg, uid)
+                union[i, :n, : uid.shape[1]] = uid.cpu().numpy()
+                logp[i, :n, : uid.shape[1]] = lp.cpu().numpy()
+                tail[i, :n] = tl.cpu().numpy()
+        batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail_logprob = union, logp, tail
+        batch.input_features = feats.numpy()
+        batch.feature_lengths = frames.numpy()
+        batch.timings["teacher_s"] = time.perf_counter() - t0
+        return batch
+
+    @torch.inference_mode()
+    def transcribe_texts(self, audio_refs: list, max_new_tokens: int = 64) -> list[str]:
+        """The teacher's own greedy transcripts (teacher WER on the eval set)."""
+        from ark_ray.config import SamplingConfig
+        from ark_ray.engines.hf import HFEngine
+
+        eng = HFEngine("", model=self.model, processor=self.processor, device=str(self.device),
+                       dtype="float32" if self.dtype == torch.float32 else "bfloat16")
+        waves = ray.get(list(audio_refs))
+        return [t.text for t in eng.transcribe(waves, SamplingConfig(max_new_tokens=max_new_tokens))]
