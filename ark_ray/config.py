@@ -375,6 +375,7 @@ class SftConfig:
     max_audio_s: float = opt(30.0, "Clips longer than this are error rows.")
     max_new_tokens: int = opt(48, "Generation limit for dev WER.")
     export_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the final HF export.")
+    export_every_save: bool = opt(False, "Also write an HF snapshot (snapshots/step_N) at every checkpoint.")
     learner: LearnerConfig = opt(LearnerConfig(), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
 

@@ -121,6 +121,9 @@ def run_sft(cfg: SftConfig) -> dict:
               + (f" dev_wer {stats['dev_wer']:.3f}" if "dev_wer" in stats else ""), flush=True)
         if cfg.save_every and step % cfg.save_every == 0:
             group.save_checkpoint(str(ckpt), {"data_step": step})
+            if cfg.export_every_save:  # HF snapshots, e.g. to pick a less-trained demo student
+                group.export_hf(str(out_dir / "snapshots" / f"step_{step}"),
+                                dtype=getattr(__import__("torch"), cfg.export_dtype))
         if step >= cfg.max_steps:
             break
     group.save_checkpoint(str(ckpt), {"data_step": step})
