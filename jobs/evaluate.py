@@ -27,7 +27,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--predictions", nargs="+", required=True, metavar="FILE_OR_DIR",
                    help="prediction files, or folders/URI prefixes of shards (local, s3://, gs://)")
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(reports))
     for r in reports:
         for e in r.errors:
-            print(f"error row: {r.name} row {e['row']} ({e['id']}): {e['error']}")
+            where = f"row {e['row']}" + (f" ({e['id']})" if e.get("id") is not None else "")
+            print(f"error row: {r.name} {where}: {e['error']}")
     if args.output:
         out = pathlib.Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
 """Evaluation: hand-computed WER / CER / J/WER, normalisers, combining shards, the evaluate CLI."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
-import os
 import pathlib
+import runpy
 import subprocess
 import sys
 
@@ -208,6 +209,14 @@ def test_evaluate_rows_excludes_and_lists_error_rows():
         evaluate_rows([{"pred_text": "x"}], "bad.jsonl")
 
 
+def _job():
+    """jobs/evaluate.py as a module (by path: `evaluate` is also a PyPI package's name)."""
+    spec = importlib.util.spec_from_file_location("ark_jobs_evaluate", REPO / "jobs/evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -253,12 +262,8 @@ def test_cli_jsonl_parquet_and_shard_folder(tmp_path):
     assert first["audio"] == "z1.wav" and first["ref_text_clean"] == "今天天气很好"
 
 
-def test_cli_per_file_and_bad_paths(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        import evaluate as job
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
+def test_cli_per_file_and_bad_paths(tmp_path, capsys, monkeypatch):
+    job = _job()
     d = tmp_path / "d"
     d.mkdir()
     _write_jsonl(d / "a.jsonl", [{"text": "x y", "pred_text": "x"}])
@@ -271,9 +276,12 @@ def test_cli_per_file_and_bad_paths(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "a", "pred_text": "a"}\nnot json\n')
     with pytest.raises(EvalError, match="bad.jsonl:2"):
         job.main(["--predictions", str(tmp_path / "bad.jsonl")])
-    proc = subprocess.run([PY, str(REPO / "jobs/evaluate.py"), "--predictions", str(tmp_path / "nope")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no such file or folder" in proc.stderr
+    # run as a script, a bad path is one clear message and exit status 2 (no traceback)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--predictions", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "jobs/evaluate.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert "no such file or folder" in capsys.readouterr().err
 
 
 def test_cli_reads_s3_prefix(tmp_path, monkeypatch):
@@ -294,11 +302,7 @@ def test_cli_reads_s3_prefix(tmp_path, monkeypatch):
                       Body=json.dumps({"text": "a b c", "pred_text": "a b"}).encode() + b"\n")
         s3.put_object(Bucket="preds", Key="run1/part-1.jsonl",
                       Body=json.dumps({"text": "d e", "pred_text": "d e"}).encode() + b"\n")
-        sys.path.insert(0, str(REPO / "jobs"))
-        try:
-            import evaluate as job
-        finally:
-            sys.path.remove(str(REPO / "jobs"))
+        job = _job()
         res = job.main(["--predictions", "s3://preds/run1", "--output", str(tmp_path / "r.json")])
         # two shards, one dataset: 1 D over 3 + 2 words
         assert res["datasets"][0]["n"] == 2 and res["datasets"][0]["wer"] == pytest.approx(1 / 5)
