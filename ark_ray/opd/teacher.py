@@ -56,7 +56,8 @@ class TeacherScorer:
         union = np.full((b, t_max, u), -1, np.int32)
         logp = np.full((b, t_max, u), -np.inf, np.float32)
         tail = np.zeros((b, t_max), np.float32)
-        feats, frames = self.processor.featurize(waves)
+        f = self.processor.featurize(waves)
+        feats, frames = f["input_features"], f["feature_lengths"]
         order = np.argsort([len(w) for w in waves], kind="stable")   # duration buckets
         for start in range(0, b, self.max_batch):
             rows = order[start:start + self.max_batch]
@@ -73,8 +74,9 @@ class TeacherScorer:
             for j, s in enumerate(seqs):
                 ids[j, : len(s)] = torch.tensor(s)
                 att[j, : len(s)] = 1
-            fr = frames[rows]
-            mel = feats[rows][..., : int(fr.max())]
+            sel = torch.as_tensor(rows, dtype=torch.long)
+            fr = frames[sel]
+            mel = feats[sel][..., : int(fr.max())]
             logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device),
                                 input_features=mel.to(self.device, self.dtype),
                                 feature_lengths=fr.to(self.device)).logits
