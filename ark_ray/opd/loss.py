@@ -226,7 +226,7 @@ def _check_teacher_mass(t_lp: torch.Tensor, t_tail: torch.Tensor, pos_ok: torch.
         total = torch.logsumexp(torch.cat([t_lp, t_tail[..., None]], dim=-1), dim=-1).exp()
         bad = pos_ok & ((total - 1).abs() > _MASS_TOL)
         if bad.any():
-            worst = float(total[bad][0])
-            raise ValueError(f"teacher buckets sum to {worst:.6g}, not 1, at {int(bad.sum())} position(s): "
+            example = float(total[bad][0])
+            raise ValueError(f"teacher buckets sum to {example:.6g} (not 1) at {int(bad.sum())} position(s): "
                              "pass log-probs (log_softmax at the loss temperature) and the matching tail "
                              "from gather_teacher_logprobs, not raw logits")
