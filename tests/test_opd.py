@@ -1,0 +1,157 @@
+"""Asynchronous OPD end to end on a local Ray: async/sync runs, resume, actor faults, ray job submit."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+
+from ark_ray.config import OpdConfig, load_config
+from ark_ray.model.factory import make_tokenizer, save_random_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENGINE = os.environ.get("ARK_TEST_OPD_ENGINE", "vllm")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("opd_models")
+    tok = make_tokenizer("tiny")
+    save_random_model(d / "teacher", "tiny", tokenizer=tok, seed=1, initializer_range=0.2)
+    save_random_model(d / "student", "tiny", tokenizer=tok, seed=2, initializer_range=0.2)
+    return d
+
+
+def make_cfg(pair, out, **kw) -> OpdConfig:
+    over = {"student": str(pair / "student"), "teacher": str(pair / "teacher"), "output_dir": str(out),
+            "steps": 3, "rollout_batch_size": 4, "eval_max_samples": 4, "save_every": 1,
+            "rollout_engine": {"backend": ENGINE, "max_num_seqs": 8, "max_model_len": 512},
+            "sampling": {"max_new_tokens": 6}, "topk": 4}
+    for k, v in kw.items():
+        if isinstance(v, dict) and isinstance(over.get(k), dict):
+            over[k] = {**over[k], **v}
+        else:
+            over[k] = v
+    return load_config(OpdConfig, REPO / "jobs/configs/opd_tiny.yaml", over)
+
+
+def run(cfg, during=None):
+    from ark_ray.opd.controller import OpdController
+    ctl = OpdController(cfg)
+    try:
+        if during:
+            threading.Thread(target=during, args=(ctl,), daemon=True).start()
+        return ctl.run(), ctl
+    finally:
+        ctl.shutdown()
+
+
+def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
+    s, ctl = run(make_cfg(pair, tmp_path / "a", max_staleness=0, max_inflight=3))
+    assert s["steps"] == 3 and s["mode"] == "async"
+    recs = [json.loads(line) for line in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(r["kl"] > 0 and 4 <= r["union_size"] <= 8 for r in recs)
+    # max_staleness 0 with 3 batches in flight: batches rolled out before a sync arrive stale
+    assert s["dropped_stale"] > 0
+    assert ctl.version >= 3                                  # one weight sync per step (+ the final one)
+    from ark_ray.model import ArkAsrForConditionalGeneration
+    assert ArkAsrForConditionalGeneration.from_pretrained(s["final_model"]) is not None
+    for k in ("student_wer_before", "student_wer_after", "teacher_wer", "samples_per_s", "kl_first"):
+        assert s[k] is not None
+
+
+def test_sync_mode(ray_local, pair, tmp_path):
+    s, _ = run(make_cfg(pair, tmp_path / "s", mode="sync", steps=2))
+    assert s["mode"] == "sync" and s["steps"] == 2 and s["dropped_stale"] == 0
+
+
+def test_resume_neither_repeats_nor_skips(ray_local, pair, tmp_path):
+    out = tmp_path / "r"
+    s1, c1 = run(make_cfg(pair, out, steps=2, mode="sync"))
+    first = set(c1.done)
+    s2, c2 = run(make_cfg(pair, out, steps=4, mode="sync", resume=True))
+    assert s2["steps"] == 4
+    assert first < c2.done
+    assert sorted(c2.done) == list(range(4 * 4))            # positions 0..15, each exactly once
+
+
+def test_killed_rollout_actor_is_restarted_and_work_redone(ray_local, pair, tmp_path):
+    killed = {}
+
+    def kill_after_first_step(ctl):
+        while not ctl.history:
+            time.sleep(0.2)
+        ray.kill(ctl.rollouts[0], no_restart=False)
+        killed["at"] = len(ctl.history)
+
+    s, ctl = run(make_cfg(pair, tmp_path / "k", steps=3), during=kill_after_first_step)
+    assert killed and s["steps"] == 3
+
+
+def test_killed_teacher_actor_is_restarted(ray_local, pair, tmp_path):
+    killed = {}
+
+    def kill_teacher(ctl):
+        while not ctl.history:
+            time.sleep(0.2)
+        ray.kill(ctl.teachers[0], no_restart=False)
+        killed["ok"] = True
+
+    s, _ = run(make_cfg(pair, tmp_path / "t", steps=3), during=kill_teacher)
+    assert killed and s["steps"] == 3
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit(pair, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/opd.py ...` against a local `ray start --head`."""
+    ray_bin = pathlib.Path(sys.executable).parent / "ray"
+    tmp = pathlib.Path(f"/tmp/arkjob{os.getpid()}")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    gcs, dash = _port(), _port()
+    head = subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=6",
+                           f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert head.returncode == 0, head.stderr
+    try:
+        models = tmp_path / "models"
+        shutil.copytree(pair, models)
+        cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", ".stage", ".whl"],
+                                                 "env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}}),
+               "--", sys.executable, "jobs/opd.py", f"--student={models}/student", f"--teacher={models}/teacher",
+               f"--output_dir={tmp_path}/job", "--steps=2", "--rollout_batch_size=4", "--eval_max_samples=4",
+               f"--rollout_engine.backend={ENGINE}", "--sampling.max_new_tokens=6", "--topk=4"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in (r.stdout + r.stderr)
+        assert "student_wer_after" in r.stdout
+        summary = json.loads((tmp_path / "job/summary.json").read_text())["summary"]
+        assert summary["steps"] == 2
+    finally:
+        out = subprocess.run(["pgrep", "-f", str(tmp)], capture_output=True, text=True).stdout.split()
+        for pid in out:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+        for pid in subprocess.run(["pgrep", "-f", str(tmp)], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
