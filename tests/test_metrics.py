@@ -208,3 +208,9 @@ def test_metrics_reach_rays_prometheus_endpoint(tmp_path):
     # every ark series Ray exports is one the registry (and so the dashboards) knows
     known = {n for s in REGISTRY.values() for n in s.series()}
     assert {name for name, _ in got} <= known
+
+
+def test_deploy_guide_lists_the_registry(repo_root):
+    text = (repo_root / "docs" / "deploy.md").read_text()
+    block = text.split("<!-- metrics-table", 1)[1].split("-->", 1)[1].split("<!-- /metrics-table -->", 1)[0]
+    assert block.strip() == metrics.markdown_table(), "regenerate with: python -m ark_ray.metrics"
