@@ -97,7 +97,8 @@ OPD = Dashboard(
               "learner queue means the teacher is the bottleneck.",
               [(f"sum by (queue) ({m('ark_opd_queue_depth_batches')})", "{{queue}}")]),
         Panel("Stage time per batch", "Median, p95 and mean wall time of one batch in rollout, teacher "
-              "scoring and the learner step.",
+              "scoring and the learner step. Ray's exporter sums histograms from bucket midpoints, so the "
+              "mean is approximate; the quantiles are the usual bucket interpolation.",
               [(quantile(0.5, "ark_opd_stage_duration_seconds", "stage"), "{{stage}} p50"),
                (quantile(0.95, "ark_opd_stage_duration_seconds", "stage"), "{{stage}} p95"),
                (mean_of("ark_opd_stage_duration_seconds", "stage"), "{{stage}} mean")], unit="s"),
@@ -147,7 +148,8 @@ SERVE = Dashboard(
         Panel("Requests per second", "Answered requests by route and status code.",
               [(f"sum by (route, status) (rate({m('ark_serve_requests_total')}[{RATE}]))", "{{route}} {{status}}")],
               unit="reqps"),
-        Panel("Latency", "Request latency quantiles by route (received to response complete).",
+        Panel("Latency", "Request latency quantiles by route (received to response complete). The mean "
+              "is approximate: Ray's exporter sums histograms from bucket midpoints.",
               [(quantile(0.5, "ark_serve_request_latency_seconds", "route"), "{{route}} p50"),
                (quantile(0.95, "ark_serve_request_latency_seconds", "route"), "{{route}} p95"),
                (quantile(0.99, "ark_serve_request_latency_seconds", "route"), "{{route}} p99"),
