@@ -412,6 +412,52 @@ class OpdConfig:
     learner: LearnerConfig = opt(LearnerConfig(lr=2e-4), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
 
+
+@dataclass
+class S3Config:
+    """S3 access (used by jobs that read or write s3:// URIs)."""
+    endpoint_url: Optional[str] = opt(None, "S3 endpoint (e.g. http://127.0.0.1:9000 for MinIO/moto). "
+                                      "None: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS.")
+    region: Optional[str] = opt(None, "Region. None: $AWS_REGION / $AWS_DEFAULT_REGION.")
+    access_key_id: Optional[str] = opt(None, "Access key. None: $AWS_ACCESS_KEY_ID, else the standard AWS "
+                                       "credential chain (config files, instance role).")
+    secret_access_key: Optional[str] = opt(None, "Secret key. None: $AWS_SECRET_ACCESS_KEY.")
+    session_token: Optional[str] = opt(None, "Session token for temporary credentials. None: $AWS_SESSION_TOKEN.")
+    anonymous: bool = opt(False, "Unsigned requests (public buckets).")
+
+
+@job_config
+@dataclass
+class TranscribeConfig:
+    """jobs/transcribe.py: Ray Data batch transcription of an S3 prefix, a local folder or a manifest."""
+    input: str = opt("assets/demo_corpus/test.jsonl", "What to transcribe: s3://bucket/prefix or a local folder "
+                     "(audio files listed recursively by extension), or a .jsonl/.parquet manifest (local or s3://).")
+    output: str = opt("runs/transcribe", "Output folder or s3://bucket/prefix; one part file per block. "
+                      "Rerunning into it skips inputs already done.")
+    format: Literal["jsonl", "parquet"] = opt("jsonl", "Output file format.")
+    model: Optional[str] = opt(None, "HF-format ARK-ASR directory. None: the bundled demo model "
+                               "(assets/models/teacher, else assets/models/student).")
+    extensions: list = opt([".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aif", ".aiff", ".au", ".caf",
+                            ".w64", ".m4a", ".aac", ".wma", ".webm"],
+                           "File extensions listed as audio (case-insensitive); undecodable ones become error rows.")
+    max_audio_s: float = opt(3600.0, "Longer inputs (after the segment cut) are `too_long` error rows.")
+    silence_dbfs: float = opt(-60.0, "Inputs whose peak is at or below this level are `silent` error rows.")
+    batch_size: int = opt(64, "Clips per engine call (the model stage's batch).")
+    num_engines: int = opt(0, "Engine actors (the model stage's pool size). 0: one per engine.num_gpus of the "
+                           "cluster's GPUs when engine.num_gpus > 0, else 1.")
+    files_per_block: int = opt(32, "Input files per Ray Data block (the unit of decode tasks and retries).")
+    label_field: Optional[str] = opt(None, "Also copy pred_text into this column (an existing one is kept as "
+                                     "`reference_<name>`) and write manifest.<format>: the successful rows, "
+                                     "a training manifest for jobs/sft.py.")
+    as_manifest: bool = opt(False, "Teacher labelling: the same as label_field=text.")
+    overwrite: bool = opt(False, "Delete the output's part files first instead of skipping inputs already done.")
+    progress: bool = opt(True, "Show a progress bar.")
+    sampling: SamplingConfig = opt(SamplingConfig(), "Decoding (greedy by default).")
+    engine: EngineConfig = opt(EngineConfig(), "Inference engine of each actor (num_gpus/num_cpus: per actor).")
+    s3: S3Config = opt(S3Config(), "S3 endpoint and credentials (default: the standard AWS environment variables).")
+    ray: RayConfig = opt(RayConfig(), "Ray connection.")
+
+
 # <<< job configs <<<
 
 

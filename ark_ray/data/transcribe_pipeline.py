@@ -1,0 +1,466 @@
+"""Batch transcription on Ray Data: inputs (paths) -> decode (CPU tasks) -> engines (actor pool) -> part files.
+
+Why this shape: decoding and resampling are CPU work spread over tasks so the engine actors
+(one or more per GPU) only run the model; the driver holds paths and per-block counts, never
+waveforms. Nothing is lost or doubled: every input row leaves exactly one output row (a bad
+file becomes an error row naming the reason), each block is written as one part file named by
+the hash of its input keys (a retried task rewrites the same file), and a rerun into the same
+output reads the keys already written and skips them (dropping any duplicate first).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import pathlib
+import pickle
+import posixpath
+import time
+from collections import Counter
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_not_silent, load_audio
+from ark_ray.config import ConfigError, EngineConfig, S3Config, SamplingConfig, TranscribeConfig
+from ark_ray.data.listing import InputError, load_inputs
+from ark_ray.data.s3 import is_s3, read_bytes, resolve, to_uri, write_bytes_atomic
+from ark_ray.runtime import init_ray
+
+OUTPUT_FIELDS = [pa.field("key", pa.string()), pa.field("pred_text", pa.string()),
+                 pa.field("pred_text_raw", pa.string()), pa.field("duration_s", pa.float64()),
+                 pa.field("error", pa.string()), pa.field("error_detail", pa.string())]
+PART_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1 (CPU tasks): bytes -> 16 kHz mono float32, or an error
+# --------------------------------------------------------------------------------------------
+
+
+def _opt_float(v) -> Optional[float]:
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+#: Leading bytes of audio containers libsndfile cannot open: such a file is an unsupported
+#: format (a codec to convert first), not a corrupt one.
+_FOREIGN_CONTAINERS = {b"ftyp": "MP4/M4A", b"\x30\x26\xb2\x75": "ASF/WMA", b"\x1a\x45\xdf\xa3": "Matroska/WebM",
+                       b"#!AMR": "AMR", b".ra\xfd": "RealAudio"}
+
+
+def _foreign_container(head: bytes) -> Optional[str]:
+    for magic, name in _FOREIGN_CONTAINERS.items():
+        if head.startswith(magic) or head[4:8] == magic:
+            return name
+    return None
+
+
+def _head(src) -> bytes:
+    if isinstance(src, bytes):
+        return src[:16]
+    try:
+        with open(src, "rb") as f:
+            return f.read(16)
+    except OSError:
+        return b""
+
+
+def decode_one(audio: str, begin_time=None, end_time=None, *, s3: Optional[S3Config] = None,
+               max_audio_s: Optional[float] = None, silence_dbfs: float = -60.0) -> np.ndarray:
+    """One input to a waveform; raises AudioError (the reason becomes the error row's `error`)."""
+    b, e = _opt_float(begin_time), _opt_float(end_time)
+    if is_s3(audio):
+        fs, path = resolve(audio, s3)
+        try:
+            src = read_bytes(fs, path)
+        except OSError as err:  # missing object, access denied, network gave up after retries
+            raise AudioError("unreadable", f"{audio}: {err}") from None
+    else:
+        src = audio
+    try:
+        wave = load_audio(src, begin_time=b, end_time=e, max_duration_s=max_audio_s)
+    except AudioError as ex:
+        codec = _foreign_container(_head(src)) if ex.reason == "unreadable" else None
+        if codec or "unimplemented format" in ex.message:
+            raise AudioError("unsupported_format", f"{codec or 'codec'} not decodable here: {ex.message}") from None
+        raise
+    if len(wave) < HOP_LENGTH:
+        raise AudioError("empty", f"{len(wave)} samples: shorter than one 10 ms frame")
+    return check_not_silent(wave, silence_dbfs)
+
+
+def decode_batch(batch: dict, *, s3: Optional[S3Config] = None, max_audio_s: Optional[float] = None,
+                 silence_dbfs: float = -60.0) -> dict:
+    """map_batches fn (numpy format): adds `wave`, `duration_s`, `error` and `error_detail` ("" when fine)."""
+    n = len(batch["key"])
+    waves = np.empty(n, dtype=object)
+    dur = np.zeros(n, np.float64)
+    err = np.full(n, "", dtype=object)        # "" = fine (Arrow keeps strings as strings;
+    detail = np.full(n, "", dtype=object)     # an all-None column comes back as NaN)
+    for i in range(n):
+        try:
+            w = decode_one(str(batch["audio"][i]), batch["begin_time"][i], batch["end_time"][i], s3=s3,
+                           max_audio_s=max_audio_s, silence_dbfs=silence_dbfs)
+            dur[i] = len(w) / SAMPLE_RATE
+        except AudioError as ex:
+            w = np.zeros(0, np.float32)
+            err[i], detail[i] = ex.reason, ex.message
+        waves[i] = w
+    out = dict(batch)
+    out.update(wave=waves, duration_s=dur, error=err, error_detail=detail)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2 (actor pool): waveforms -> transcripts
+# --------------------------------------------------------------------------------------------
+
+
+class EngineStage:
+    """A map_batches actor holding one engine (`make_engine`: vLLM or HF) for its lifetime."""
+
+    def __init__(self, model_dir: str, engine: EngineConfig, sampling: SamplingConfig):
+        from ark_ray.engines import make_engine
+
+        self.engine = make_engine(model_dir, engine)
+        self.sampling = sampling
+
+    def _run(self, waves: list[np.ndarray]) -> list:
+        """(text, raw) per clip, or the exception for that clip.
+
+        One failing clip must not take its batch down: on an error the batch is retried clip
+        by clip, so only the clip the engine cannot handle becomes an error row.
+        """
+        n = max(1, self.sampling.n)
+        try:
+            ts = self.engine.transcribe(waves, self.sampling)
+            return [(t.text, t.text_raw) for t in ts[::n]]
+        except Exception as batch_err:  # noqa: BLE001 - isolated per clip below
+            if len(waves) == 1:
+                return [batch_err]
+        out = []
+        for w in waves:
+            try:
+                t = self.engine.transcribe([w], self.sampling)[0]
+                out.append((t.text, t.text_raw))
+            except Exception as ex:  # noqa: BLE001 - becomes this clip's error row
+                out.append(ex)
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["key"])
+        pred = np.full(n, "", dtype=object)
+        raw = np.full(n, "", dtype=object)
+        err = np.array(batch["error"], dtype=object)
+        detail = np.array(batch["error_detail"], dtype=object)
+        ok = [i for i in range(n) if not err[i]]
+        results = self._run([np.asarray(batch["wave"][i], np.float32) for i in ok]) if ok else []
+        for i, r in zip(ok, results):
+            if isinstance(r, BaseException):
+                err[i] = r.reason if isinstance(r, AudioError) else "engine_error"
+                detail[i] = r.message if isinstance(r, AudioError) else f"{type(r).__name__}: {r}"
+            else:
+                pred[i], raw[i] = r
+        out = {k: v for k, v in batch.items() if k != "wave"}
+        out.update(pred_text=pred, pred_text_raw=raw, error=err, error_detail=detail)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3 (CPU tasks): one part file per block, named by its keys
+# --------------------------------------------------------------------------------------------
+
+
+def part_name(keys: Iterable[str], fmt: str) -> str:
+    """Same inputs -> same file name, so a retried write replaces rather than duplicates."""
+    h = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
+    return f"part-{h}{PART_SUFFIX[fmt]}"
+
+
+def output_rows(batch: dict, label_field: Optional[str] = None) -> list[dict]:
+    """Input metadata + key + pred_text, pred_text_raw, duration_s, error, error_detail."""
+    rows = []
+    for i in range(len(batch["key"])):
+        row = pickle.loads(batch["meta"][i])
+        failed = bool(batch["error"][i])
+        row.update(key=str(batch["key"][i]),
+                   pred_text=None if failed else str(batch["pred_text"][i]),
+                   pred_text_raw=None if failed else str(batch["pred_text_raw"][i]),
+                   duration_s=float(batch["duration_s"][i]),
+                   error=str(batch["error"][i]) if failed else None,
+                   error_detail=str(batch["error_detail"][i]) if failed else None)
+        if label_field:
+            if label_field in row and label_field not in {f.name for f in OUTPUT_FIELDS}:
+                row[f"reference_{label_field}"] = row.pop(label_field)
+            row[label_field] = row["pred_text"] or ""
+        rows.append(row)
+    return rows
+
+
+def encode_rows(rows: list[dict], fmt: str, schema: pa.Schema) -> bytes:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode()
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue()
+
+
+def write_batch(batch: dict, *, output: str, fmt: str, schema: pa.Schema, label_field: Optional[str],
+                s3: Optional[S3Config] = None) -> dict:
+    """map_batches fn: writes the block's rows; returns one counts row (all the driver sees)."""
+    rows = output_rows(batch, label_field)
+    fs, root = resolve(output, s3)
+    write_bytes_atomic(fs, posixpath.join(root, part_name((r["key"] for r in rows), fmt)),
+                       encode_rows(rows, fmt, schema))
+    reasons = Counter(r["error"] for r in rows if r["error"] is not None)
+    return {"rows": np.array([len(rows)]), "audio_s": np.array([sum(r["duration_s"] for r in rows)]),
+            "errors": np.array([sum(reasons.values())]), "reasons": np.array([json.dumps(reasons)])}
+
+
+# --------------------------------------------------------------------------------------------
+# The output folder: what is done, duplicates, overwrite
+# --------------------------------------------------------------------------------------------
+
+
+def _part_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except FileNotFoundError:
+        return []
+    return sorted(fi.path for fi in infos if fi.type == pafs.FileType.File
+                  and posixpath.basename(fi.path).startswith("part-")
+                  and fi.path.endswith(tuple(PART_SUFFIX.values())))
+
+
+def _read_part(fs: pafs.FileSystem, path: str) -> pa.Table:
+    data = read_bytes(fs, path)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data))
+    return pa.Table.from_pylist([json.loads(line) for line in data.decode().splitlines() if line.strip()])
+
+
+def read_output(output: str, s3: Optional[S3Config] = None) -> list[dict]:
+    """Every row of a transcribe output (tests, small outputs; large ones: ray.data.read_*)."""
+    fs, root = resolve(output, s3)
+    return [r for p in _part_files(fs, root) for r in _read_part(fs, p).to_pylist()]
+
+
+def done_keys(output: str, s3: Optional[S3Config] = None) -> set[str]:
+    """Keys already written to `output`; a key found in two part files is removed from the later one.
+
+    Duplicates arise only if a write died after its file landed and the retry grouped rows
+    differently; this makes a rerun leave exactly one row per key.
+    """
+    fs, root = resolve(output, s3)
+    seen: set[str] = set()
+    for path in _part_files(fs, root):
+        table = _read_part(fs, path)
+        keys = table.column("key").to_pylist() if table.num_rows else []
+        keep = []
+        for i, k in enumerate(keys):
+            if k not in seen:
+                seen.add(k)
+                keep.append(i)
+        if len(keep) == len(keys):
+            continue
+        if not keep:
+            fs.delete_file(path)
+            continue
+        fmt = "parquet" if path.endswith(".parquet") else "jsonl"
+        kept = table.take(keep)
+        write_bytes_atomic(fs, path, encode_rows(kept.to_pylist(), fmt, kept.schema))
+    return seen
+
+
+def write_manifest(output: str, fmt: str, label_field: str, s3: Optional[S3Config] = None) -> tuple[str, int]:
+    """`manifest.<fmt>` in the output: every successful row, `label_field` = the transcript.
+
+    The part files keep error rows (nothing lost); the manifest holds only what a training job
+    should learn from, in the one file jobs/sft.py reads (teacher labelling).
+    """
+    fs, root = resolve(output, s3)
+    tables = [t.filter(pc.is_null(t.column("error"))) for t in (_read_part(fs, p) for p in _part_files(fs, root))
+              if t.num_rows]
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({label_field: []})
+    table = table.drop_columns([c for c in ("error", "error_detail") if c in table.column_names])
+    path = posixpath.join(root, f"manifest{PART_SUFFIX[fmt]}")
+    write_bytes_atomic(fs, path, encode_rows(table.to_pylist(), fmt, table.schema))
+    return to_uri(fs, path), table.num_rows
+
+
+def prepare_output(output: str, s3: Optional[S3Config] = None, overwrite: bool = False) -> None:
+    """Create the output folder; drop leftovers of interrupted local writes; with `overwrite`, old parts."""
+    fs, root = resolve(output, s3)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise InputError(f"output {output} is a file; it must be a folder or an S3 prefix")
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(root, recursive=True)
+        for fi in fs.get_file_info(pafs.FileSelector(root)):
+            if posixpath.basename(fi.path).startswith(".tmp-"):
+                fs.delete_file(fi.path)
+    if overwrite:
+        for p in _part_files(fs, root):
+            fs.delete_file(p)
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(model: Optional[str]) -> str:
+    """`model`, or the bundled demo teacher/student; checked here, not in a remote actor."""
+    if model is None:
+        for name in ("teacher", "student"):
+            cand = REPO_ROOT / "assets" / "models" / name
+            if (cand / "config.json").is_file():
+                return str(cand)
+        raise ConfigError("no model: pass --model DIR (no bundled model under assets/models)")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ConfigError(f"--model {model}: not an HF-format model directory (no config.json)")
+    return os.path.abspath(model)
+
+
+def check_backend(engine: EngineConfig) -> None:
+    """Fail in the driver with a clear message instead of in every engine actor."""
+    if engine.backend == "vllm" and (importlib.util.find_spec("vllm") is None
+                                     or importlib.util.find_spec("ark_ray.engines.vllm_engine") is None):
+        raise ConfigError("engine.backend=vllm but vLLM (or ark_ray.engines.vllm_engine) is not installed; "
+                          "install the gpu/cpu extra or pass --engine.backend=hf")
+
+
+def pool_size(cfg: TranscribeConfig) -> int:
+    if cfg.num_engines > 0:
+        return cfg.num_engines
+    if cfg.engine.num_gpus > 0:
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return max(1, int(gpus // cfg.engine.num_gpus))
+    return 1
+
+
+def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[list[dict], pa.Schema]:
+    """Pipeline items (key, audio, segment, pickled metadata) and the fixed output schema.
+
+    The schema comes from all input rows, so every part file (of every rerun) has the same
+    column types even when a block's values are all null.
+    """
+    metas, items = [], []
+    for r in rows:
+        meta = {k: v for k, v in r.items() if k != "key"}
+        metas.append(meta)
+        items.append({"key": r["key"], "audio": r["audio"],
+                      "begin_time": float("nan") if r.get("begin_time") is None else float(r["begin_time"]),
+                      "end_time": float("nan") if r.get("end_time") is None else float(r["end_time"]),
+                      "meta": pickle.dumps(meta)})
+    out_names = {f.name for f in OUTPUT_FIELDS}
+    fields = []
+    for f in pa.Table.from_pylist(metas).schema:
+        if f.name in out_names:
+            continue
+        if label_field and f.name == label_field:
+            f = f.with_name(f"reference_{label_field}")
+        fields.append(f)
+    fields += OUTPUT_FIELDS
+    if label_field and label_field not in out_names:
+        fields.append(pa.field(label_field, pa.string()))
+    return items, pa.schema(fields)
+
+
+def build_dataset(items: list[dict], schema: pa.Schema, model_dir: str, cfg: TranscribeConfig,
+                  label_field: Optional[str]):
+    """The lazy Ray Data pipeline; each output row of the returned dataset counts one written block."""
+    import ray
+
+    n_blocks = max(1, math.ceil(len(items) / max(1, cfg.files_per_block)))
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    # max_retries: a decode task whose worker dies is rerun (Ray's default too); naming it also
+    # keeps Ray Data from fusing decoding into the engine actors, which must only run the model.
+    ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", num_cpus=1, max_retries=3,
+                        fn_kwargs={"s3": cfg.s3, "max_audio_s": cfg.max_audio_s,
+                                   "silence_dbfs": cfg.silence_dbfs})
+    ds = ds.map_batches(EngineStage, batch_size=cfg.batch_size, batch_format="numpy",
+                        concurrency=pool_size(cfg), num_cpus=cfg.engine.num_cpus,
+                        num_gpus=cfg.engine.num_gpus or None,
+                        fn_constructor_kwargs={"model_dir": model_dir, "engine": cfg.engine,
+                                               "sampling": cfg.sampling})
+    return ds.map_batches(write_batch, batch_size=None, batch_format="numpy", num_cpus=0.5,
+                          fn_kwargs={"output": cfg.output, "fmt": cfg.format, "schema": schema,
+                                     "label_field": label_field, "s3": cfg.s3})
+
+
+def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, float], None]] = None) -> dict:
+    """List, skip what is done, run the pipeline with a progress bar; returns the summary.
+
+    `on_block(rows, audio_s)` is called as each part file lands (benchmarks time the stream).
+    """
+    import ray
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    label_field = cfg.label_field or ("text" if cfg.as_manifest else None)
+    model_dir = resolve_model(cfg.model)
+    check_backend(cfg.engine)
+    rows = load_inputs(cfg.input, cfg.extensions, cfg.s3)
+    prepare_output(cfg.output, cfg.s3, cfg.overwrite)
+    done = done_keys(cfg.output, cfg.s3)
+    todo = [r for r in rows if r["key"] not in done]
+    summary = {"inputs": len(rows), "skipped_done": len(rows) - len(todo), "rows_written": 0,
+               "error_rows": 0, "errors_by_reason": {}, "audio_hours": 0.0, "output": cfg.output}
+    if todo:
+        items, schema = _items_and_schema(rows, label_field)
+        todo_keys = {r["key"] for r in todo}
+        items = [it for it in items if it["key"] in todo_keys]
+        init_ray(cfg.ray)                       # only now: a rerun with nothing to do needs no cluster
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ds = build_dataset(items, schema, model_dir, cfg, label_field)
+        reasons: Counter = Counter()
+        audio_s = 0.0
+        with tqdm(total=len(items), unit="file", desc="transcribe", disable=not cfg.progress) as bar:
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for i in range(len(b["rows"])):
+                    summary["rows_written"] += int(b["rows"][i])
+                    summary["error_rows"] += int(b["errors"][i])
+                    audio_s += float(b["audio_s"][i])
+                    reasons.update(json.loads(str(b["reasons"][i])))
+                    bar.update(int(b["rows"][i]))
+                    if on_block is not None:
+                        on_block(int(b["rows"][i]), float(b["audio_s"][i]))
+                bar.set_postfix(audio_h=f"{audio_s / 3600:.2f}", errors=summary["error_rows"])
+        summary["errors_by_reason"] = dict(reasons)
+        summary["audio_hours"] = audio_s / 3600
+    if label_field:
+        summary["manifest"], summary["manifest_rows"] = write_manifest(cfg.output, cfg.format, label_field, cfg.s3)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["x_real_time"] = summary["audio_hours"] * 3600 / summary["wall_s"]
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = ["| metric | value |", "|---|---|"]
+    for k in ("inputs", "skipped_done", "rows_written", "error_rows", "audio_hours", "wall_s",
+              "x_real_time", "output", "manifest", "manifest_rows"):
+        if k not in s:
+            continue
+        v = s[k]
+        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    for reason, n in sorted(s.get("errors_by_reason", {}).items()):
+        lines.append(f"| errors: {reason} | {n} |")
+    return "\n".join(lines)

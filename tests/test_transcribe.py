@@ -1,0 +1,220 @@
+"""Batch transcription on Ray Data: listing, one row per input (bad files -> error rows with the
+reason), reruns skip what is done and drop duplicates, a killed engine worker loses nothing,
+manifests keep their metadata. Real Ray Data, real HF engine on a tiny random model."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ark_ray.config import TranscribeConfig, load_config
+from ark_ray.data.listing import InputError, list_audio, load_inputs
+from ark_ray.data.transcribe_pipeline import read_output, run_transcribe
+from ark_ray.model.factory import save_random_model
+
+
+def tone(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.standard_normal(int(seconds * sr))).astype(np.float32)
+
+
+def wav_bytes(fmt_chunk: bytes, data: bytes = b"\x00\x01" * 4000) -> bytes:
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt_chunk)) + fmt_chunk
+            + b"data" + struct.pack("<I", len(data)) + data)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-asr")
+    save_random_model(d, "tiny", seed=1)
+    return str(d)
+
+
+def cfg_for(model_dir, inp, out, *extra) -> TranscribeConfig:
+    return load_config(TranscribeConfig, None, [
+        f"--input={inp}", f"--output={out}", f"--model={model_dir}", "--engine.backend=hf",
+        "--sampling.max_new_tokens=4", "--batch_size=4", "--files_per_block=3", "--progress=false", *extra])
+
+
+# ------------------------------------------------------------------ listing (no Ray)
+
+
+def test_list_audio_recursive_by_extension(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for rel in ("x.wav", "a/y.FLAC", "a/b/z.mp3", "a/notes.txt", ".hidden/h.wav", "a/.h2.wav"):
+        (tmp_path / rel).write_bytes(b"x")
+    got = list_audio(str(tmp_path))
+    assert got == sorted(str(tmp_path / r) for r in ("x.wav", "a/y.FLAC", "a/b/z.mp3"))
+    assert list_audio(str(tmp_path), extensions=["wav"]) == [str(tmp_path / "x.wav")]
+    with pytest.raises(InputError, match="no audio files"):
+        list_audio(str(tmp_path / "a"), extensions=[".ogg"])
+    with pytest.raises(InputError, match="not found"):
+        load_inputs(str(tmp_path / "missing"))
+
+
+def test_manifest_inputs_get_stable_unique_keys(tmp_path):
+    rows = [{"audio": "a.wav", "text": "one"},
+            {"audio": "a.wav", "begin_time": 0.5, "end_time": 1.25, "text": "seg"},
+            {"audio": "a.wav", "text": "again"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_inputs(str(tmp_path / "m.jsonl"))
+    a = str(tmp_path / "a.wav")
+    assert [r["key"] for r in got] == [a, f"{a}#0.500-1.250", f"{a}#2"]
+    assert [r["text"] for r in got] == ["one", "seg", "again"]
+    assert load_inputs(str(tmp_path / "m.jsonl"))[1]["key"] == got[1]["key"]   # stable across runs
+
+
+# ------------------------------------------------------------------ pipeline (Ray)
+
+
+BAD = {  # file -> expected error reason
+    "empty.WAV": "empty",
+    "truncated.flac": "unreadable",
+    "not_audio.wav": "unreadable",
+    "song.m4a": "unsupported_format",
+    "sub/extensible_unknown.wav": "unsupported_format",
+    "long.wav": "too_long",
+    "silent.flac": "silent",
+}
+GOOD = ["ok1.wav", "sub/ok2.flac", "ok3.ogg"]
+
+
+def make_corpus(root):
+    (root / "sub").mkdir(parents=True)
+    sf.write(root / "ok1.wav", tone(1.0, 1), 16000)
+    sf.write(root / "sub" / "ok2.flac", tone(1.3, 2, 22050), 22050)             # resampled
+    sf.write(root / "ok3.ogg", tone(0.8, 3), 16000, format="OGG", subtype="VORBIS")
+    (root / "empty.WAV").write_bytes(b"")
+    sf.write(root / "full.flac", tone(2.0, 4), 16000)
+    data = (root / "full.flac").read_bytes()
+    (root / "full.flac").unlink()
+    (root / "truncated.flac").write_bytes(data[: len(data) // 2])
+    (root / "not_audio.wav").write_bytes(b"this is a text file, not audio\n" * 20)
+    (root / "song.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A \x00\x00\x00\x00" + bytes(64))
+    ext = struct.pack("<HHIIHHHHI", 0xFFFE, 1, 16000, 32000, 2, 16, 22, 16, 4) + bytes(range(16))
+    (root / "sub" / "extensible_unknown.wav").write_bytes(wav_bytes(ext))
+    sf.write(root / "long.wav", tone(4.0, 5), 16000)
+    sf.write(root / "silent.flac", np.zeros(16000, np.float32), 16000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A manifest over good and bad files, a segment of one file, a missing file, extra metadata."""
+    root = make_corpus(tmp_path_factory.mktemp("corpus"))
+    rows = [{"audio": rel, "speaker": f"spk{i}", "text": f"ref {i}"} for i, rel in enumerate(GOOD + list(BAD))]
+    rows += [{"audio": "ok1.wav", "begin_time": 0.25, "end_time": 0.75, "speaker": "seg", "text": "part"},
+             {"audio": "missing.wav", "speaker": "gone", "text": "never there"}]
+    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+N_INPUTS = len(GOOD) + len(BAD) + 2
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, model_dir, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "run1"
+    summary = run_transcribe(cfg_for(model_dir, corpus / "m.jsonl", out, "--max_audio_s=3", "--format=parquet"))
+    return out, summary
+
+
+def test_every_input_one_row_bad_files_error_rows(first_run, corpus):
+    out, summary = first_run
+    assert all(p.suffix == ".parquet" for p in out.iterdir())
+    rows = read_output(str(out))
+    by_key = {r["key"]: r for r in rows}
+    assert len(rows) == len(by_key) == N_INPUTS == summary["rows_written"] == summary["inputs"]
+    for rel, reason in BAD.items():
+        r = by_key[str(corpus / rel)]
+        assert r["error"] == reason, (rel, r)
+        assert r["error_detail"] and r["pred_text"] is None
+    for i, rel in enumerate(GOOD):
+        r = by_key[str(corpus / rel)]
+        assert r["error"] is None and r["error_detail"] is None, r
+        assert isinstance(r["pred_text"], str) and isinstance(r["pred_text_raw"], str) and r["pred_text_raw"]
+        assert (r["audio"], r["speaker"], r["text"]) == (str(corpus / rel), f"spk{i}", f"ref {i}")  # metadata kept
+    assert by_key[str(corpus / "sub/ok2.flac")]["duration_s"] == pytest.approx(1.3, abs=1e-3)
+    seg = by_key[str(corpus / "ok1.wav") + "#0.250-0.750"]
+    assert seg["error"] is None and seg["duration_s"] == pytest.approx(0.5, abs=1e-3) and seg["begin_time"] == 0.25
+    gone = by_key[str(corpus / "missing.wav")]
+    assert gone["error"] == "unreadable" and gone["text"] == "never there"
+    assert summary["error_rows"] == len(BAD) + 1
+    assert summary["errors_by_reason"] == dict(Counter(list(BAD.values()) + ["unreadable"]))
+    assert summary["audio_hours"] == pytest.approx((1.0 + 1.3 + 0.8 + 0.5) / 3600, rel=1e-3)
+
+
+def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, corpus, tmp_path):
+    import pyarrow.parquet as pq
+
+    src, _ = first_run
+    out = tmp_path / "resume"
+    shutil.copytree(src, out)
+    cfg = cfg_for(model_dir, corpus / "m.jsonl", out, "--max_audio_s=3", "--format=parquet")
+
+    again = run_transcribe(cfg)                            # nothing left to do
+    assert (again["skipped_done"], again["rows_written"]) == (N_INPUTS, 0)
+
+    parts = sorted(p for p in out.iterdir() if p.name.startswith("part-"))
+    assert len(parts) >= 2
+    lost = pq.read_table(parts[0]).column("key").to_pylist()
+    parts[0].unlink()                                      # an interrupted run: this block never landed
+    shutil.copy(parts[1], out / "part-0000duplicate.parquet")  # and this one landed twice
+    (out / ".tmp-123-part-x.parquet").write_text("half a fi")  # a write cut short
+
+    resumed = run_transcribe(cfg)
+    assert resumed["rows_written"] == len(lost)
+    assert resumed["skipped_done"] == N_INPUTS - len(lost)
+    rows = read_output(str(out))
+    keys = Counter(r["key"] for r in rows)
+    assert len(keys) == N_INPUTS and set(keys.values()) == {1}
+    assert {r["key"] for r in rows} == {r["key"] for r in read_output(str(src))}
+    assert not any(p.name.startswith(".tmp-") for p in out.iterdir())
+
+
+def _engine_worker_pids() -> list[int]:
+    """Processes of the pipeline's engine actors (Ray titles them after the UDF class)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        if "EngineStage" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+            pids.append(p.pid)
+    return pids
+
+
+def test_engine_worker_killed_mid_run_loses_and_duplicates_nothing(ray_local, model_dir, tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    n = 30
+    for i in range(n):
+        sf.write(audio / f"c{i:02d}.wav", tone(0.5 + 0.02 * i, i), 16000)
+    out = tmp_path / "out"
+    cfg = cfg_for(model_dir, audio, out, "--batch_size=1", "--files_per_block=1", "--sampling.max_new_tokens=8")
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_transcribe(cfg)), daemon=True)
+    runner.start()
+    killed_at = None
+    while runner.is_alive() and killed_at is None:   # wait for the first written block, then kill
+        done = [p for p in out.glob("part-*")] if out.exists() else []
+        pids = _engine_worker_pids()
+        if done and pids:
+            killed_at = len(done)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+        runner.join(timeout=0.05)
+    runner.join()
+    assert killed_at is not None and killed_at < n, "the run ended before a worker could be killed"
+    assert result["rows_written"] == n and result["error_rows"] == 0
+    keys = Counter(r["key"] for r in read_output(str(out)))
+    assert keys == Counter({str(audio / f"c{i:02d}.wav"): 1 for i in range(n)})
