@@ -129,14 +129,15 @@ def spec(name: str) -> MetricSpec:
 
 
 def _metric(s: MetricSpec):
+    import ray
+    from ray.util import metrics as rm
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"cannot record {s.name}: Ray is not initialised in this process "
+                           "(call ray.init() first, or record from a Ray task/actor/replica)")
     with _lock:
         m = _created.get(s.name)
         if m is None:
-            import ray
-            from ray.util import metrics as rm
-            if not ray.is_initialized():
-                raise RuntimeError(f"cannot record {s.name}: Ray is not initialised in this process "
-                                   "(call ray.init() first, or record from a Ray task/actor/replica)")
             if s.kind == "counter":
                 m = rm.Counter(s.name, s.description, tag_keys=s.tag_keys)
             elif s.kind == "gauge":

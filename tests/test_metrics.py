@@ -1,14 +1,10 @@
 """ark_ray.metrics: the registry's rules, input checking, and a real scrape of Ray's exporter."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -103,89 +99,69 @@ def test_recording_without_ray_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------ the real exporter
-SCRIPT = textwrap.dedent('''
-    import json, sys, tempfile, time, urllib.request
-    import ray
-    from ark_ray import metrics
-
-    port = int(sys.argv[1])
-    for attempt in range(2):  # a node start can time out on an overloaded box; that is not under test
-        try:
-            ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
-                     _metrics_export_port=port, _temp_dir=tempfile.mkdtemp(prefix="ark-metrics-", dir="/tmp"))
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt:
-                raise
-
-    @ray.remote
-    class Replica:  # records like a Serve replica / a Ray Data actor would
-        def work(self):
-            metrics.record_batch_block(3, 12.5, {"silent": 2, "too_long": 0})
-            metrics.record_serve_request("/v1/audio/transcriptions", 200, 0.3, audio_s=4.0)
-            metrics.record_serve_request("/v1/audio/transcriptions", 413, 0.01)
-            return True
-
-    r = Replica.remote()
-    assert ray.get(r.work.remote())
-    # the driver records like the OPD controller
-    metrics.record_opd_step(dict(step=3, version=1, kl=0.25, samples=8, union_size=40.5, rollout_s=1.2,
-                                 teacher_s=None, learner_s=0.7, dropped_stale=2, rollout_wer=None))
-    metrics.record_opd_queues(rollout=2, teacher=1, learner=0)
-    want = sys.argv[2].split(",")
-    body, deadline = "", time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        except OSError:
-            body = ""
-        if all(w in body for w in want):
-            break
-        time.sleep(0.5)  # polling for the exporter, not timing anything
-    print("BODY" + json.dumps(body))
-    ray.shutdown()
-''')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _samples(body: str) -> dict:
-    """{(series name, frozenset(our labels)): value}, Ray's own labels dropped."""
+def scrape(url: str, worker_ids: set) -> dict:
+    """{(series name, frozenset(our labels)): value} for ray_ark_* series of the given workers."""
+    import urllib.request
     from prometheus_client.parser import text_string_to_metric_families
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
     ours = {"reason", "route", "status", "queue", "stage", "le"}
     out = {}
     for fam in text_string_to_metric_families(body):
         for s in fam.samples:
-            if s.name.startswith("ray_ark_"):
-                key = (s.name, frozenset((k, v) for k, v in s.labels.items() if k in ours))
-                out[key] = out.get(key, 0.0) + s.value
+            if s.name.startswith("ray_ark_") and s.labels.get("WorkerId") in worker_ids:
+                out[(s.name, frozenset((k, v) for k, v in s.labels.items() if k in ours))] = s.value
     return out
 
 
-def test_metrics_reach_rays_prometheus_endpoint(tmp_path):
-    """A real local Ray with a metrics export port: values recorded in an actor and in the driver
-    come out of Ray's endpoint under the names the dashboards query."""
-    port = _free_port()
-    script = tmp_path / "record.py"
-    script.write_text(SCRIPT)
-    want = ["ray_ark_batch_files_total", "ray_ark_serve_request_latency_seconds_bucket",
-            "ray_ark_opd_loss", "ray_ark_opd_queue_depth_batches", "ray_ark_opd_stage_duration_seconds_count"]
-    env = dict(os.environ, RAY_metrics_report_interval_ms="1000")
-    out = subprocess.run([sys.executable, str(script), str(port), ",".join(want)], capture_output=True,
-                         text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    body = json.loads(out.stdout.split("BODY", 1)[1])
-    got = _samples(body)
-    assert got, body[-3000:]
+def test_metrics_reach_rays_prometheus_endpoint(ray_local):
+    """Values recorded in an actor and in the driver come out of Ray's metrics endpoint, under the
+    names the dashboards query. The actor gets its own runtime env, so its worker process is new
+    and its counters hold only what it recorded here."""
+    import time
+    import uuid
+
+    class Recorder:
+        """Records like a Serve replica, a Ray Data actor and the OPD controller would (defined here so
+        cloudpickle ships it by value: workers cannot import this test module)."""
+
+        def worker_id(self) -> str:
+            import ray
+            return ray.get_runtime_context().get_worker_id()
+
+        def work(self) -> None:
+            metrics.record_batch_block(3, 12.5, {"silent": 2, "too_long": 0})
+            metrics.record_serve_request("/v1/audio/transcriptions", 200, 0.3, audio_s=4.0)
+            metrics.record_serve_request("/v1/audio/transcriptions", 413, 0.01)
+            metrics.record_opd_step(dict(step=3, version=1, kl=0.25, samples=8, union_size=40.5, rollout_s=1.2,
+                                         teacher_s=None, learner_s=0.7, dropped_stale=2, rollout_wer=None))
+            metrics.record_opd_queues(rollout=2, teacher=1, learner=0)
+
+    ray = ray_local
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    actor = ray.remote(Recorder).options(
+        num_cpus=0, runtime_env={"env_vars": {"ARK_METRICS_TEST": uuid.uuid4().hex}}).remote()
+    wid = ray.get(actor.worker_id.remote())
+    ray.get(actor.work.remote())
+    lr = 1e-4 + uuid.uuid4().int % 1000 * 1e-9       # a value no other test sets
+    metrics.record("ark_opd_learning_rate", lr)      # from the driver (this process)
+    driver = ray.get_runtime_context().get_worker_id()
+
+    want = {"ray_ark_batch_files_total", "ray_ark_serve_request_latency_seconds_bucket",
+            "ray_ark_opd_loss", "ray_ark_opd_queue_depth_batches", "ray_ark_opd_stage_duration_seconds_count",
+            "ray_ark_opd_learning_rate"}
+    got, deadline = {}, time.monotonic() + 90
+    while time.monotonic() < deadline:                # Ray exports every few seconds: poll for it
+        got = scrape(url, {wid, driver})
+        if want <= {name for name, _ in got}:
+            break
+        time.sleep(1)
+    ray.kill(actor)
 
     def val(name, **labels):
         return got.get((name, frozenset(labels.items())))
 
+    assert want <= {name for name, _ in got}, sorted(got)
     assert val("ray_ark_batch_files_total") == 3
     assert val("ray_ark_batch_audio_seconds_total") == 12.5
     assert val("ray_ark_batch_error_rows_total", reason="silent") == 2
@@ -205,6 +181,7 @@ def test_metrics_reach_rays_prometheus_endpoint(tmp_path):
     assert val("ray_ark_opd_stage_duration_seconds_count", stage="rollout") == 1
     assert val("ray_ark_opd_stage_duration_seconds_count", stage="teacher") is None
     assert val("ray_ark_opd_queue_depth_batches", queue="rollout") == 2
+    assert val("ray_ark_opd_learning_rate") == pytest.approx(lr)
     # every ark series Ray exports is one the registry (and so the dashboards) knows
     known = {n for s in REGISTRY.values() for n in s.series()}
     assert {name for name, _ in got} <= known
