@@ -1,0 +1,171 @@
+"""VllmEngine: ARK-ASR on vLLM (the default engine for rollouts, batch jobs and serving).
+
+The model runs through our vLLM plugin (ark_ray.vllm_plugin): audio goes in as multimodal data,
+the plugin expands the `<|audio|>` placeholder and masks blocked ids in the logits, so the
+log-probs vLLM reports are those of the same masked distribution HFEngine reports.
+
+Weight updates (OPD): `update_weights` sends the new tensors to every vLLM worker with
+`collective_rpc` and loads them through the plugin's checkpoint-name mapper. Prefix caching is
+off: a cached prefill would still hold activations of the old weights.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ark_ray.config import EngineConfig, SamplingConfig
+from ark_ray.engines.base import Transcriber, Transcript
+from ark_ray.engines.chunking import join_chunks, split_long_audio
+
+
+_FUSED = {".self_attn.q_proj.": (".self_attn.qkv_proj.", 0), ".self_attn.k_proj.": (".self_attn.qkv_proj.", 1),
+          ".self_attn.v_proj.": (".self_attn.qkv_proj.", 2), ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
+          ".mlp.up_proj.": (".mlp.gate_up_proj.", 1)}
+
+
+def _vllm_targets(items: dict) -> dict[str, list]:
+    """Checkpoint names -> vLLM parameter names, with q/k/v and gate/up stacked like vLLM fuses them."""
+    out: dict[str, list] = {}
+    for name, t in items.items():
+        if name.startswith("audio_encoder."):
+            out[name] = [(0, t)]
+            continue
+        if name == "lm_head.weight":
+            continue  # tied to the embeddings
+        target, part = "language_model." + name, 0
+        for old, (new, idx) in _FUSED.items():
+            if old in name:
+                target, part = "language_model." + name.replace(old, new), idx
+        out.setdefault(target, []).append((part, t))
+    return out
+
+
+def _load_weights_on_worker(worker, blob: bytes):
+    """Runs inside each vLLM worker process (collective_rpc): load a torch.save'd state dict.
+
+    Newer vLLM reloads through its own in-place path; older vLLM (0.26 on the GPU box) gets
+    in-place copies into the live parameters. The tensors travel as one serialized blob:
+    vLLM's RPC encoder would turn tuples of tensors into lists.
+    """
+    import io
+
+    import torch
+
+    items = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    if hasattr(runner, "reload_weights"):
+        # vLLM >= 0.3x: in-place reload that re-runs the backend's weight post-processing
+        # (the CPU backend repacks linear weights for oneDNN) and clears the encoder cache.
+        runner.reload_weights(weights_iterator=iter(items.items()), is_checkpoint_format=True)
+        return len(items)
+    params = dict(runner.model.named_parameters())
+    with torch.no_grad():
+        for target, parts in _vllm_targets(items).items():
+            if target not in params:
+                raise KeyError(f"vLLM model has no parameter {target!r}")
+            value = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], dim=0)
+            p = params[target]
+            if p.shape != value.shape:
+                raise ValueError(f"{target}: shape {tuple(value.shape)} != live {tuple(p.shape)}")
+            p.copy_(value.to(p.device, p.dtype))
+    return len(items)
+
+
+class VllmEngine(Transcriber):
+    def __init__(self, model_dir: str, cfg: Optional[EngineConfig] = None, *, max_logprobs: int = 64):
+        import torch
+        from vllm import LLM
+
+        from ark_ray.model.processor import ArkAsrProcessor
+
+        cfg = cfg or EngineConfig()
+        self.cfg = cfg
+        self.processor = ArkAsrProcessor.from_pretrained(model_dir)
+        on_gpu = torch.cuda.is_available()
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        kwargs = dict(
+            model=model_dir, dtype=dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+            enforce_eager=cfg.enforce_eager or not on_gpu, limit_mm_per_prompt={"audio": 1},
+            max_logprobs=max_logprobs, enable_prefix_caching=False, seed=0,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        # collective_rpc with a function (weight updates) needs vLLM's pickle fallback; the
+        # engine's own processes are the only peers, as in TRL/OpenRLHF weight sync.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        self.llm = LLM(**kwargs)
+        self.max_chunk_s = cfg.max_chunk_s
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+
+    def _params(self, sampling: SamplingConfig):
+        from vllm import SamplingParams
+
+        greedy = sampling.temperature <= 0
+        return SamplingParams(
+            n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
+            logprobs=max(1, sampling.logprobs_topk), stop_token_ids=[self.processor.token_ids.eos],
+            seed=sampling.seed, detokenize=False, skip_special_tokens=False,
+        )
+
+    def _generate(self, waves: Sequence[np.ndarray], sampling: SamplingConfig) -> list[list[dict]]:
+        from ark_ray.vllm_plugin import generation_prompt
+
+        t0 = time.perf_counter()
+        prompts = [generation_prompt(self.processor, np.asarray(w, dtype=np.float32)) for w in waves]
+        outs = self.llm.generate(prompts, self._params(sampling), use_tqdm=False)
+        gen_s = time.perf_counter() - t0
+        k = sampling.logprobs_topk
+        results: list[list[dict]] = []
+        for out in outs:
+            per = []
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                lps = o.logprobs or []
+                item = {"token_ids": ids, "prompt_ids": list(out.prompt_token_ids or []),
+                        "timings": {"generate_s": gen_s / max(1, len(waves))}}
+                if lps:
+                    item["token_logprobs"] = np.asarray([lp[t].logprob for lp, t in zip(lps, ids)], np.float32)
+                    if k > 0:
+                        tk_ids = np.full((len(ids), k), -1, np.int64)
+                        tk_lp = np.full((len(ids), k), -np.inf, np.float32)
+                        for j, lp in enumerate(lps):
+                            ranked = sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:k]
+                            for r, (tid, v) in enumerate(ranked):
+                                tk_ids[j, r], tk_lp[j, r] = tid, v.logprob
+                        item["topk_ids"], item["topk_logprobs"] = tk_ids, tk_lp
+                per.append(item)
+            results.append(per)
+        return results
+
+    def transcribe(self, audios: Sequence[np.ndarray], sampling: Optional[SamplingConfig] = None) -> list[Transcript]:
+        sampling = sampling or SamplingConfig()
+        pieces, owners = split_long_audio(audios, self.max_chunk_s)
+        results = self._generate([p.samples for p in pieces], sampling)
+        return join_chunks(audios, pieces, owners, results, sampling.n, self.processor)
+
+    def update_weights(self, weights: Mapping[str, object] | Iterable[tuple[str, object]]) -> None:
+        import torch
+
+        import io
+
+        items = dict(weights.items() if isinstance(weights, Mapping) else weights)
+        buf = io.BytesIO()
+        torch.save({k: torch.as_tensor(v).contiguous() for k, v in items.items()}, buf)
+        self.llm.collective_rpc(_load_weights_on_worker, args=(buf.getvalue(),))
+        # Cached encoder outputs (scheduler and workers) came from the old weights.
+        engine = self.llm.llm_engine
+        if hasattr(engine, "reset_encoder_cache"):
+            engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # engine already gone (process exit); nothing left to release
+                pass
