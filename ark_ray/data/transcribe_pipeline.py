@@ -157,6 +157,12 @@ class EngineStage:
                 out.append(ex)
         return out
 
+    def __del__(self):
+        """Ray Data drops the UDF when the pool shuts down: stop the engine's processes cleanly."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
         pred = np.full(n, "", dtype=object)
@@ -164,7 +170,8 @@ class EngineStage:
         err = np.array(batch["error"], dtype=object)
         detail = np.array(batch["error_detail"], dtype=object)
         ok = [i for i in range(n) if not err[i]]
-        results = self._run([np.asarray(batch["wave"][i], np.float32) for i in ok]) if ok else []
+        # a writable copy: Arrow hands out read-only views, which torch and vLLM refuse to alias
+        results = self._run([np.array(batch["wave"][i], np.float32) for i in ok]) if ok else []
         for i, r in zip(ok, results):
             if isinstance(r, BaseException):
                 err[i] = r.reason if isinstance(r, AudioError) else "engine_error"
@@ -396,7 +403,7 @@ def build_dataset(items: list[dict], schema: pa.Schema, model_dir: str, cfg: Tra
                         fn_kwargs={"s3": cfg.s3, "max_audio_s": cfg.max_audio_s,
                                    "silence_dbfs": cfg.silence_dbfs})
     ds = ds.map_batches(EngineStage, batch_size=cfg.batch_size, batch_format="numpy",
-                        concurrency=pool_size(cfg), num_cpus=cfg.engine.num_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=pool_size(cfg)), num_cpus=cfg.engine.num_cpus,
                         num_gpus=cfg.engine.num_gpus or None,
                         fn_constructor_kwargs={"model_dir": model_dir, "engine": cfg.engine,
                                                "sampling": cfg.sampling})
