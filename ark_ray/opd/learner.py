@@ -253,7 +253,9 @@ class LearnerGroup:
         from ark_ray.model.processor import ArkAsrProcessor
 
         model = ArkAsrForConditionalGeneration.from_pretrained(self.model_dir, dtype=torch.float32)
-        model.load_state_dict(self.state_dict(), strict=False)
+        missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # only the tied head may be absent
+            raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
         model.to(dtype).save_pretrained(out_dir)
         ArkAsrProcessor.from_pretrained(self.model_dir).save_pretrained(out_dir)
         return out_dir
