@@ -1,0 +1,79 @@
+"""Build the Serve application: `serve run serve_configs/local.yaml` imports `ark_ray.serve.app:build_app`.
+
+Why a hand-written FastAPI ingress and not `ray.serve.llm.build_openai_app`: Ray Serve LLM
+(2.60) does offer /v1/audio/transcriptions, but it forwards the request to vLLM's own
+`OpenAIServingTranscription` inside the LLMServer. That would (1) cut long audio with vLLM's
+splitter instead of our shared chunker, so the endpoint's segments and text would differ from
+batch jobs and OPD rollouts on the same clip; (2) build the prompt and clean the output with
+vLLM's hooks rather than `ArkAsrProcessor` (token mask, cleanup), the one place those rules
+live; (3) tie serving to vLLM, leaving no HFEngine fallback for CPU boxes and debugging;
+(4) give no place for the limits this endpoint promises (a byte limit checked while the upload
+streams in, a 400 that names the AudioError reason, API keys). Our plugin still makes
+`vllm serve <model_dir>` a working OpenAI endpoint — bench/serve_load.py measures it as the
+baseline. Here the ingress owns the HTTP contract and a model deployment owns the engine,
+batched with `@serve.batch`, and Serve's autoscaling and back-pressure apply to it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Optional
+
+from ray.serve import Application
+
+from ark_ray.config import ConfigError, ServeConfig, load_config, to_dict
+from ark_ray.serve.ingress import Ingress
+from ark_ray.serve.replica import TranscriberReplica
+
+_UNSET_VAR = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
+
+
+def resolve_model_dir(path: str) -> str:
+    """Expand `$VAR` / `${VAR}`; a relative path that exists here becomes absolute (replicas'
+    working directory differs from `serve run`'s)."""
+    expanded = os.path.expandvars(path)
+    missing = _UNSET_VAR.findall(expanded)
+    if missing:
+        raise ConfigError(f"model_dir {path!r}: environment variable {missing[0]} is not set")
+    if not os.path.isabs(expanded) and os.path.exists(expanded):
+        expanded = os.path.abspath(expanded)
+    return expanded
+
+
+def max_windows(max_audio_s: float, max_chunk_s: float) -> int:
+    """Upper bound on windows per clip: the chunker never cuts a window shorter than half its max."""
+    return max(1, math.ceil(max_audio_s / (max_chunk_s / 2)))
+
+
+def resolve_api_key(cfg: ServeConfig) -> Optional[str]:
+    if cfg.api_key:
+        return cfg.api_key
+    return os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> Application:
+    """The ingress bound to one model deployment; `args` are ServeConfig keys (nested dicts)."""
+    cfg = args if isinstance(args, ServeConfig) else load_config(ServeConfig, overrides=dict(args or {}))
+    if cfg.max_ongoing_requests < cfg.max_batch_size:
+        raise ConfigError(f"max_ongoing_requests ({cfg.max_ongoing_requests}) must be >= max_batch_size "
+                          f"({cfg.max_batch_size}), or batches can never fill")
+    for key in ("max_batch_size", "max_new_tokens", "max_ongoing_requests", "ingress_max_ongoing_requests"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.max_upload_mb <= 0 or cfg.max_audio_s <= 0:
+        raise ConfigError("max_upload_mb and max_audio_s must be > 0")
+    windows = max_windows(cfg.max_audio_s, cfg.engine.max_chunk_s)
+    if 0 <= cfg.max_queued_requests < windows:
+        # All windows of a request are submitted at once and wait in the handle's queue until a
+        # replica takes them, so a smaller queue would turn away one long clip on an idle server.
+        raise ConfigError(f"max_queued_requests ({cfg.max_queued_requests}) must be >= {windows}, the most "
+                          f"windows one {cfg.max_audio_s:g} s upload can have (or -1 for unbounded)")
+    replica = TranscriberReplica.options(
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
+    ).bind(resolve_model_dir(cfg.model_dir), to_dict(cfg.engine), cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    return Ingress.options(max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
+        replica, cfg.model_name, max_chunk_s=cfg.engine.max_chunk_s, max_new_tokens=cfg.max_new_tokens,
+        max_upload_mb=cfg.max_upload_mb, max_audio_s=cfg.max_audio_s, api_key=resolve_api_key(cfg))

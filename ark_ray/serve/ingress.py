@@ -1,0 +1,288 @@
+"""The HTTP side: OpenAI's /v1/audio/transcriptions, /v1/models, /health and the upload page at /.
+
+The ingress decodes the upload (shared `load_audio`), cuts it into windows with the shared
+chunker (`split_long_audio`, the same cut points as batch jobs and rollouts), sends every window
+to the model deployment, and joins the answers with the engines' own `join_chunks`. So a long
+clip's windows are batched with other requests' windows and can stream back one by one.
+Every failure is one OpenAI-style error object: {"error": {message, type, param, code}}.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import time
+from typing import AsyncIterator, Optional
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from ark_ray.audio import AudioError, load_audio
+from ark_ray.engines.chunking import join_chunks, split_long_audio
+from ark_ray.serve import formats
+from ark_ray.serve.page import render_page
+
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?$")
+_FORM_OVERHEAD = 64 * 1024  # room for the non-file fields and multipart boundaries
+
+
+class ApiError(Exception):
+    """An error the client caused or must retry; rendered as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: Optional[str] = None, param: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _cancel(calls) -> None:
+    """Best-effort cancel of window calls; one that already failed re-raises its error on cancel()."""
+    for c in calls:
+        try:
+            c.cancel()
+        except Exception:  # noqa: BLE001 - its outcome no longer matters
+            pass
+
+
+def _overloaded() -> ApiError:
+    return ApiError(503, "The server is at capacity; retry shortly.", type="server_error",
+                    code="overloaded", headers={"Retry-After": "1"})
+
+
+app = FastAPI(title="ark-ray ARK-ASR transcription", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The request body, aborting with 413 as soon as it exceeds `limit` bytes."""
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > limit:
+            raise ApiError(413, f"Upload exceeds the {limit - _FORM_OVERHEAD} byte limit.",
+                           code="file_too_large", param="file")
+        yield chunk
+
+
+@serve.deployment(name="ArkIngress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, transcriber: DeploymentHandle, model_name: str, max_chunk_s: float = 30.0,
+                 max_new_tokens: int = 128, max_upload_mb: float = 25.0, max_audio_s: float = 600.0,
+                 api_key: Optional[str] = None):
+        self.transcriber = transcriber
+        self.model_name = model_name
+        self.max_chunk_s = max_chunk_s
+        self.max_new_tokens = max_new_tokens
+        self.max_upload = int(max_upload_mb * 1024 * 1024)
+        self.max_audio_s = max_audio_s
+        self.api_key = api_key
+        self.created = int(time.time())
+        self._processor = None
+        self._processor_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ helpers
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "Missing or invalid API key (send `Authorization: Bearer <key>`).",
+                           code="invalid_api_key")
+
+    async def _processor_(self):
+        async with self._processor_lock:
+            if self._processor is None:
+                self._processor = await self._call(self.transcriber.processor.remote())
+        return self._processor
+
+    @staticmethod
+    async def _call(response):
+        try:
+            return await response
+        except BackPressureError:
+            raise _overloaded() from None
+
+    async def _form(self, request: Request) -> dict:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise ApiError(400, "Expected a multipart/form-data body with a `file` field.")
+        length = request.headers.get("content-length")
+        limit = self.max_upload + _FORM_OVERHEAD
+        if length and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"Upload exceeds the {self.max_upload} byte limit.", code="file_too_large",
+                           param="file")
+        parser = MultiPartParser(request.headers, _limited(request.stream(), limit), max_files=1, max_fields=64)
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            raise ApiError(400, f"Malformed multipart body: {e.message}") from None
+        fields: dict = {}
+        for key, value in form.multi_items():
+            fields.setdefault(key, value)
+        return fields
+
+    def _options(self, fields: dict) -> dict:
+        def text(name: str, default: Optional[str] = None) -> Optional[str]:
+            v = fields.get(name, default)
+            if isinstance(v, UploadFile):
+                raise ApiError(400, f"`{name}` must be a text field.", param=name)
+            return v
+
+        model = text("model")
+        if not model:
+            raise ApiError(400, "`model` is required.", param="model")
+        if model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist; this server has `{self.model_name}`.",
+                           code="model_not_found", param="model")
+        fmt = text("response_format", "json")
+        if fmt not in formats.RESPONSE_FORMATS:
+            raise ApiError(400, f"response_format must be one of {list(formats.RESPONSE_FORMATS)}, got {fmt!r}.",
+                           param="response_format")
+        try:
+            temperature = float(text("temperature", "0") or 0)
+        except ValueError:
+            raise ApiError(400, "temperature must be a number.", param="temperature") from None
+        if not 0.0 <= temperature <= 2.0:
+            raise ApiError(400, "temperature must be between 0 and 2.", param="temperature")
+        language = text("language") or None
+        if language is not None and not _LANGUAGE.match(language):
+            raise ApiError(400, f"language must be an ISO-639-1 code such as `en`, got {language!r}.",
+                           param="language")
+        stream = (text("stream", "false") or "false").lower()
+        if stream not in ("true", "false", "1", "0"):
+            raise ApiError(400, "stream must be true or false.", param="stream")
+        stream_on = stream in ("true", "1")
+        if stream_on and fmt not in ("json", "text"):
+            raise ApiError(400, "stream=true needs response_format json or text.", param="stream")
+        grains = [fields[k] for k in ("timestamp_granularities[]", "timestamp_granularities") if k in fields]
+        if any(g != "segment" for g in grains):
+            raise ApiError(400, "Only segment timestamps are available (ARK-ASR has no word timing).",
+                           param="timestamp_granularities[]")
+        max_tokens = text("max_completion_tokens") or None
+        if max_tokens is not None:
+            if not max_tokens.isdigit() or not 1 <= int(max_tokens) <= self.max_new_tokens:
+                raise ApiError(400, f"max_completion_tokens must be an integer in [1, {self.max_new_tokens}].",
+                               param="max_completion_tokens")
+        # `prompt` is accepted for client compatibility but not used: ARK-ASR was trained with
+        # one fixed instruction, and another one would change what the model transcribes.
+        text("prompt")
+        return {"response_format": fmt, "temperature": temperature, "language": language, "stream": stream_on,
+                "max_new_tokens": int(max_tokens) if max_tokens else self.max_new_tokens}
+
+    async def _audio(self, fields: dict) -> np.ndarray:
+        upload = fields.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "`file` (the audio upload) is required.", param="file")
+        data = await upload.read()
+        await upload.close()
+        if len(data) > self.max_upload:
+            raise ApiError(413, f"Upload exceeds the {self.max_upload} byte limit.", code="file_too_large",
+                           param="file")
+        try:
+            return await asyncio.to_thread(load_audio, data, max_duration_s=self.max_audio_s)
+        except AudioError as e:
+            raise ApiError(400, f"Cannot use the audio ({e.reason}): {e.message}", code=e.reason,
+                           param="file") from None
+
+    def _submit(self, pieces, opts: dict) -> list:
+        """Send every window; the handle may refuse one (queue full) right here or when awaited."""
+        calls = []
+        try:
+            for p in pieces:
+                calls.append(self.transcriber.transcribe_window.remote(
+                    {"samples": p.samples, "temperature": opts["temperature"],
+                     "max_new_tokens": opts["max_new_tokens"]}))
+        except BackPressureError:
+            _cancel(calls)
+            raise _overloaded() from None
+        return calls
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/", response_class=HTMLResponse)
+    def page(self, request: Request) -> HTMLResponse:
+        return HTMLResponse(render_page(self.model_name, needs_key=bool(self.api_key),
+                                        base=request.scope.get("root_path", "")))
+
+    @app.get("/health")
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name}
+
+    @app.get("/v1/models")
+    def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ark-ray"}]}
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(self, request: Request) -> Response:
+        self._authorize(request)
+        fields = await self._form(request)
+        opts = self._options(fields)
+        wave = await self._audio(fields)
+        processor = await self._processor_()
+        pieces, owners = await asyncio.to_thread(split_long_audio, [wave], self.max_chunk_s)
+        calls = self._submit(pieces, opts)
+        if opts["stream"]:
+            try:
+                first = await self._call(calls[0])  # errors before the first byte keep their status code
+            except BaseException:
+                _cancel(calls[1:])
+                raise
+            return StreamingResponse(self._stream(wave, pieces, owners, calls, first, processor, opts),
+                                     media_type="text/event-stream")
+        try:
+            results = await asyncio.gather(*(self._call(c) for c in calls))
+        except BaseException:
+            _cancel(calls)
+            raise
+        t = join_chunks([wave], pieces, owners, [[r] for r in results], 1, processor)[0]
+        stats = [formats.SegmentStats(formats.avg_logprob(r["token_logprobs"]), opts["temperature"])
+                 for r in results]
+        body, media = formats.render(t, opts["response_format"], stats, opts["language"])
+        return Response(body, media_type=media)
+
+    async def _stream(self, wave, pieces, owners, calls, first, processor, opts) -> AsyncIterator[str]:
+        """A `transcript.text.delta` per window as it finishes, then `transcript.text.done`.
+
+        Each delta is what the window adds to the text decoded so far, so the deltas add up to
+        the final text (which `done` carries, decoded exactly as the non-streaming answer).
+        """
+        results = [first]
+        eos = processor.token_ids.eos
+        ids: list[int] = []
+        shown = ""
+        try:
+            for i in range(len(calls)):
+                if i > 0:
+                    results.append(await self._call(calls[i]))
+                window = list(results[i]["token_ids"])
+                ids += window[:-1] if window and window[-1] == eos else window
+                text, _ = processor.decode(ids)
+                if text.startswith(shown) and len(text) > len(shown):
+                    yield formats.sse(formats.delta_event(text[len(shown):]))
+                    shown = text
+            t = join_chunks([wave], pieces, owners, [[r] for r in results], 1, processor)[0]
+            yield formats.sse(formats.done_event(t, sum(len(r["prompt_ids"]) for r in results)))
+            yield "data: [DONE]\n\n"
+        except ApiError as e:
+            yield formats.sse({"type": "error", "error": json.loads(e.response().body)["error"]})
+        finally:
+            _cancel(calls[len(results):])
