@@ -7,6 +7,12 @@ VENV=${ARK_VENV:-.venv}
 PY=${PYTHON:-python3}
 WHEELS=${ARK_WHEELS:-/opt/wheels}
 stamp="$VENV/.ark-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+# Headless Chromium for the upload-page test (tests/test_serve_browser.py skips without it).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  ($sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+    || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip uv
