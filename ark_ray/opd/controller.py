@@ -42,7 +42,7 @@ def _wer(refs: list[str], hyps: list[str]) -> float:
     return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])) if pairs else float("nan")
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0.5)  # throttled: decoding is cheap, worker start-up is not
 def _load_clip(path: str, begin, end, max_s: float):
     from ark_ray.audio import load_audio
     return load_audio(path, begin_time=begin, end_time=end, max_duration_s=max_s)
