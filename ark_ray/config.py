@@ -451,6 +451,7 @@ class TranscribeConfig:
                                      "a training manifest for jobs/sft.py.")
     as_manifest: bool = opt(False, "Teacher labelling: the same as label_field=text.")
     overwrite: bool = opt(False, "Delete the output's part files first instead of skipping inputs already done.")
+    retry_errors: bool = opt(False, "On a rerun, try inputs whose earlier row is an error again (that row is replaced).")
     progress: bool = opt(True, "Show a progress bar.")
     sampling: SamplingConfig = opt(SamplingConfig(), "Decoding (greedy by default).")
     engine: EngineConfig = opt(EngineConfig(), "Inference engine of each actor (num_gpus/num_cpus: per actor).")

@@ -17,7 +17,7 @@ import soundfile as sf
 
 from ark_ray.config import TranscribeConfig, load_config
 from ark_ray.data.listing import InputError, list_audio, load_inputs
-from ark_ray.data.transcribe_pipeline import read_output, run_transcribe
+from ark_ray.data.transcribe_pipeline import done_keys, read_output, run_transcribe
 from ark_ray.model.factory import save_random_model
 
 
@@ -180,6 +180,11 @@ def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, c
     assert len(keys) == N_INPUTS and set(keys.values()) == {1}
     assert {r["key"] for r in rows} == {r["key"] for r in read_output(str(src))}
     assert not any(p.name.startswith(".tmp-") for p in out.iterdir())
+
+    # --retry_errors: error rows are dropped from the output, so their inputs count as not done
+    failed = {r["key"] for r in rows if r["error"] is not None}
+    assert done_keys(str(out), retry_errors=True) == {r["key"] for r in rows} - failed
+    assert {r["key"] for r in read_output(str(out))} == {r["key"] for r in rows} - failed
 
 
 def _engine_worker_pids() -> list[int]:

@@ -9,6 +9,7 @@ output reads the keys already written and skips them (dropping any duplicate fir
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -266,20 +267,33 @@ def read_output(output: str, s3: Optional[S3Config] = None) -> list[dict]:
     return [r for p in _part_files(fs, root) for r in _read_part(fs, p).to_pylist()]
 
 
-def done_keys(output: str, s3: Optional[S3Config] = None) -> set[str]:
+def _part_keys(fs: pafs.FileSystem, path: str) -> tuple[list[str], list[bool]]:
+    """(keys, is_error) of one part file; Parquet reads only those two columns."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(io.BytesIO(read_bytes(fs, path)), columns=["key", "error"])
+    else:
+        t = _read_part(fs, path)
+    if not t.num_rows:
+        return [], []
+    return t.column("key").to_pylist(), [e is not None for e in t.column("error").to_pylist()]
+
+
+def done_keys(output: str, s3: Optional[S3Config] = None, retry_errors: bool = False) -> set[str]:
     """Keys already written to `output`; a key found in two part files is removed from the later one.
 
     Duplicates arise only if a write died after its file landed and the retry grouped rows
-    differently; this makes a rerun leave exactly one row per key.
+    differently; this makes a rerun leave exactly one row per key. With `retry_errors`, error
+    rows are removed too, so their inputs are tried again (e.g. after a transient engine failure).
     """
     fs, root = resolve(output, s3)
     seen: set[str] = set()
     for path in _part_files(fs, root):
-        table = _read_part(fs, path)
-        keys = table.column("key").to_pylist() if table.num_rows else []
+        keys, failed = _part_keys(fs, path)
         keep = []
         for i, k in enumerate(keys):
-            if k not in seen:
+            if k not in seen and not (retry_errors and failed[i]):
                 seen.add(k)
                 keep.append(i)
         if len(keep) == len(keys):
@@ -288,7 +302,7 @@ def done_keys(output: str, s3: Optional[S3Config] = None) -> set[str]:
             fs.delete_file(path)
             continue
         fmt = "parquet" if path.endswith(".parquet") else "jsonl"
-        kept = table.take(keep)
+        kept = _read_part(fs, path).take(keep)
         write_bytes_atomic(fs, path, encode_rows(kept.to_pylist(), fmt, kept.schema))
     return seen
 
@@ -358,6 +372,9 @@ def pool_size(cfg: TranscribeConfig) -> int:
         import ray
 
         gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < cfg.engine.num_gpus:
+            raise ConfigError(f"engine.num_gpus={cfg.engine.num_gpus} but the cluster has {gpus:g} GPUs "
+                              "(set engine.num_gpus=0 for CPU engine actors)")
         return max(1, int(gpus // cfg.engine.num_gpus))
     return 1
 
@@ -412,6 +429,14 @@ def build_dataset(items: list[dict], schema: pa.Schema, model_dir: str, cfg: Tra
                                      "label_field": label_field, "s3": cfg.s3})
 
 
+@contextlib.contextmanager
+def _restore(obj, attr: str, value):
+    try:
+        yield
+    finally:
+        setattr(obj, attr, value)
+
+
 def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, float], None]] = None) -> dict:
     """List, skip what is done, run the pipeline with a progress bar; returns the summary.
 
@@ -426,7 +451,7 @@ def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, floa
     check_backend(cfg.engine)
     rows = load_inputs(cfg.input, cfg.extensions, cfg.s3)
     prepare_output(cfg.output, cfg.s3, cfg.overwrite)
-    done = done_keys(cfg.output, cfg.s3)
+    done = done_keys(cfg.output, cfg.s3, retry_errors=cfg.retry_errors)
     todo = [r for r in rows if r["key"] not in done]
     summary = {"inputs": len(rows), "skipped_done": len(rows) - len(todo), "rows_written": 0,
                "error_rows": 0, "errors_by_reason": {}, "audio_hours": 0.0, "output": cfg.output}
@@ -436,11 +461,12 @@ def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, floa
         items = [it for it in items if it["key"] in todo_keys]
         init_ray(cfg.ray)                       # only now: a rerun with nothing to do needs no cluster
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False   # ours: files, hours, errors
         ds = build_dataset(items, schema, model_dir, cfg, label_field)
         reasons: Counter = Counter()
         audio_s = 0.0
-        with tqdm(total=len(items), unit="file", desc="transcribe", disable=not cfg.progress) as bar:
+        with tqdm(total=len(items), unit="file", desc="transcribe", disable=not cfg.progress) as bar, \
+                _restore(ctx, "enable_progress_bars", bars):
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for i in range(len(b["rows"])):
                     summary["rows_written"] += int(b["rows"][i])
