@@ -211,13 +211,17 @@ def main(argv=None) -> dict:
     row = (f"| `{cmd}` | {result['machine']} | {result['backend']}, {result['engines']} engine(s), batch "
            f"{result['batch_size']}, {args.max_new_tokens} new tokens | {result['files']} files, "
            f"{result['audio_h']} h | {result['x_rt_total']}x RT total ({result['wall_s']} s wall), "
-           f"{result['x_rt_stream']}x RT streaming, {result['files_per_s']} files/s, GPU busy "
+           f"{_x(result['x_rt_stream'])} RT streaming, {result['files_per_s']} files/s, GPU busy "
            f"{_pct(result['gpu_busy_total_pct'])} total / {_pct(result['gpu_busy_stream_pct'])} streaming |")
     print(row)
     print("RESULT_JSON " + json.dumps(result))
     if args.record:
         record(row)
     return result
+
+
+def _x(v) -> str:
+    return "n/a (one block)" if v is None else f"{v}x"
 
 
 def _pct(v) -> str:
