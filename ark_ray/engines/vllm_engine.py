@@ -96,6 +96,8 @@ class VllmEngine(Transcriber):
         # collective_rpc with a function (weight updates) needs vLLM's pickle fallback; the
         # engine's own processes are the only peers, as in TRL/OpenRLHF weight sync.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        if on_gpu:  # the caller may have touched CUDA already; a forked engine core cannot
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self.llm = LLM(**kwargs)
         self.max_chunk_s = cfg.max_chunk_s
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
