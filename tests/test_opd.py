@@ -136,7 +136,11 @@ def test_ray_job_submit(pair, tmp_path):
                "--", sys.executable, "jobs/opd.py", f"--student={models}/student", f"--teacher={models}/teacher",
                f"--output_dir={tmp_path}/job", "--steps=2", "--rollout_batch_size=4", "--eval_max_samples=4",
                f"--rollout_engine.backend={ENGINE}", "--sampling.max_new_tokens=6", "--topk=4"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        for _ in range(24):  # the dashboard agent registers a few seconds after `ray start`
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+            if "No available agent to submit job" not in r.stdout + r.stderr:
+                break
+            time.sleep(5)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in (r.stdout + r.stderr)
         assert "student_wer_after" in r.stdout
