@@ -48,11 +48,10 @@ def data_order(n_rows: int, n_needed: int, seed: int) -> np.ndarray:
 
 def dev_wer(group: LearnerGroup, model_dir: str, rows: list[dict], cfg: SftConfig) -> dict:
     """Greedy WER of the learner's current weights on dev rows (HF engine in the driver)."""
-    import jiwer
-
     from ark_ray.audio import AudioError, load_audio
     from ark_ray.config import SamplingConfig
     from ark_ray.engines.hf import HFEngine
+    from ark_ray.eval import jwer
 
     engine = HFEngine(model_dir, device="cpu", dtype="float32")
     engine.update_weights(group.state_dict())
@@ -64,7 +63,7 @@ def dev_wer(group: LearnerGroup, model_dir: str, rows: list[dict], cfg: SftConfi
         except AudioError:
             continue
     hyps = [t.text for t in engine.transcribe(waves, SamplingConfig(max_new_tokens=cfg.max_new_tokens))]
-    return {"dev_wer": float(jiwer.wer(refs, hyps)) if refs else float("nan"), "dev_n": len(refs),
+    return {"dev_wer": float(jwer(refs, hyps, normalizer="auto")) if refs else float("nan"), "dev_n": len(refs),
             "example": {"ref": refs[0], "hyp": hyps[0]} if refs else {}}
 
 

@@ -36,10 +36,10 @@ from ark_ray.opd.teacher import TeacherScorer
 
 
 def _wer(refs: list[str], hyps: list[str]) -> float:
-    """Corpus WER over labelled rows (unlabelled rows are skipped)."""
-    import jiwer
+    """Corpus J/WER over labelled rows (unlabelled rows skipped), scored like jobs/evaluate.py."""
+    from ark_ray.eval import jwer
     pairs = [(r, h) for r, h in zip(refs, hyps) if r]
-    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])) if pairs else float("nan")
+    return float(jwer([r for r, _ in pairs], [h for _, h in pairs], normalizer="auto")) if pairs else float("nan")
 
 
 @ray.remote(num_cpus=0.5)  # throttled: decoding is cheap, worker start-up is not
