@@ -20,8 +20,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=cfg.namespace, runtime_env={"env_vars": env},
-                 log_to_driver=True)
+        # Joining a cluster (e.g. under `ray job submit`): the job's own runtime env applies, and
+        # Ray refuses a driver runtime env that repeats its keys; actors set what they need.
+        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True)
         return
     ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, namespace=cfg.namespace,
              include_dashboard=False, _temp_dir=cfg.temp_dir, runtime_env={"env_vars": env},
