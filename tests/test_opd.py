@@ -124,7 +124,12 @@ def test_ray_job_submit(pair, tmp_path):
     gcs, dash = _port(), _port()
     head = subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=6",
                            f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                           f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"],
+                           f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats",
+                           # explicit ports: the defaults (agent 52365, ...) collide with the
+                           # session's own local Ray, and then the job agent never registers
+                           f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+                           f"--metrics-export-port={_port()}", f"--runtime-env-agent-port={_port()}",
+                           f"--ray-client-server-port={_port()}"],
                           env=env, capture_output=True, text=True, timeout=180)
     assert head.returncode == 0, head.stderr
     try:
