@@ -107,7 +107,7 @@ class Ingress:
             raise ApiError(401, "Missing or invalid API key (send `Authorization: Bearer <key>`).",
                            code="invalid_api_key")
 
-    async def _processor_(self):
+    async def _get_processor(self):
         async with self._processor_lock:
             if self._processor is None:
                 self._processor = await self._call(self.transcriber.processor.remote())
@@ -237,7 +237,7 @@ class Ingress:
         fields = await self._form(request)
         opts = self._options(fields)
         wave = await self._audio(fields)
-        processor = await self._processor_()
+        processor = await self._get_processor()
         pieces, owners = await asyncio.to_thread(split_long_audio, [wave], self.max_chunk_s)
         calls = self._submit(pieces, opts)
         if opts["stream"]:
@@ -246,7 +246,7 @@ class Ingress:
             except BaseException:
                 _cancel(calls[1:])
                 raise
-            return StreamingResponse(self._stream(wave, pieces, owners, calls, first, processor, opts),
+            return StreamingResponse(self._stream(wave, pieces, owners, calls, first, processor),
                                      media_type="text/event-stream")
         try:
             results = await asyncio.gather(*(self._call(c) for c in calls))
@@ -259,7 +259,7 @@ class Ingress:
         body, media = formats.render(t, opts["response_format"], stats, opts["language"])
         return Response(body, media_type=media)
 
-    async def _stream(self, wave, pieces, owners, calls, first, processor, opts) -> AsyncIterator[str]:
+    async def _stream(self, wave, pieces, owners, calls, first, processor) -> AsyncIterator[str]:
         """A `transcript.text.delta` per window as it finishes, then `transcript.text.done`.
 
         Each delta is what the window adds to the text decoded so far, so the deltas add up to
