@@ -83,29 +83,19 @@ def test_resume_neither_repeats_nor_skips(ray_local, pair, tmp_path):
     assert sorted(c2.done) == list(range(4 * 4))            # positions 0..15, each exactly once
 
 
-def test_killed_rollout_actor_is_restarted_and_work_redone(ray_local, pair, tmp_path):
+@pytest.mark.parametrize("role", ["rollouts", "teachers"])
+def test_killed_actor_is_restarted_and_work_redone(ray_local, pair, tmp_path, role):
+    """Kill one rollout (or teacher) actor after the first step; Ray restarts it, the call in
+    flight is retried on the new actor, and the run still completes every step."""
     killed = {}
 
     def kill_after_first_step(ctl):
         while not ctl.history:
             time.sleep(0.2)
-        ray.kill(ctl.rollouts[0], no_restart=False)
+        ray.kill(getattr(ctl, role)[0], no_restart=False)
         killed["at"] = len(ctl.history)
 
-    s, ctl = run(make_cfg(pair, tmp_path / "k", steps=3), during=kill_after_first_step)
-    assert killed and s["steps"] == 3
-
-
-def test_killed_teacher_actor_is_restarted(ray_local, pair, tmp_path):
-    killed = {}
-
-    def kill_teacher(ctl):
-        while not ctl.history:
-            time.sleep(0.2)
-        ray.kill(ctl.teachers[0], no_restart=False)
-        killed["ok"] = True
-
-    s, _ = run(make_cfg(pair, tmp_path / "t", steps=3), during=kill_teacher)
+    s, _ = run(make_cfg(pair, tmp_path / role, steps=3), during=kill_after_first_step)
     assert killed and s["steps"] == 3
 
 
