@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 
@@ -23,26 +28,97 @@ def repo_root() -> pathlib.Path:
     return REPO
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Child side of a fork: SIGTERM this process when pytest dies, even by SIGKILL (Linux)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _start_head(tmp: str, num_cpus: int) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` in its own process group; returns it and the GCS address.
+
+    Every port is explicit (free now) or random: `ray.init(address="local")` always binds the
+    dashboard agent to 52365, so a second test session (or a `ray start --head`) on the same
+    machine would find it taken and run without the agent's HTTP service (no job submission).
+    `--block` keeps the head tied to this process: the process group is stopped at teardown;
+    should pytest die first, `ray start` gets SIGTERM and Ray's reaper stops the rest.
+    """
+    ray_bin = pathlib.Path(sys.executable).with_name("ray")
+    gcs = free_port()
+    log = open(os.path.join(tmp, "ray_start.log"), "w")
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
+           f"--temp-dir={tmp}", "--include-dashboard=false",
+           "--disable-usage-stats", "--min-worker-port=0", "--max-worker-port=0",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--ray-client-server-port={free_port()}"]
+    env = dict(os.environ, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM: stop now, no drain
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    address_file = pathlib.Path(tmp, "ray_current_cluster")   # written once the head is up
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if address_file.is_file() and address_file.read_text().strip().endswith(f":{gcs}"):
+            return proc, address_file.read_text().strip()
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    _stop_group(proc)
+    raise RuntimeError("ray start --head failed:\n" + pathlib.Path(log.name).read_text()[-4000:])
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the head's process group (GCS, raylet, agents), SIGKILL what lingers; workers
+    exit with their raylet."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()                          # reap `ray start` so the group can empty
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray for the whole session (started once: ray.init costs ~5 s).
+    """A local Ray head for the whole session (started once: start-up costs ~5-10 s), on free ports.
 
     Logical CPUs are oversubscribed (8 on a 2-core box) so that a rollout actor, a teacher
     actor and two learner ranks can coexist in one test, as they would on a real node.
     """
     import ray
 
+    proc = None
     if not ray.is_initialized():
         tmp = tempfile.mkdtemp(prefix="ark-ray-", dir="/tmp")
-        ray.init(
-            address="local",
-            num_cpus=int(os.environ.get("ARK_TEST_RAY_CPUS", "8")),
-            include_dashboard=False,
-            log_to_driver=False,
-            _temp_dir=tmp,
-            runtime_env={"env_vars": {k: os.environ[k] for k in (
-                "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE")}},
-        )
+        proc, address = _start_head(tmp, int(os.environ.get("ARK_TEST_RAY_CPUS", "8")))
+        try:
+            ray.init(
+                address=address,
+                log_to_driver=False,
+                runtime_env={"env_vars": {k: os.environ[k] for k in (
+                    "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                    "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE")}},
+            )
+        except BaseException:
+            _stop_group(proc)
+            raise
     yield ray
     ray.shutdown()
+    if proc is not None:
+        _stop_group(proc)
