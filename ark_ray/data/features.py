@@ -19,8 +19,8 @@ def _opt_float(v) -> Optional[float]:
 def featurize_rows(batch: dict, max_audio_s: Optional[float] = None) -> dict:
     """map_batches fn (numpy format): adds `mel` [128, T] float32, `frames`, `duration_s`, `error` ("" when fine).
 
-    A clip that cannot be used keeps its row with `error` ("" when fine).set (and an empty mel): callers count
-    and report it instead of silently dropping it.
+    A clip that cannot be used keeps its row, with `error` set to the AudioError text, `frames` 0 and a
+    one-frame zero mel: callers count and report it instead of silently dropping it.
     """
     n = len(batch["audio"])
     mels, frames, durs, errors = [], [], [], []
