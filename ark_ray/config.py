@@ -96,6 +96,9 @@ class LearnerConfig:
     grad_clip: float = opt(1.0, "Gradient norm clip (0 disables).")
     seed: int = opt(0, "Seed for parameter init, dropout and data order.")
     num_cpus_per_worker: float = opt(1.0, "CPUs each learner actor asks for.")
+    num_gpus_per_worker: float = opt(1.0, "GPU share each rank asks for when use_gpu (a fraction lets the "
+                                     "learner share one card with the rollout engine and teacher, as in the "
+                                     "single-GPU OPD benchmark; ranks must still sit on different cards).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,6 +409,9 @@ class OpdConfig:
     resume: bool = opt(False, "Continue from output_dir's checkpoint: no utterance repeated or skipped.")
     max_audio_s: float = opt(30.0, "Longer clips are rejected when loaded.")
     max_actor_restarts: int = opt(3, "Restarts of a crashed rollout/teacher actor (its in-flight call is redone).")
+    staged_startup: bool = opt(False, "Start the rollout engines and wait until they are up before starting the "
+                               "teachers and learners. For a GPU shared by all three: vLLM sizes its KV cache from "
+                               "the memory free while it profiles, so nothing else may allocate meanwhile.")
     seed: int = opt(0, "Seed of the data order.")
     sampling: SamplingConfig = opt(SamplingConfig(max_new_tokens=48), "Student rollout sampling (greedy by default).")
     rollout_engine: EngineConfig = opt(EngineConfig(), "Inference engine of the rollout workers.")

@@ -59,6 +59,9 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(r["kl"] > 0 and 4 <= r["union_size"] <= 8 for r in recs)
+    # tau 1: the loss is the raw KL; queue depths are bounded by max_inflight (the trained batch excluded)
+    assert all(r["loss"] == pytest.approx(r["kl"]) for r in recs)
+    assert all(0 <= r["queue_rollout"] + r["queue_teacher"] + r["queue_learner"] < 3 for r in recs)
     # max_staleness 0 with 3 batches in flight: batches rolled out before a sync arrive stale
     assert s["dropped_stale"] > 0
     assert ctl.version >= 3                                  # one weight sync per step (+ the final one)
@@ -69,8 +72,12 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
 
 
 def test_sync_mode(ray_local, pair, tmp_path):
-    s, _ = run(make_cfg(pair, tmp_path / "s", mode="sync", steps=2))
+    s, _ = run(make_cfg(pair, tmp_path / "s", mode="sync", steps=2, tau=2.0))
     assert s["mode"] == "sync" and s["steps"] == 2 and s["dropped_stale"] == 0
+    recs = [json.loads(line) for line in (tmp_path / "s/metrics.jsonl").read_text().splitlines()]
+    # the loss carries tau^2, the logged KL does not; nothing overlaps in sync mode
+    assert all(r["kl"] > 0 and r["loss"] == pytest.approx(4.0 * r["kl"]) for r in recs)
+    assert all(r["queue_rollout"] == r["queue_teacher"] == r["queue_learner"] == 0 for r in recs)
 
 
 def test_resume_neither_repeats_nor_skips(ray_local, pair, tmp_path):

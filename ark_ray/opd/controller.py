@@ -81,6 +81,8 @@ class OpdController:
             num_cpus=cfg.rollout_engine.num_cpus, num_gpus=cfg.rollout_engine.num_gpus, **actor_opts,
         ).remote(cfg.student, engine_cfg, asdict(cfg.sampling), cfg.topk, self.store_name)
             for _ in range(cfg.num_rollout_workers)]
+        if cfg.staged_startup:  # vLLM must profile GPU memory before the teacher and learner allocate
+            ray.get([w.get_version.remote() for w in self.rollouts])
         self.teachers = [ray.remote(TeacherScorer).options(
             num_cpus=cfg.teacher_num_cpus, num_gpus=cfg.teacher_num_gpus, **actor_opts,
         ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau) for _ in range(cfg.num_teacher_workers)]
@@ -94,6 +96,7 @@ class OpdController:
         self.dropped_stale = 0
         self.samples_trained = 0
         self.history: list[dict] = []
+        self.pending: list = []         # rollout/teacher calls run_async left in flight (see drain)
         self.metrics_f = open(self.out / "metrics.jsonl", "a")
 
     # ------------------------------------------------------------------ data
@@ -151,7 +154,8 @@ class OpdController:
         return True
 
     # ------------------------------------------------------------------ one learner step
-    def _train_on(self, batch, positions: list[int]) -> Optional[dict]:
+    def _train_on(self, batch, positions: list[int], queues: Optional[dict] = None) -> Optional[dict]:
+        """One learner step on `batch`; `queues` = batches in each pipeline queue right now."""
         stale = (self.version - batch.policy_version) > self.cfg.max_staleness
         if stale.any():
             self.dropped_stale += int(stale.sum())
@@ -169,12 +173,14 @@ class OpdController:
         self.done.update(positions)
         self.samples_trained += len(batch)
         rollout_wer = _wer(list(batch.reference_text), list(batch.pred_text)) if any(batch.reference_text) else None
-        rec = dict(step=self.step, version=self.version, kl=stats["loss"], samples=len(batch),
+        rec = dict(step=self.step, version=self.version, time=time.time(), loss=stats["loss"], kl=stats["kl"],
+                   samples=len(batch),
                    union_size=stats.get("union_size"), teacher_mass=stats.get("teacher_mass"),
                    student_mass=stats.get("student_mass"), lr=stats["lr"],
                    staleness=float(np.mean(self.version - batch.policy_version)),
                    rollout_s=batch.timings.get("rollout_s"), teacher_s=batch.timings.get("teacher_s"),
-                   learner_s=learner_s, rollout_wer=rollout_wer, dropped_stale=self.dropped_stale)
+                   learner_s=learner_s, rollout_wer=rollout_wer, dropped_stale=self.dropped_stale,
+                   **{f"queue_{k}": v for k, v in (queues or {}).items()})
         self.history.append(rec)
         self.metrics_f.write(json.dumps(rec) + "\n")
         self.metrics_f.flush()
@@ -206,7 +212,7 @@ class OpdController:
             chunk, ids, refs, texts = next(batches)
             traj = self.rollouts[0].rollout.remote(ids, refs, texts)
             scored = ray.get(self.teachers[0].score.remote(traj, refs))
-            self._train_on(scored, chunk)
+            self._train_on(scored, chunk, queues=dict(rollout=0, teacher=0, learner=0))
 
     def run_async(self) -> None:
         batches = self._batches()
@@ -229,7 +235,8 @@ class OpdController:
                 inflight_roll[self.rollouts[w].rollout.remote(ids, refs, texts)] = (chunk, refs, w)
             if scored_q:
                 batch, chunk = scored_q.popleft()
-                self._train_on(batch, chunk)
+                self._train_on(batch, chunk, queues=dict(rollout=len(inflight_roll), teacher=len(inflight_teach),
+                                                         learner=len(scored_q)))
                 continue
             pending = list(inflight_roll) + list(inflight_teach)
             if not pending:
@@ -245,6 +252,14 @@ class OpdController:
             else:
                 chunk = inflight_teach.pop(ref)
                 scored_q.append((ray.get(ref), chunk))
+        self.pending = list(inflight_roll) + list(inflight_teach)
+
+    def drain(self) -> None:
+        """Wait for the rollout/teacher calls run_async left running (their results are not used),
+        so that whatever runs next (a benchmark's sync phase) has the actors and GPUs to itself."""
+        if self.pending:
+            ray.wait(self.pending, num_returns=len(self.pending))
+        self.pending = []
 
     def run(self) -> dict:
         t0 = time.time()
@@ -292,3 +307,6 @@ def _record_metrics(rec: dict) -> None:
         return
     if hasattr(metrics, "record_opd_step"):
         metrics.record_opd_step(rec)
+    queues = {k[len("queue_"):]: v for k, v in rec.items() if k.startswith("queue_")}
+    if queues and hasattr(metrics, "record_opd_queues"):
+        metrics.record_opd_queues(**queues)

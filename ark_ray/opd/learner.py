@@ -201,9 +201,10 @@ class LearnerGroup:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            self.pg = placement_group([{"GPU": 1, "CPU": cfg.num_cpus_per_worker}] * world, strategy="PACK")
+            gpus = cfg.num_gpus_per_worker  # < 1: shares its card with the rollout engine / teacher
+            self.pg = placement_group([{"GPU": gpus, "CPU": cfg.num_cpus_per_worker}] * world, strategy="PACK")
             ray.get(self.pg.ready())
-            opts["num_gpus"] = 1
+            opts["num_gpus"] = gpus
         port = _free_port()
         actor_cls = ray.remote(LearnerWorker)
         self.workers = []
@@ -237,6 +238,7 @@ class LearnerGroup:
             out["tokens"] = global_tokens
         else:
             out["loss"] = sum(s["kl_sum"] for s in stats) / max(1, global_tokens)
+            out["kl"] = out["loss"] / tau ** 2     # the same per-token KL without the tau^2 factor
             for k in ("union_size", "teacher_mass", "student_mass"):
                 if k in stats[0]:
                     out[k] = float(np.mean([s[k] for s in stats]))
