@@ -125,8 +125,8 @@ def test_processor_expands_each_placeholder_to_its_clip_token_count(mm_processor
     ranges = out["mm_placeholders"]["audio"]
     assert [(r.offset, r.length) for r in ranges] == [(2, n_a), (2 + n_a + len(proc.prompt_ids(0)) - 1, n_b)]
     items = out["mm_kwargs"]["audio"]
-    feats = proc.featurize([a])["input_features"][0]
-    assert torch.equal(items[0]["input_features"].data, feats)        # own length, no padding
+    assert torch.equal(items[0]["input_audio"].data, torch.from_numpy(a))  # own length, no padding
+    assert int(items[0]["feature_lengths"].data) == proc.featurize([a])["feature_lengths"][0]
     assert int(items[1]["feature_lengths"].data) == len(b) // 160
 
 
@@ -172,18 +172,26 @@ def test_transcription_prompt_for_both_vllm_signatures(mm_processor, model_dir):
 
 
 def test_encoder_batch_of_unequal_clips_equals_clip_by_clip(model_dir):
+    """What the plugin does with one step's clips (mel on the device, one padded batch) equals
+    each clip through the HF processor and encoder alone."""
+    from ark_ray.audio import log_mel, mel_frames
     from ark_ray.model import ArkAsrForConditionalGeneration, ArkAsrProcessor
-    from ark_ray.vllm_plugin.model import _pad_features
+    from ark_ray.vllm_plugin.model import _clips as as_clips
 
     proc = ArkAsrProcessor.from_pretrained(model_dir)
     enc = ArkAsrForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).audio_encoder.eval()
     clips = _clips()[:3]
-    per_clip = [proc.featurize([c])["input_features"][0] for c in clips]   # what vLLM hands over
-    mel, lengths = _pad_features(per_clip, [torch.tensor(f.shape[-1]) for f in per_clip])
+    waves = [torch.from_numpy(c) for c in clips]        # what vLLM hands over: a list (unequal lengths)
+    frames = [mel_frames(len(c)) for c in clips]
     with torch.inference_mode():
+        mel, lengths = log_mel(as_clips(waves))
+        assert lengths.tolist() == frames
         rows = enc(mel, lengths).split([proc.audio_token_count(len(c)) for c in clips])
-        for f, r in zip(per_clip, rows):
-            torch.testing.assert_close(r, enc(f[None]), rtol=1e-4, atol=1e-5)
+        for c, r in zip(clips, rows):
+            alone = proc.featurize([c])["input_features"]
+            torch.testing.assert_close(r, enc(alone), rtol=1e-4, atol=1e-5)
+        same = torch.stack(waves[:1] * 2)              # equal lengths arrive stacked
+        assert [w.shape for w in as_clips(same)] == [waves[0].shape] * 2
 
 
 # ---------------------------------------------------------------------------- engines

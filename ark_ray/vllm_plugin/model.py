@@ -26,7 +26,7 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, WeightsMapper,
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE
+from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, log_mel
 from ark_ray.model.config import audio_token_count
 from ark_ray.model.modeling import ArkAudioEncoder
 from ark_ray.vllm_plugin.compat import mark_submodules, split_stt_args
@@ -35,16 +35,11 @@ from ark_ray.vllm_plugin.processing import (ArkAsrDummyInputsBuilder, ArkAsrMult
                                             processor_for)
 
 
-def _pad_features(feats: Any, lengths: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's batch of clips (one tensor, or a list when lengths differ) -> [B, n_mels, T_max]."""
-    lengths = torch.as_tensor([int(n) for n in lengths], dtype=torch.long)
-    if isinstance(feats, torch.Tensor) and feats.dim() == 3:
-        return feats, lengths
-    feats = [f.reshape(f.shape[-2], f.shape[-1]) for f in feats]
-    out = feats[0].new_zeros(len(feats), feats[0].shape[0], max(f.shape[-1] for f in feats))
-    for i, f in enumerate(feats):
-        out[i, :, : f.shape[-1]] = f
-    return out, lengths
+def _clips(waves: Any) -> list[torch.Tensor]:
+    """vLLM's batch of waveforms (one stacked tensor when lengths agree, else a list) -> 1-D clips."""
+    if isinstance(waves, torch.Tensor):
+        return [w.reshape(-1) for w in waves] if waves.dim() > 1 else [waves]
+    return [w.reshape(-1) for w in waves]
 
 
 @MULTIMODAL_REGISTRY.register_processor(ArkAsrMultiModalProcessor, info=ArkAsrProcessingInfo,
@@ -93,13 +88,17 @@ class ArkAsrForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, 
         """One [N_i, H] tensor per clip, in prompt order (N_i = its `<|audio|>` count)."""
         if kwargs.get("audio_embeds") is not None:
             return tuple(kwargs["audio_embeds"])
-        feats = kwargs.get("input_features")
-        if feats is None:
+        waves = kwargs.get("input_audio")
+        if waves is None:
             return []
-        mel, lengths = _pad_features(feats, kwargs["feature_lengths"])
         weight = self.audio_encoder.whisper.conv1.weight
-        rows = self.audio_encoder(mel.to(weight.device, weight.dtype), lengths.to(weight.device))
-        counts = [audio_token_count(n, self.config.merge_factor) for n in lengths.tolist()]
+        # The log-mel of every clip of the step, in one batch on the model's device (fp32).
+        mel, frames = log_mel(_clips(waves), device=weight.device)
+        expected = [int(n) for n in kwargs["feature_lengths"]]
+        if frames.tolist() != expected:
+            raise RuntimeError(f"mel frames {frames.tolist()} != placeholder frames {expected}")
+        rows = self.audio_encoder(mel.to(weight.dtype), frames)
+        counts = [audio_token_count(n, self.config.merge_factor) for n in expected]
         return rows.split(counts)
 
     # ------------------------------------------------------------------ text

@@ -1,10 +1,13 @@
-"""vLLM's multimodal processing for ARK-ASR: raw clips in, log-mel + frame counts out, and the
-one `<|audio|>` placeholder of a prompt expanded to that clip's N audio tokens.
+"""vLLM's multimodal processing for ARK-ASR: raw clips in, checked waveforms + frame counts out,
+and the one `<|audio|>` placeholder of a prompt expanded to that clip's N audio tokens.
 
-Every convention (features, token count, token ids) comes from `ArkAsrProcessor`, so a prompt
-built here is token-for-token the one the HF model and training see. Each clip's features are
-kept at its own length (no padding to 30 s or to the batch); the model pads when it batches
-clips and the encoder masks the padding, so a clip's result never depends on its neighbours.
+The log-mel itself is computed by the model on its device (`embed_multimodal`), batched over
+every clip of a step: on the GPU it costs nothing, while the front-end process that runs this
+processor is single-threaded and would cap the whole engine near 1000x real time doing it there.
+Every convention (frame count, token count, token ids) comes from `ArkAsrProcessor`, so a
+prompt built here is token-for-token the one the HF model and training see. Each clip keeps its
+own length (no padding to 30 s or to the batch); the model pads when it batches clips and the
+encoder masks the padding, so a clip's result never depends on its neighbours.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import (BaseMultiModalProcessor, BaseProcessingInfo,
                                         PromptReplacement, PromptUpdate, PromptUpdateDetails)
 
-from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_waveform
+from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_waveform, mel_frames
 from ark_ray.model.config import ArkAsrConfig, audio_token_count
 from ark_ray.model.processor import ArkAsrProcessor
 from ark_ray.vllm_plugin.compat import (BaseDummyInputsBuilder, batched_field, make_data_parser,
@@ -110,7 +113,7 @@ class ArkAsrDummyInputsBuilder(BaseDummyInputsBuilder[ArkAsrProcessingInfo]):
 
 class ArkAsrMultiModalProcessor(BaseMultiModalProcessor[ArkAsrProcessingInfo]):
     def _call_hf_processor(self, *args: Any, **kwargs: Any) -> BatchFeature:
-        """Features of each clip (float32 [128, T_i]) and its frame count T_i.
+        """Each clip's checked waveform (float32 [n_i]) and its mel frame count T_i.
 
         Called with vLLM's old or new signature (see compat); the old one also reads the
         prompt's ids back, unexpanded (vLLM applies the placeholder expansion itself).
@@ -137,15 +140,13 @@ class ArkAsrMultiModalProcessor(BaseMultiModalProcessor[ArkAsrProcessingInfo]):
             wave = check_waveform(np.asarray(clip, dtype=np.float32), max_duration_s=limit)
             if wave.shape[0] < HOP_LENGTH:
                 raise AudioError("empty", f"{wave.shape[0]} samples: shorter than one 10 ms frame")
-            waves.append(wave)
-        feats = self.info.get_hf_processor().featurize(waves)
-        lengths = feats["feature_lengths"]
-        per_clip = [feats["input_features"][i, :, :n].contiguous() for i, n in enumerate(lengths.tolist())]
-        return {"input_features": per_clip, "feature_lengths": lengths}
+            waves.append(torch.from_numpy(np.ascontiguousarray(wave)))
+        lengths = torch.tensor([mel_frames(w.shape[0]) for w in waves], dtype=torch.long)
+        return {"input_audio": waves, "feature_lengths": lengths}
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
                               hf_processor_mm_kwargs: Mapping[str, object]):
-        return dict(input_features=batched_field("audio"),
+        return dict(input_audio=batched_field("audio"),
                     feature_lengths=batched_field("audio", keep_on_cpu=True),
                     audio_embeds=batched_field("audio"))
 
