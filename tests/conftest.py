@@ -122,3 +122,57 @@ def ray_local():
     ray.shutdown()
     if proc is not None:
         _stop_group(proc)
+
+
+class RayMetrics:
+    """The ark_* series Ray's metrics agent exports on this session's node, read as Prometheus does.
+
+    Ray exports what a process recorded every few seconds, so tests poll (`wait_for_increase`).
+    """
+
+    def __init__(self, ray):
+        from ark_ray.metrics import REGISTRY
+
+        (node,) = [n for n in ray.nodes() if n["Alive"]]
+        self.url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        self.labels = {k for s in REGISTRY.values() for k in s.tag_keys} | {"le"}
+
+    @staticmethod
+    def key(name: str, **labels) -> tuple:
+        """A key of `scrape`: key("ray_ark_serve_requests_total", route="/health", status=200)."""
+        return name, frozenset((k, str(v)) for k, v in labels.items())
+
+    def scrape(self, worker_ids=None) -> dict:
+        """{(series name, frozenset(ark labels)): value}; Ray's own labels (WorkerId, SessionName,
+        ...) are dropped and the workers' values summed, unless `worker_ids` names those to keep."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        body = urllib.request.urlopen(self.url, timeout=10).read().decode()
+        out: dict = {}
+        for fam in text_string_to_metric_families(body):
+            for s in fam.samples:
+                if not s.name.startswith("ray_ark_"):
+                    continue
+                if worker_ids is not None and s.labels.get("WorkerId") not in worker_ids:
+                    continue
+                key = (s.name, frozenset((k, v) for k, v in s.labels.items() if k in self.labels))
+                out[key] = out.get(key, 0.0) + s.value
+        return out
+
+    def wait_for_increase(self, before: dict, want: dict, timeout_s: float = 90) -> dict:
+        """Poll until every series in `want` has grown by at least its value since `before`;
+        returns the growth of every series (so a test can check it is exactly what it caused)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = self.scrape()
+            grew = {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
+            if all(grew.get(k, 0.0) >= v for k, v in want.items()) or time.monotonic() > deadline:
+                return grew
+            time.sleep(1)
+
+
+@pytest.fixture(scope="session")
+def ray_metrics(ray_local) -> RayMetrics:
+    return RayMetrics(ray_local)

@@ -99,21 +99,7 @@ def test_recording_without_ray_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------ the real exporter
-def scrape(url: str, worker_ids: set) -> dict:
-    """{(series name, frozenset(our labels)): value} for ray_ark_* series of the given workers."""
-    import urllib.request
-    from prometheus_client.parser import text_string_to_metric_families
-    body = urllib.request.urlopen(url, timeout=10).read().decode()
-    ours = {"reason", "route", "status", "queue", "stage", "le"}
-    out = {}
-    for fam in text_string_to_metric_families(body):
-        for s in fam.samples:
-            if s.name.startswith("ray_ark_") and s.labels.get("WorkerId") in worker_ids:
-                out[(s.name, frozenset((k, v) for k, v in s.labels.items() if k in ours))] = s.value
-    return out
-
-
-def test_metrics_reach_rays_prometheus_endpoint(ray_local):
+def test_metrics_reach_rays_prometheus_endpoint(ray_local, ray_metrics):
     """Values recorded in an actor and in the driver come out of Ray's metrics endpoint, under the
     names the dashboards query. The actor gets its own runtime env, so its worker process is new
     and its counters hold only what it recorded here."""
@@ -137,8 +123,6 @@ def test_metrics_reach_rays_prometheus_endpoint(ray_local):
             metrics.record_opd_queues(rollout=2, teacher=1, learner=0)
 
     ray = ray_local
-    (node,) = [n for n in ray.nodes() if n["Alive"]]
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     actor = ray.remote(Recorder).options(
         num_cpus=0, runtime_env={"env_vars": {"ARK_METRICS_TEST": uuid.uuid4().hex}}).remote()
     wid = ray.get(actor.worker_id.remote())
@@ -152,7 +136,7 @@ def test_metrics_reach_rays_prometheus_endpoint(ray_local):
             "ray_ark_opd_learning_rate"}
     got, deadline = {}, time.monotonic() + 90
     while time.monotonic() < deadline:                # Ray exports every few seconds: poll for it
-        got = scrape(url, {wid, driver})
+        got = ray_metrics.scrape({wid, driver})
         if want <= {name for name, _ in got}:
             break
         time.sleep(1)

@@ -102,6 +102,37 @@ def test_subtitle_formats_from_segments():
     assert formats.compression_ratio("") == 0.0 and formats.compression_ratio("ab" * 200) > 5
 
 
+# ----------------------------------------------------------------------------- metrics
+REQS, ERRS = "ray_ark_serve_requests_total", "ray_ark_serve_errors_total"
+LAT = "ray_ark_serve_request_latency_seconds_count"
+ROUTE = "/v1/audio/transcriptions"
+
+
+def test_every_answer_is_counted_in_metrics(server, ray_metrics):
+    """Each answer, errors and unknown paths included, moves ark_serve_* on Ray's metrics endpoint.
+
+    The first test to call the server, so nothing it answered earlier can still be on its way to
+    the exporter and the growth is exactly what this test caused.
+    """
+    k = ray_metrics.key
+    before = ray_metrics.scrape()
+    for _ in range(2):
+        assert requests.get(server + "/health", timeout=30).status_code == 200
+    assert post(server, wav_bytes(2.0, seed=6)).status_code == 200
+    assert post(server, wav_bytes(1.0), key="wrong").status_code == 401
+    assert post(server, wav_bytes(1.0), model="whisper-1").status_code == 404
+    assert requests.get(server + "/no/such/page", timeout=30).status_code == 404
+    want = {k(REQS, route="/health", status=200): 2, k(REQS, route=ROUTE, status=200): 1,
+            k(REQS, route=ROUTE, status=401): 1, k(REQS, route=ROUTE, status=404): 1,
+            k(REQS, route="unmatched", status=404): 1,
+            k(ERRS, status=401): 1, k(ERRS, status=404): 2,
+            k(LAT, route="/health"): 2, k(LAT, route=ROUTE): 3, k(LAT, route="unmatched"): 1,
+            k("ray_ark_serve_audio_seconds_total"): 2.0}   # only the successful 2 s clip
+    grew = ray_metrics.wait_for_increase(before, want)
+    assert {key: grew.get(key) for key in want} == pytest.approx(want)
+    assert sum(v for (name, _), v in grew.items() if name == REQS) == 6
+
+
 # ----------------------------------------------------------------------------- happy paths
 def test_every_response_format_with_openai_client(client, reference):
     data = wav_bytes(3.0, seed=1)
@@ -212,8 +243,9 @@ def test_api_key(server):
     assert post(server, ok).status_code == 200
 
 
-def test_burst_beyond_capacity_gets_503_and_recovers(server):
+def test_burst_beyond_capacity_gets_503_and_recovers(server, ray_metrics):
     data = wav_bytes(40.0, seed=5)     # 2 windows each: 40 windows against room for 6
+    before = ray_metrics.scrape()
     n = 20
     barrier = threading.Barrier(n + 1)
     codes: list[int] = []
@@ -246,6 +278,11 @@ def test_burst_beyond_capacity_gets_503_and_recovers(server):
     assert retry_after and set(retry_after) == {"1"}
     after = post(server, wav_bytes(1.0))
     assert after.status_code == 200 and "text" in after.json()
+    overloaded = codes.count(503)         # every 503 is counted, like any other answer
+    k = ray_metrics.key
+    grew = ray_metrics.wait_for_increase(before, {k(REQS, route=ROUTE, status=503): overloaded})
+    assert grew.get(k(REQS, route=ROUTE, status=503)) == overloaded
+    assert grew.get(k(ERRS, status=503)) == overloaded
 
 
 # ----------------------------------------------------------------------------- config

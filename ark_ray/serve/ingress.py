@@ -5,6 +5,7 @@ chunker (`split_long_audio`, the same cut points as batch jobs and rollouts), se
 to the model deployment, and joins the answers with the engines' own `join_chunks`. So a long
 clip's windows are batched with other requests' windows and can stream back one by one.
 Every failure is one OpenAI-style error object: {"error": {message, type, param, code}}.
+Every answer is counted in the ark_serve_* metrics (`RequestMetrics`).
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from ark_ray.audio import AudioError, load_audio
+from ark_ray.audio import SAMPLE_RATE, AudioError, load_audio
 from ark_ray.engines.chunking import join_chunks, split_long_audio
 from ark_ray.serve import formats
 from ark_ray.serve.page import render_page
+from ark_ray.serve.request_metrics import RequestMetrics
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?$")
 _FORM_OVERHEAD = 64 * 1024  # room for the non-file fields and multipart boundaries
@@ -62,6 +64,7 @@ def _overloaded() -> ApiError:
 
 
 app = FastAPI(title="ark-ray ARK-ASR transcription", docs_url=None, redoc_url=None)
+app.add_middleware(RequestMetrics)  # ark_serve_* metrics for every answer, errors included
 
 
 @app.exception_handler(ApiError)
@@ -237,6 +240,7 @@ class Ingress:
         fields = await self._form(request)
         opts = self._options(fields)
         wave = await self._audio(fields)
+        request.state.audio_s = len(wave) / SAMPLE_RATE   # counted by RequestMetrics if this succeeds
         processor = await self._get_processor()
         pieces, owners = await asyncio.to_thread(split_long_audio, [wave], self.max_chunk_s)
         calls = self._submit(pieces, opts)
