@@ -7,6 +7,10 @@ utterance by a hash of its id (no global random state), resampled to 16 kHz mono
 
     python -m ark_ray.demo.corpus --out runs/demo_corpus_full --splits train --n-train 3000
     python -m ark_ray.demo.corpus --out assets/demo_corpus            # the committed splits
+    python -m ark_ray.demo.corpus --out runs/demo_corpus_opus --splits train --format opus  # 5x smaller
+
+`--format opus` (Ogg Opus, ~7 KB per utterance instead of ~32 KB) is for shipping the train set
+to another machine, e.g. the GPU box, whose whole upload is capped at 64 MiB.
 
 Manifests are JSONL in the seed's format: id, audio (relative to the manifest's folder), text,
 language, duration, begin_time, end_time.
@@ -132,8 +136,12 @@ def _synth(text: str, voice: tuple, lang: str, out_wav: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def synthesize(text: str, utt_id: str, out_path: pathlib.Path, lang: str = "en") -> float:
-    """Speak `text` with the voice chosen by `utt_id`; write 16 kHz mono FLAC; return seconds."""
+#: --format -> (file suffix, soundfile format, subtype)
+AUDIO_FORMATS = {"flac": (".flac", "FLAC", "PCM_16"), "opus": (".opus", "OGG", "OPUS")}
+
+
+def synthesize(text: str, utt_id: str, out_path: pathlib.Path, lang: str = "en", fmt: str = "flac") -> float:
+    """Speak `text` with the voice chosen by `utt_id`; write 16 kHz mono audio; return seconds."""
     from ark_ray.audio import resample
 
     voice = VOICES[_rng("voice", utt_id).randrange(len(VOICES))] if lang == "en" else ("espeak", lang, 160, 50)
@@ -147,7 +155,8 @@ def synthesize(text: str, utt_id: str, out_path: pathlib.Path, lang: str = "en")
     if len(idx):
         wave = wave[max(0, idx[0] - 1600): idx[-1] + 1600]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(out_path, np.clip(wave, -1, 1), 16000, format="FLAC", subtype="PCM_16")
+    _, container, subtype = AUDIO_FORMATS[fmt]
+    sf.write(out_path, np.clip(wave, -1, 1), 16000, format=container, subtype=subtype)
     return len(wave) / 16000
 
 
@@ -161,12 +170,13 @@ def _items(split: str, n: int, seed: int) -> Iterator[tuple[str, str, str]]:
         yield f"{split}-{i:05d}", text, "en"
 
 
-def generate_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0) -> pathlib.Path:
+def generate_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0,
+                   fmt: str = "flac") -> pathlib.Path:
     out_dir = pathlib.Path(out_dir)
     rows = []
     for utt_id, text, lang in _items(split, n, seed):
-        rel = f"{split}/{utt_id}.flac"
-        dur = synthesize(text, f"{seed}:{utt_id}", out_dir / rel, lang)
+        rel = f"{split}/{utt_id}{AUDIO_FORMATS[fmt][0]}"
+        dur = synthesize(text, f"{seed}:{utt_id}", out_dir / rel, lang, fmt)
         rows.append({"id": utt_id, "audio": rel, "text": text, "language": lang,
                      "duration": round(dur, 4), "begin_time": None, "end_time": None})
     manifest = out_dir / f"{split}.jsonl"
@@ -192,13 +202,15 @@ def main(argv=None) -> None:
     ap.add_argument("--splits", default="dev,test,train_sample,multilingual")
     ap.add_argument("--n-train", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", choices=sorted(AUDIO_FORMATS), default="flac",
+                    help="flac (lossless, committed splits) or opus (lossy, ~5x smaller)")
     args = ap.parse_args(argv)
     for tool in ("espeak-ng", "flite"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: apt-get install -y espeak-ng flite")
     for split in args.splits.split(","):
         n = args.n_train if split == "train" else SPLIT_SIZES.get(split, 0)
-        m = generate_split(args.out, split, n, args.seed)
+        m = generate_split(args.out, split, n, args.seed, args.format)
         print(f"{split}: {sum(1 for _ in open(m))} utterances -> {m}")
 
 
