@@ -127,7 +127,7 @@ def ray_local():
 class RayMetrics:
     """The ark_* series Ray's metrics agent exports on this session's node, read as Prometheus does.
 
-    Ray exports what a process recorded every few seconds, so tests poll (`wait_for_increase`).
+    Ray exports what a process recorded every few seconds (10 s by default), so tests poll.
     """
 
     def __init__(self, ray):
@@ -161,16 +161,24 @@ class RayMetrics:
                 out[key] = out.get(key, 0.0) + s.value
         return out
 
+    def wait_until(self, done, worker_ids=None, timeout_s: float = 90) -> dict:
+        """Poll `scrape(worker_ids)` until `done(values)` holds (or time is up); the last values."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            values = self.scrape(worker_ids)
+            if done(values) or time.monotonic() > deadline:
+                return values
+            time.sleep(1)
+
     def wait_for_increase(self, before: dict, want: dict, timeout_s: float = 90) -> dict:
         """Poll until every series in `want` has grown by at least its value since `before`;
         returns the growth of every series (so a test can check it is exactly what it caused)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            now = self.scrape()
-            grew = {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
-            if all(grew.get(k, 0.0) >= v for k, v in want.items()) or time.monotonic() > deadline:
-                return grew
-            time.sleep(1)
+        def growth(now: dict) -> dict:
+            return {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
+
+        now = self.wait_until(lambda v: all(growth(v).get(k, 0.0) >= n for k, n in want.items()),
+                              timeout_s=timeout_s)
+        return growth(now)
 
 
 @pytest.fixture(scope="session")

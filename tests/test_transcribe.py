@@ -187,6 +187,36 @@ def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, c
     assert {r["key"] for r in read_output(str(out))} == {r["key"] for r in rows} - failed
 
 
+def test_job_records_batch_metrics(ray_local, ray_metrics, model_dir, corpus, tmp_path):
+    """Files, audio seconds and error rows by reason reach Ray's metrics endpoint per block, and
+    the speed gauge ends at the summary's. The job's driver is an actor of its own here, so its
+    process holds only this run's counters (cloudpickle ships the class: it is defined inline)."""
+    import uuid
+
+    class Driver:
+        def run(self, cfg):
+            import ray
+            from ark_ray.data.transcribe_pipeline import run_transcribe
+            return ray.get_runtime_context().get_worker_id(), run_transcribe(cfg)
+
+    cfg = cfg_for(model_dir, corpus / "m.jsonl", tmp_path / "out", "--max_audio_s=3")
+    driver = ray_local.remote(Driver).options(
+        num_cpus=0, runtime_env={"env_vars": {"ARK_METRICS_TEST": uuid.uuid4().hex}}).remote()
+    try:
+        wid, summary = ray_local.get(driver.run.remote(cfg))
+        k = ray_metrics.key
+        speed = k("ray_ark_batch_speed_times_realtime")
+        got = ray_metrics.wait_until(lambda v: v.get(speed) == pytest.approx(summary["x_real_time"]), {wid})
+    finally:
+        ray_local.kill(driver)
+    assert summary["rows_written"] == N_INPUTS and summary["error_rows"] == len(BAD) + 1
+    want = {k("ray_ark_batch_files_total"): N_INPUTS,
+            k("ray_ark_batch_audio_seconds_total"): summary["audio_hours"] * 3600,
+            speed: summary["x_real_time"],
+            **{k("ray_ark_batch_error_rows_total", reason=r): n for r, n in summary["errors_by_reason"].items()}}
+    assert got == pytest.approx(want)
+
+
 def _engine_worker_pids() -> list[int]:
     """Processes of the pipeline's engine actors (Ray titles them after the UDF class)."""
     import psutil

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from ark_ray import metrics
 from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_not_silent, load_audio
 from ark_ray.config import ConfigError, EngineConfig, S3Config, SamplingConfig, TranscribeConfig
 from ark_ray.data.listing import InputError, load_inputs
@@ -440,6 +441,9 @@ def _restore(obj, attr: str, value):
 def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, float], None]] = None) -> dict:
     """List, skip what is done, run the pipeline with a progress bar; returns the summary.
 
+    The driver records the ark_batch_* metrics: files, audio seconds and error rows by reason as
+    each block's part file lands, and the speed so far (the last value is the summary's).
+
     `on_block(rows, audio_s)` is called as each part file lands (benchmarks time the stream).
     """
     import ray
@@ -469,11 +473,14 @@ def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, floa
                 _restore(ctx, "enable_progress_bars", bars):
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for i in range(len(b["rows"])):
+                    block_reasons = json.loads(str(b["reasons"][i]))
                     summary["rows_written"] += int(b["rows"][i])
                     summary["error_rows"] += int(b["errors"][i])
                     audio_s += float(b["audio_s"][i])
-                    reasons.update(json.loads(str(b["reasons"][i])))
+                    reasons.update(block_reasons)
                     bar.update(int(b["rows"][i]))
+                    metrics.record_batch_block(int(b["rows"][i]), float(b["audio_s"][i]), block_reasons)
+                    metrics.record_batch_speed(audio_s, time.perf_counter() - t0)
                     if on_block is not None:
                         on_block(int(b["rows"][i]), float(b["audio_s"][i]))
                 bar.set_postfix(audio_h=f"{audio_s / 3600:.2f}", errors=summary["error_rows"])
@@ -483,6 +490,8 @@ def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, floa
         summary["manifest"], summary["manifest_rows"] = write_manifest(cfg.output, cfg.format, label_field, cfg.s3)
     summary["wall_s"] = time.perf_counter() - t0
     summary["x_real_time"] = summary["audio_hours"] * 3600 / summary["wall_s"]
+    if todo:  # Ray is up: the job's final speed (a rerun with nothing to do started no Ray)
+        metrics.record_batch_speed(summary["audio_hours"] * 3600, summary["wall_s"])
     return summary
 
 
