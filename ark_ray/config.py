@@ -376,6 +376,8 @@ class SftConfig:
     save_every: int = opt(0, "Steps between checkpoints (0: only at the end).")
     resume: bool = opt(False, "Continue from the checkpoint in output_dir (same data order, no repeats or skips).")
     max_audio_s: float = opt(30.0, "Clips longer than this are error rows.")
+    featurize_workers: int = opt(1, "Ray Data actors decoding audio and computing log-mel for the learner "
+                                 "(1 leaves a small CPU to the learner; raise it on a GPU machine).")
     max_new_tokens: int = opt(48, "Generation limit for dev WER.")
     export_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the final HF export.")
     export_every_save: bool = opt(False, "Also write an HF snapshot (snapshots/step_N) at every checkpoint.")

@@ -90,7 +90,7 @@ def run_sft(cfg: SftConfig) -> dict:
     ds = ray.data.from_items([{k: r.get(k) for k in keep} for r in todo])
     ds = ds.map_batches(featurize_rows, fn_kwargs={"max_audio_s": cfg.max_audio_s},
                         batch_size=cfg.batch_size, batch_format="numpy",
-                        concurrency=1)  # one featurizer: the learner needs the cores more
+                        concurrency=cfg.featurize_workers)
     metrics_f = open(out_dir / "metrics.jsonl", "a")
     summary: dict = {"error_rows": 0, "steps": start_step, "first_loss": None, "last_loss": None}
     t0 = time.time()
