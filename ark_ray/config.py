@@ -95,6 +95,15 @@ class LearnerConfig:
     grad_accum_steps: int = opt(1, "Micro-steps per optimizer step.")
     grad_clip: float = opt(1.0, "Gradient norm clip (0 disables).")
     seed: int = opt(0, "Seed for parameter init, dropout and data order.")
+    weight_sync: Literal["auto", "object_store", "broadcast"] = opt(
+        "auto", "How new weights reach the rollout engines. object_store: one ray.put of the state dict that "
+        "each rollout actor loads (the CPU default). broadcast: learner rank 0 broadcasts them straight into the "
+        "vLLM worker processes over a standalone process group (gloo on CPU, NCCL on GPU, where every rank needs "
+        "a card of its own); the WeightStore still gets each version, for restarted rollout actors. "
+        "auto: broadcast when use_gpu with whole cards per rank, else object_store.")
+    weight_sync_bucket_mb: float = opt(256.0, "broadcast: parameters travel in flat buckets of at most this many MB.")
+    weight_sync_timeout_s: float = opt(900.0, "broadcast: longest wait for the group to form, or for every rollout "
+                                       "worker to reach a sync (after its current rollout, or its restart).")
     num_cpus_per_worker: float = opt(1.0, "CPUs each learner actor asks for.")
     num_gpus_per_worker: float = opt(1.0, "GPU share each rank asks for when use_gpu (a fraction lets the "
                                      "learner share one card with the rollout engine and teacher, as in the "

@@ -43,35 +43,74 @@ def _vllm_targets(items: dict) -> dict[str, list]:
     return out
 
 
+def load_into_worker(worker, items: Iterable[tuple[str, object]], names: Sequence[str]) -> int:
+    """Load (checkpoint name, tensor) pairs into the model of one vLLM worker, in place.
+
+    Runs inside the worker process (called through collective_rpc). `items` may be a generator
+    that produces tensors as they arrive (the collective weight broadcast); `names` lists every
+    name it will yield. Newer vLLM reloads through its own in-place path; older vLLM (0.26 on
+    the GPU box) gets in-place copies into the live parameters, with q/k/v and gate/up
+    stacked once all parts of a fused parameter have arrived.
+    """
+    import inspect
+
+    import torch
+
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    reload = getattr(runner, "reload_weights", None)
+    if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
+        # vLLM >= 0.3x: in-place reload that re-runs the backend's weight post-processing
+        # (the CPU backend repacks linear weights for oneDNN) and clears the encoder cache.
+        text_cfg = getattr(getattr(runner, "model_config", None), "hf_text_config", None)
+        if "lm_head.weight" not in names and getattr(text_cfg, "tie_word_embeddings", True):
+            # the layer-wise reload puts back the old values of every layer it saw no weight
+            # for; the tied head shares the embedding's storage, so it must be fed too
+            items = _with_tied_head(items)
+        reload(weights_iterator=iter(items), is_checkpoint_format=True)
+        return len(names)
+    params = dict(runner.model.named_parameters())
+    want = {t: len(parts) for t, parts in _vllm_targets(dict.fromkeys(names)).items()}
+    pending: dict[str, list] = {}
+    with torch.no_grad():
+        for name, t in items:
+            for target, parts in _vllm_targets({name: t}).items():
+                got = pending.setdefault(target, [])
+                got.extend(parts)
+                if len(got) < want[target]:
+                    continue
+                del pending[target]
+                if target not in params:
+                    raise KeyError(f"vLLM model has no parameter {target!r}")
+                value = torch.cat([torch.as_tensor(v) for _, v in sorted(got, key=lambda p: p[0])], dim=0)
+                p = params[target]
+                if p.shape != value.shape:
+                    raise ValueError(f"{target}: shape {tuple(value.shape)} != live {tuple(p.shape)}")
+                p.copy_(value.to(p.device, p.dtype))
+    if pending:
+        raise ValueError(f"incomplete fused parameters: {sorted(pending)}")
+    return len(names)
+
+
+def _with_tied_head(items: Iterable[tuple[str, object]]) -> Iterable[tuple[str, object]]:
+    """`items`, plus the embedding again as `lm_head.weight` (the learner leaves the tied head out)."""
+    for name, t in items:
+        yield name, t
+        if name == "model.embed_tokens.weight":
+            yield "lm_head.weight", t
+
+
 def _load_weights_on_worker(worker, blob: bytes):
     """Runs inside each vLLM worker process (collective_rpc): load a torch.save'd state dict.
 
-    Newer vLLM reloads through its own in-place path; older vLLM (0.26 on the GPU box) gets
-    in-place copies into the live parameters. The tensors travel as one serialized blob:
-    vLLM's RPC encoder would turn tuples of tensors into lists.
+    The tensors travel as one serialized blob: vLLM's RPC encoder would turn tuples of tensors
+    into lists.
     """
     import io
 
     import torch
 
     items = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    if hasattr(runner, "reload_weights"):
-        # vLLM >= 0.3x: in-place reload that re-runs the backend's weight post-processing
-        # (the CPU backend repacks linear weights for oneDNN) and clears the encoder cache.
-        runner.reload_weights(weights_iterator=iter(items.items()), is_checkpoint_format=True)
-        return len(items)
-    params = dict(runner.model.named_parameters())
-    with torch.no_grad():
-        for target, parts in _vllm_targets(items).items():
-            if target not in params:
-                raise KeyError(f"vLLM model has no parameter {target!r}")
-            value = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], dim=0)
-            p = params[target]
-            if p.shape != value.shape:
-                raise ValueError(f"{target}: shape {tuple(value.shape)} != live {tuple(p.shape)}")
-            p.copy_(value.to(p.device, p.dtype))
-    return len(items)
+    return load_into_worker(worker, items.items(), list(items))
 
 
 class VllmEngine(Transcriber):
@@ -158,7 +197,10 @@ class VllmEngine(Transcriber):
         buf = io.BytesIO()
         torch.save({k: torch.as_tensor(v).contiguous() for k, v in items.items()}, buf)
         self.llm.collective_rpc(_load_weights_on_worker, args=(buf.getvalue(),))
-        # Cached encoder outputs (scheduler and workers) came from the old weights.
+        self.reset_caches()
+
+    def reset_caches(self) -> None:
+        """Drop what the old weights computed: cached encoder outputs (scheduler and workers)."""
         engine = self.llm.llm_engine
         if hasattr(engine, "reset_encoder_cache"):
             engine.reset_encoder_cache()

@@ -2,7 +2,7 @@
 
     data order --> [RolloutWorker x R] --(TrajectoryBatch refs)--> [TeacherScorer x S] --> learner
                           ^                                                                   |
-                          +------ weights (object store / NCCL), version v+1 every sync_every -+
+                          +---- weights (object store / broadcast), version v+1 every sync_every -+
 
 * Bounded queues: at most `max_inflight` rollout batches and as many scored batches waiting;
   nothing is produced faster than the learner can take it.
@@ -125,11 +125,9 @@ class OpdController:
     # ------------------------------------------------------------------ weights
     def sync_weights(self) -> None:
         self.version += 1
-        ref = ray.put(self.learner.state_dict())
-        ray.get(self.store.publish.remote([ref], self.version))
-        # fire and forget: each worker applies it before its next rollout (actor call order)
-        for w in self.rollouts:
-            w.update_weights.remote([ref], self.version)
+        # queued, not awaited: each worker applies it before its next rollout (actor call order);
+        # object store or broadcast as learner.weight_sync says, the WeightStore gets it either way
+        self.learner.push_weights(self.rollouts, self.version, store=self.store, wait=False)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -147,9 +145,7 @@ class OpdController:
         self.step, self.version = st["step"], st["version"]
         self.done = set(st["done"])
         self.dropped_stale, self.samples_trained = st["dropped_stale"], st["samples_trained"]
-        ref = ray.put(self.learner.state_dict())
-        ray.get(self.store.publish.remote([ref], self.version))
-        ray.get([w.update_weights.remote([ref], self.version) for w in self.rollouts])
+        self.learner.push_weights(self.rollouts, self.version, store=self.store)
         print(f"resumed at step {self.step} (version {self.version}, {len(self.done)} samples consumed)")
         return True
 

@@ -98,6 +98,7 @@ class LearnerWorker:
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
         self.device = self.engine.device
         self.step = 0
+        self._sender = None  # rank 0's end of the weight-sync group (weight_sync="broadcast")
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -184,6 +185,35 @@ class LearnerWorker:
         self.step = int(client.get("step", 0))
         return client
 
+    # ------------------------------------------------------------------ collective weight sync
+    def weight_group_address(self) -> tuple[str, int]:
+        """Rank 0: start the weight-sync store on a free port of this node; (host, port)."""
+        from ark_ray.opd.weight_sync import Sender
+
+        if self._sender is not None and self._sender.channel is not None:
+            self._sender.channel.close()
+        self._sender = Sender(ray.util.get_node_ip_address(), self.cfg.weight_sync_timeout_s)
+        return self._sender.address
+
+    def join_weight_group(self, spec: dict) -> bool:
+        return self._sender.join(spec)
+
+    def broadcast_weights(self, version: int, n_targets: int, bucket_bytes: int, store=None) -> dict:
+        """Broadcast the current weights as `version` (ark_ray.opd.weight_sync); under ZeRO-3 every
+        rank takes part in the gathers. Rank 0 also publishes them to `store` (a WeightStore)."""
+        from ark_ray.opd.weight_sync import send_weights
+
+        zero3 = self.cfg.zero_stage == 3
+        if self.rank != 0 and not zero3:
+            return {"status": "skipped", "version": version}
+
+        def publish(sd: dict) -> None:
+            ray.get(store.publish.remote([ray.put(sd)], version))
+
+        return send_weights(self.engine.module, version, sender=self._sender if self.rank == 0 else None,
+                            n_targets=n_targets, zero3=zero3, bucket_bytes=bucket_bytes,
+                            publish=publish if (self.rank == 0 and store is not None) else None)
+
     def ping(self) -> int:
         return self.rank
 
@@ -216,6 +246,7 @@ class LearnerGroup:
             self.workers.append(actor_cls.options(**o, runtime_env={"env_vars": env}).remote(
                 model_dir, asdict(cfg), total_steps, r, world, "127.0.0.1", port))
         ray.get([w.ping.remote() for w in self.workers])
+        self._broadcast = None  # weight_sync.BroadcastSync, made on the first broadcast push
 
     @property
     def world(self) -> int:
@@ -268,13 +299,39 @@ class LearnerGroup:
     def load_checkpoint(self, path: str) -> dict:
         return ray.get([w.load_checkpoint.remote(path) for w in self.workers])[0]
 
-    def push_weights(self, targets: list) -> None:
-        """Hand the current weights to rollout engines (actors with `update_weights(ref)`).
+    @property
+    def weight_sync(self) -> str:
+        """The resolved `weight_sync` mode ("auto": broadcast with whole GPUs, else the object store)."""
+        mode = self.cfg.weight_sync
+        if mode != "auto":
+            return mode
+        whole_cards = getattr(self.cfg, "num_gpus_per_worker", 1.0) >= 1  # NCCL: one rank per card
+        return "broadcast" if self.cfg.use_gpu and whole_cards else "object_store"
 
-        CPU: one `ray.put` of the state dict, every target reads it from the object store.
+    def push_weights(self, targets: list, version: int, store=None, wait: bool = True) -> list:
+        """Hand the current weights, as `version`, to rollout actors (RolloutWorker).
+
+        object_store: one `ray.put` of the state dict; every target loads it (`update_weights`).
+        broadcast: learner rank 0 broadcasts into the targets' engine processes (gloo on CPU,
+        NCCL on GPU; ark_ray.opd.weight_sync), forming the group on first use.
+        `store` (a WeightStore) also gets the weights, for rollout actors Ray restarts. With
+        wait=False the calls are only queued (each actor applies them before its next call)
+        and their refs returned.
         """
-        ref = ray.put(self.state_dict())
-        ray.get([t.update_weights.remote(ref) for t in targets])
+        if self.weight_sync == "broadcast":
+            if self._broadcast is None:
+                from ark_ray.opd.weight_sync import BroadcastSync
+                self._broadcast = BroadcastSync(self.workers, "nccl" if self.cfg.use_gpu else "gloo",
+                                                self.cfg.weight_sync_bucket_mb, self.cfg.weight_sync_timeout_s)
+            refs = self._broadcast.push(targets, version, store)
+        else:
+            ref = ray.put(self.state_dict())
+            if store is not None:
+                ray.get(store.publish.remote([ref], version))
+            refs = [t.update_weights.remote([ref], version) for t in targets]
+        if wait:
+            ray.get(refs)
+        return refs
 
     def shutdown(self) -> None:
         for w in self.workers:

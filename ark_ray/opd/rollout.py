@@ -5,6 +5,10 @@ sampling config) and its top-k ids at every position (vLLM processed log-probs, 
 token mask is reflected). Every output is tagged with the weights version that produced it.
 A restarted worker (Ray restarts it after a crash) first pulls the newest weights from the
 `WeightStore`, so a redone rollout is never produced by stale initial weights.
+
+Weights arrive either as an object-store ref (`update_weights`) or through the learner's
+collective broadcast straight into the engine process (`join_weight_group` / `receive_weights`,
+ark_ray.opd.weight_sync), whichever the learner's `weight_sync` picks.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ class RolloutWorker:
         self.sampling = SamplingConfig(**dict(sampling_cfg, logprobs_topk=topk))
         self.topk = topk
         self.version = 0
+        self.store_name = store_name
+        self.group: Optional[str] = None  # the weight-sync group this engine belongs to
         if store_name:
             store = ray.get_actor(store_name)
             refs, version = ray.get(store.latest.remote())
@@ -54,6 +60,39 @@ class RolloutWorker:
         self.engine.update_weights(weights)
         self.version = version
         return version
+
+    def join_weight_group(self, spec: dict, base_rank: int, ranks: int) -> bool:
+        """Join the learner's broadcast group with the engine's `ranks` processes. A failure leaves
+        this worker outside it: the next sync then falls back to the WeightStore and re-forms."""
+        from ark_ray.opd.weight_sync import join_engine
+
+        self.group = None
+        try:
+            joined = join_engine(self.engine, spec, base_rank)
+            if joined != ranks:
+                raise RuntimeError(f"{joined} engine processes joined, the group expects {ranks}")
+        except Exception as e:
+            print(f"weight sync: rollout worker could not join {spec['name']}: {e}", flush=True)
+            return False
+        self.group = spec["name"]
+        return True
+
+    def receive_weights(self, spec: dict, index: int, version: int) -> str:
+        """Take `version` from the learner's broadcast; when that cannot happen (this actor was
+        restarted, the sync aborted or failed), load the same version from the WeightStore."""
+        from ark_ray.opd.weight_sync import receive
+
+        if receive(self.engine, spec, index, version, member=self.group == spec["name"]):
+            self.version = version
+            return "broadcast"
+        self.group = None
+        if not self.store_name:
+            raise RuntimeError(f"weights v{version} were not broadcast and there is no WeightStore")
+        refs, latest = ray.get(ray.get_actor(self.store_name).latest.remote())
+        if refs is None or latest < version:
+            raise RuntimeError(f"WeightStore holds v{latest}, v{version} was expected")
+        self.update_weights(refs, latest)
+        return "object_store"
 
     def rollout(self, sample_ids: list[str], audio_refs: list, reference_texts: list[str]) -> TrajectoryBatch:
         t0 = time.perf_counter()

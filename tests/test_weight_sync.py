@@ -1,0 +1,139 @@
+"""Collective weight broadcast (gloo on CPU) from a DeepSpeed learner into vLLM rollout engines.
+
+After a learner step and a broadcast sync, the vLLM engine inside a RolloutWorker decodes exactly
+like an HF model holding the learner's new weights; the group outlives one sync; a rollout actor
+that Ray restarts falls back to the WeightStore and the group is re-formed; an OPD run with
+`weight_sync=broadcast` finishes.
+"""
+import uuid
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+pytest.importorskip("vllm")
+
+from ark_ray.config import EngineConfig, LearnerConfig, SamplingConfig  # noqa: E402
+from ark_ray.engines import make_engine  # noqa: E402
+from ark_ray.model.factory import save_random_model  # noqa: E402
+from ark_ray.model.processor import ArkAsrProcessor  # noqa: E402
+from ark_ray.opd.learner import LearnerGroup  # noqa: E402
+from ark_ray.opd.rollout import RolloutWorker, WeightStore  # noqa: E402
+from ark_ray.opd.weight_sync import bucket_plan  # noqa: E402
+
+SP = SamplingConfig(max_new_tokens=8, logprobs_topk=4)
+ENGINE = {"backend": "vllm", "max_num_seqs": 8, "max_model_len": 256}
+
+
+def probed_rollout_cls():
+    """A RolloutWorker that also returns full transcripts (ids and top-k log-probs) for comparison
+    (made in a function so Ray ships the class by value)."""
+
+    class ProbedRollout(RolloutWorker):
+        def transcripts(self, waves, sampling):
+            return self.engine.transcribe(waves, sampling)
+
+    return ProbedRollout
+
+
+def clips():
+    rng = np.random.default_rng(0)
+    return [(0.1 * rng.standard_normal(int(s * 16000))).astype(np.float32) for s in (1.0, 2.3, 0.4)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wsync_model")
+    save_random_model(d, "tiny", initializer_range=0.2, seed=1)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def batch(model_dir):
+    proc = ArkAsrProcessor.from_pretrained(model_dir)
+    rng = np.random.default_rng(1)
+    waves = [(0.1 * rng.standard_normal(8000)).astype(np.float32) for _ in range(4)]
+    b = proc(waves, texts=["call alice", "play music", "move left", "open door"], padding_side="right")
+    return {k: v.numpy() for k, v in b.items()}
+
+
+def hf_reference(model_dir, state_dict):
+    """HF engine holding `state_dict`: what the vLLM engine must now produce (one extra top-k
+    rank, to tell ties at the last rank)."""
+    eng = make_engine(model_dir, EngineConfig(backend="hf"))
+    eng.update_weights(state_dict)
+    return eng.transcribe(clips(), SamplingConfig(max_new_tokens=SP.max_new_tokens, logprobs_topk=SP.logprobs_topk + 1))
+
+
+def assert_same(a, b, atol=1e-3):
+    """Same greedy ids and top-k log-probs; a top-k id may differ only where HF's log-probs at
+    that rank and a neighbouring one tie within `atol` (the order of a tie is arbitrary)."""
+    k = SP.logprobs_topk
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids
+        lp = y.topk_logprobs
+        np.testing.assert_allclose(x.topk_logprobs, lp[:, :k], atol=atol)
+        gap = np.abs(np.diff(lp, axis=1)) < atol
+        tied = np.zeros_like(lp, dtype=bool)
+        tied[:, :-1] |= gap
+        tied[:, 1:] |= gap
+        differs = x.topk_ids != y.topk_ids[:, :k]
+        assert not (differs & ~tied[:, :k]).any(), (x.topk_ids, y.topk_ids, x.topk_logprobs, lp)
+
+
+def test_bucket_plan_packs_by_dtype_and_size():
+    ps = [("a", torch.zeros(10)), ("b", torch.zeros(10)), ("c", torch.zeros(30)),
+          ("d", torch.zeros(4, dtype=torch.bfloat16)), ("e", torch.zeros(2))]
+    plan = bucket_plan(ps, bucket_bytes=100)
+    assert [[n for n, _ in b["items"]] for b in plan] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert [b["dtype"] for b in plan] == ["float32", "float32", "bfloat16", "float32"]
+    assert plan[1]["items"][0] == ("c", (30,))
+
+
+def test_broadcast_matches_hf_with_learner_weights_and_survives_restart(ray_local, model_dir, batch):
+    cfg = LearnerConfig(lr=2e-2, seed=0, weight_sync="broadcast", weight_sync_bucket_mb=0.5,
+                        weight_sync_timeout_s=300)
+    group = LearnerGroup(model_dir, cfg, total_steps=10)
+    store_name = f"wsync-test-{uuid.uuid4().hex[:8]}"
+    store = WeightStore.options(name=store_name).remote()
+    worker = ray.remote(probed_rollout_cls()).options(num_cpus=1, max_restarts=1, max_task_retries=1).remote(
+        model_dir, ENGINE, {}, 4, store_name)
+    try:
+        assert group.weight_sync == "broadcast"
+        before = ray.get(worker.transcripts.remote(clips(), SP))
+        # sync 1: the group forms, buckets (0.5 MB: several per sync) stream into vLLM
+        group.train_step(batch)
+        learner_res, *_, got = ray.get(group.push_weights([worker], version=1, store=store))
+        assert learner_res["status"] == "ok" and learner_res["bytes"] > 0 and got == "broadcast"
+        after = ray.get(worker.transcripts.remote(clips(), SP))
+        assert_same(after, hf_reference(model_dir, group.state_dict()))
+        moved = max(np.abs(a.topk_logprobs[0] - b.topk_logprobs[0]).max() for a, b in zip(after, before))
+        assert moved > 1e-2                                   # the step really changed the weights
+        assert ray.get(worker.get_version.remote()) == 1
+        _, published = ray.get(store.latest.remote())
+        assert published == 1                                 # kept for restarted actors
+
+        # sync 2 reuses the group
+        group.train_step(batch)
+        learner_res, *_, got = ray.get(group.push_weights([worker], version=2, store=store))
+        assert (learner_res["status"], got, group._broadcast.formations) == ("ok", "broadcast", 1)
+        assert_same(ray.get(worker.transcripts.remote(clips(), SP)), hf_reference(model_dir, group.state_dict()))
+
+        # the actor dies and Ray restarts it: it loads v2 from the WeightStore, is not in the
+        # group, so sync 3 aborts to the object store, and sync 4 re-forms the group
+        ray.kill(worker, no_restart=False)
+        assert ray.get(worker.get_version.remote()) == 2
+        group.train_step(batch)
+        learner_res, *_, got = ray.get(group.push_weights([worker], version=3, store=store))
+        assert (learner_res["status"], got) == ("rejoin", "object_store")
+        assert ray.get(worker.get_version.remote()) == 3
+        assert_same(ray.get(worker.transcripts.remote(clips(), SP)), hf_reference(model_dir, group.state_dict()))
+        group.train_step(batch)
+        learner_res, *_, got = ray.get(group.push_weights([worker], version=4, store=store))
+        assert (learner_res["status"], got, group._broadcast.formations) == ("ok", "broadcast", 2)
+        assert_same(ray.get(worker.transcripts.remote(clips(), SP)), hf_reference(model_dir, group.state_dict()))
+    finally:
+        ray.kill(worker)
+        ray.kill(store)
+        group.shutdown()
