@@ -137,3 +137,33 @@ def test_broadcast_matches_hf_with_learner_weights_and_survives_restart(ray_loca
         ray.kill(worker)
         ray.kill(store)
         group.shutdown()
+
+
+def test_opd_run_with_broadcast_sync(ray_local, tmp_path):
+    """A short async OPD run whose every sync goes through the broadcast group (formed once)."""
+    import pathlib
+
+    from ark_ray.config import OpdConfig, load_config
+    from ark_ray.model.factory import make_tokenizer
+    from ark_ray.opd.controller import OpdController
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    tok = make_tokenizer("tiny")
+    save_random_model(tmp_path / "teacher", "tiny", tokenizer=tok, seed=1, initializer_range=0.2)
+    save_random_model(tmp_path / "student", "tiny", tokenizer=tok, seed=2, initializer_range=0.2)
+    cfg = load_config(OpdConfig, repo / "jobs/configs/opd_tiny.yaml", {
+        "student": str(tmp_path / "student"), "teacher": str(tmp_path / "teacher"),
+        "output_dir": str(tmp_path / "run"), "steps": 2, "rollout_batch_size": 4, "eval_max_samples": 4,
+        "save_every": 0, "topk": 4, "sampling": {"max_new_tokens": 6},
+        "rollout_engine": {"backend": "vllm", "max_num_seqs": 8, "max_model_len": 512},
+        "learner": {"weight_sync": "broadcast", "weight_sync_timeout_s": 300}})
+    ctl = OpdController(cfg)
+    try:
+        s = ctl.run()
+        assert s["steps"] == 2 and s["student_wer_after"] is not None
+        sync = ctl.learner._broadcast
+        assert sync.formations == 1 and ray.get(sync.last)["status"] == "ok"
+        assert ray.get(ctl.rollouts[0].get_version.remote()) == ctl.version >= 3   # 2 steps + the final sync
+        assert ray.get(ctl.store.latest.remote())[1] == ctl.version                # kept for restarts
+    finally:
+        ctl.shutdown()
