@@ -95,7 +95,10 @@ def run_sft(cfg: SftConfig) -> dict:
     summary: dict = {"error_rows": 0, "steps": start_step, "first_loss": None, "last_loss": None}
     t0 = time.time()
     step = start_step
-    for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=False):
+    t_data = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=False,
+                                 prefetch_batches=4):
+        data_s = time.perf_counter() - t_data
         ok = np.array([not e for e in batch["error"]])
         summary["error_rows"] += int((~ok).sum())
         for e, a in zip(batch["error"][~ok], batch["audio"][~ok]):
@@ -110,6 +113,8 @@ def run_sft(cfg: SftConfig) -> dict:
         else:
             stats = {"loss": float("nan")}
         stats["step"] = step
+        stats["data_s"] = round(data_s, 4)                          # waiting for featurized audio
+        stats["step_s"] = round(time.perf_counter() - t_data - data_s, 4)  # collate + learner step
         summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else stats["loss"]
         summary["last_loss"] = stats["loss"]
         if cfg.eval_every and step % cfg.eval_every == 0 and dev_rows:
@@ -125,6 +130,7 @@ def run_sft(cfg: SftConfig) -> dict:
                                 dtype=getattr(__import__("torch"), cfg.export_dtype))
         if step >= cfg.max_steps:
             break
+        t_data = time.perf_counter()
     group.save_checkpoint(str(ckpt), {"data_step": step})
     final = group.export_hf(str(out_dir / "final"), dtype=getattr(__import__("torch"), cfg.export_dtype))
     if dev_rows:

@@ -145,6 +145,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--files_per_block", type=int, default=16)
     ap.add_argument("--format", default="parquet", choices=["jsonl", "parquet"])
     ap.add_argument("--workdir", default="/tmp/ark-bench-batch")
+    ap.add_argument("--model_dir", default=None, help="an existing model directory (default: random weights of --preset)")
     ap.add_argument("--record", action="store_true", help="append the result row to docs/benchmarks.md")
     args = ap.parse_args(argv)
 
@@ -162,7 +163,7 @@ def main(argv=None) -> dict:
     backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") and
                                importlib.util.find_spec("ark_ray.engines.vllm_engine") else "hf")
     work = pathlib.Path(args.workdir)
-    model_dir = work / f"model-{args.preset}"
+    model_dir = pathlib.Path(args.model_dir) if args.model_dir else work / f"model-{args.preset}"
     if not (model_dir / "config.json").exists():
         save_random_model(model_dir, args.preset, seed=0, dtype=torch.bfloat16 if gpu else torch.float32)
     t = time.perf_counter()
