@@ -102,8 +102,11 @@ class LearnerConfig:
         "a card of its own); the WeightStore still gets each version, for restarted rollout actors. "
         "auto: broadcast when use_gpu with whole cards per rank, else object_store.")
     weight_sync_bucket_mb: float = opt(256.0, "broadcast: parameters travel in flat buckets of at most this many MB.")
-    weight_sync_timeout_s: float = opt(900.0, "broadcast: longest wait for the group to form, or for every rollout "
-                                       "worker to reach a sync (after its current rollout, or its restart).")
+    weight_sync_timeout_s: float = opt(900.0, "broadcast: longest wait for every rollout worker to reach a sync "
+                                       "(after its current rollout, or its restart); past it the run fails.")
+    weight_sync_collective_timeout_s: float = opt(
+        300.0, "broadcast: longest a group formation or one bucket's broadcast may take; past it (a rollout "
+        "worker died mid-sync) that sync falls back to the WeightStore and the next one forms a new group.")
     num_cpus_per_worker: float = opt(1.0, "CPUs each learner actor asks for.")
     num_gpus_per_worker: float = opt(1.0, "GPU share each rank asks for when use_gpu (a fraction lets the "
                                      "learner share one card with the rollout engine and teacher, as in the "

@@ -186,19 +186,17 @@ class LearnerWorker:
         return client
 
     # ------------------------------------------------------------------ collective weight sync
-    def weight_group_address(self) -> tuple[str, int]:
-        """Rank 0: start the weight-sync store on a free port of this node; (host, port)."""
+    def weight_sync_store(self):
+        """Rank 0: start (once) the weight-sync store on a free port of this node; its StoreSpec."""
         from ark_ray.opd.weight_sync import Sender
 
-        if self._sender is not None and self._sender.channel is not None:
-            self._sender.channel.close()
-        self._sender = Sender(ray.util.get_node_ip_address(), self.cfg.weight_sync_timeout_s)
-        return self._sender.address
+        if self._sender is None:
+            self._sender = Sender(ray.util.get_node_ip_address(), "nccl" if self.cfg.use_gpu else "gloo",
+                                  self.cfg.weight_sync_timeout_s, self.cfg.weight_sync_collective_timeout_s)
+        return self._sender.spec
 
-    def join_weight_group(self, spec: dict) -> bool:
-        return self._sender.join(spec)
-
-    def broadcast_weights(self, version: int, n_targets: int, bucket_bytes: int, store=None) -> dict:
+    def broadcast_weights(self, version: int, n_targets: int, ranks_per_target: int, bucket_bytes: int,
+                          store=None) -> dict:
         """Broadcast the current weights as `version` (ark_ray.opd.weight_sync); under ZeRO-3 every
         rank takes part in the gathers. Rank 0 also publishes them to `store` (a WeightStore)."""
         from ark_ray.opd.weight_sync import send_weights
@@ -211,7 +209,8 @@ class LearnerWorker:
             ray.get(store.publish.remote([ray.put(sd)], version))
 
         return send_weights(self.engine.module, version, sender=self._sender if self.rank == 0 else None,
-                            n_targets=n_targets, zero3=zero3, bucket_bytes=bucket_bytes,
+                            n_targets=n_targets, ranks_per_target=ranks_per_target, zero3=zero3,
+                            bucket_bytes=bucket_bytes,
                             publish=publish if (self.rank == 0 and store is not None) else None)
 
     def ping(self) -> int:
@@ -321,8 +320,7 @@ class LearnerGroup:
         if self.weight_sync == "broadcast":
             if self._broadcast is None:
                 from ark_ray.opd.weight_sync import BroadcastSync
-                self._broadcast = BroadcastSync(self.workers, "nccl" if self.cfg.use_gpu else "gloo",
-                                                self.cfg.weight_sync_bucket_mb, self.cfg.weight_sync_timeout_s)
+                self._broadcast = BroadcastSync(self.workers, self.cfg.weight_sync_bucket_mb)
             refs = self._broadcast.push(targets, version, store)
         else:
             ref = ray.put(self.state_dict())

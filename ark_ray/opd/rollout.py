@@ -7,8 +7,8 @@ A restarted worker (Ray restarts it after a crash) first pulls the newest weight
 `WeightStore`, so a redone rollout is never produced by stale initial weights.
 
 Weights arrive either as an object-store ref (`update_weights`) or through the learner's
-collective broadcast straight into the engine process (`join_weight_group` / `receive_weights`,
-ark_ray.opd.weight_sync), whichever the learner's `weight_sync` picks.
+collective broadcast straight into the engine process (`receive_weights`, ark_ray.opd.weight_sync),
+whichever the learner's `weight_sync` picks.
 """
 from __future__ import annotations
 
@@ -61,34 +61,30 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def join_weight_group(self, spec: dict, base_rank: int, ranks: int) -> bool:
-        """Join the learner's broadcast group with the engine's `ranks` processes. A failure leaves
-        this worker outside it: the next sync then falls back to the WeightStore and re-forms."""
-        from ark_ray.opd.weight_sync import join_engine
-
-        self.group = None
-        try:
-            joined = join_engine(self.engine, spec, base_rank)
-            if joined != ranks:
-                raise RuntimeError(f"{joined} engine processes joined, the group expects {ranks}")
-        except Exception as e:
-            print(f"weight sync: rollout worker could not join {spec['name']}: {e}", flush=True)
-            return False
-        self.group = spec["name"]
-        return True
-
-    def receive_weights(self, spec: dict, index: int, version: int) -> str:
-        """Take `version` from the learner's broadcast; when that cannot happen (this actor was
-        restarted, the sync aborted or failed), load the same version from the WeightStore."""
+    def receive_weights(self, spec: dict, index: int, version: int, ranks: int = 1) -> str:
+        """Take `version` from the learner's broadcast (joining a new group when the learner forms
+        one); if that fails, load the same version from the WeightStore. Returns how it came."""
         from ark_ray.opd.weight_sync import receive
 
-        if receive(self.engine, spec, index, version, member=self.group == spec["name"]):
+        if self.version >= version:  # a call Ray retried after a restart: the store had it already
+            return "current"
+        try:
+            self.group = receive(self.engine, spec, index, version, self.group, ranks)
             self.version = version
             return "broadcast"
-        self.group = None
+        except Exception as e:
+            print(f"weight sync: v{version} not received by broadcast ({e}); loading it from the WeightStore",
+                  flush=True)
+            self.group = None
         if not self.store_name:
             raise RuntimeError(f"weights v{version} were not broadcast and there is no WeightStore")
-        refs, latest = ray.get(ray.get_actor(self.store_name).latest.remote())
+        store = ray.get_actor(self.store_name)
+        deadline = time.monotonic() + float(spec["timeout_s"])
+        while True:  # the learner publishes right after its broadcast
+            refs, latest = ray.get(store.latest.remote())
+            if latest >= version or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if refs is None or latest < version:
             raise RuntimeError(f"WeightStore holds v{latest}, v{version} was expected")
         self.update_weights(refs, latest)

@@ -7,32 +7,37 @@ verl sync vLLM; on GPUs over NCCL, on CPU over gloo. One code path for both, so 
 run the protocol the GPU box runs.
 
 Group: a standalone process group, `TCPStore` + `ProcessGroupGloo` / `ProcessGroupNCCL`; the
-default groups that DeepSpeed (learners) and vLLM (its workers) own are never touched. Rank 0 is
-learner rank 0 (it hosts the store); rollout worker i owns ranks 1 + i*w ... (w vLLM workers per
-engine; the receiving side runs inside each vLLM worker process, sent there by collective_rpc).
+default groups that DeepSpeed (learners) and vLLM (its workers) own are never touched. Learner
+rank 0 hosts the store for the whole run and is rank 0 of the group; rollout worker i owns
+ranks 1 + i*w ... (w vLLM workers per engine). The receiving side runs inside each vLLM worker
+process, sent there with `collective_rpc`.
 
-One sync (version v) through keys of the store:
-  learner:    meta/v = the bucket plan (names, dtypes, shapes), sent before any tensor
-  receivers:  ready/v/i = "in" (member of the live group) or "out" (a restarted actor)
-  learner:    waits for every ready key, then go/v = "go" (all in) or "abort"
-  go:         flat buckets are broadcast; each receiver streams them into the same loader as
-              VllmEngine.update_weights (reload_weights / in-place copies with q,k,v and gate,up
-              fused), then drops the engine's encoder and prefix caches.
-  abort or a failed collective: the learner publishes v to the WeightStore first, every receiver
-              loads v from there, and the driver re-forms the group before the next sync.
+One sync (version v) is one call per actor (learner ranks: `broadcast_weights`, rollout actors:
+`receive_weights`), coordinated through keys of the store:
+  learner:    meta/v = the bucket plan (names, dtypes, shapes), before any tensor
+  receivers:  ready/v/i = b"in:<group>" (a member of that group) or b"new"
+  learner:    once every receiver is ready, go/v = {"action": "go"} when all are members of its
+              live group, else {"action": "form", group, world}: everyone builds a new group
+              now, with every peer known to be waiting (nobody blocks on a peer that is not
+              coming). Then flat buckets are broadcast; each receiver streams them into the
+              loader VllmEngine.update_weights uses (reload_weights / in-place copies with
+              q,k,v and gate,up fused) and drops the engine's encoder and prefix caches.
+  a failed collective (a peer died mid-broadcast; bounded by the collective timeout): the
+              learner publishes v to the WeightStore anyway, then sets done/v; the receivers, and
+              a restarted actor that arrives late, load v from there; the next sync forms a new
+              group.
 
-Restarts: a crashed rollout actor that Ray restarts must hold the newest weights before it redoes
-its call, and NCCL communicators have a fixed membership, so a new process cannot join the live
-group. So the learner keeps publishing every version to the WeightStore (object store; for this
-reason only, and in the learner's own dtype); the restarted actor loads it in its constructor,
-answers "out" to the next broadcast, and the group is re-formed with it at the sync after.
+Restarts: a rollout actor that Ray restarts must hold the newest weights before it redoes its
+call, and a communicator's membership is fixed, so a new process cannot slip into the live group.
+So the learner also publishes every version to the WeightStore (one host copy per sync, in the
+learner's dtype; for restarts only): the restarted actor loads it in its constructor, answers
+"new" at the next sync, and that sync forms a new group with it.
 """
 from __future__ import annotations
 
 import datetime
 import pickle
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Optional
@@ -40,56 +45,57 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-# The receiving end of the group in this process (a vLLM worker, or an HF rollout actor).
+# This process's receiving end (a vLLM worker, or an in-process HF rollout engine).
 _RECEIVER: Optional["Channel"] = None
+_KEEP_VERSIONS = 2  # store keys of older syncs are deleted
 
 
 @dataclass(frozen=True)
-class GroupSpec:
-    """Everything a rank needs to join one weight-sync group (sent as a plain dict)."""
-    name: str            # unique per formation: store keys and the group's identity
-    host: str            # learner rank 0's node (TCPStore master)
+class StoreSpec:
+    """Where the learner's store listens and how groups are built (sent as a plain dict)."""
+    host: str
     port: int
-    world: int           # 1 + all receiving ranks
-    backend: str         # "gloo" (CPU) or "nccl" (GPU)
-    timeout_s: float
+    backend: str                 # "gloo" (CPU) or "nccl" (GPU)
+    timeout_s: float             # waiting for every receiver to reach a sync
+    collective_timeout_s: float  # forming a group, one bucket's broadcast
 
     @property
     def timeout(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.timeout_s)
 
+    @property
+    def collective_timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.collective_timeout_s)
 
-def _spec(spec: GroupSpec | dict) -> GroupSpec:
-    return spec if isinstance(spec, GroupSpec) else GroupSpec(**spec)
+
+def _spec(spec: StoreSpec | dict) -> StoreSpec:
+    return spec if isinstance(spec, StoreSpec) else StoreSpec(**spec)
 
 
-def _store(spec: GroupSpec, base: Optional[dist.Store] = None) -> dist.Store:
-    """The group's key space: a client of the learner's TCPStore (or the master itself)."""
+def _keys(spec: StoreSpec, base: Optional[dist.Store] = None) -> dist.Store:
+    """The sync's key space: a client of the learner's TCPStore (or, on the learner, the master)."""
     if base is None:
         base = dist.TCPStore(spec.host, spec.port, None, False, spec.timeout, wait_for_workers=False)
-    return dist.PrefixStore(spec.name + "/", base)
-
-
-def _process_group(store: dist.Store, rank: int, spec: GroupSpec):
-    """Standalone gloo / NCCL group (constructors torch 2.11 and 2.13 share); blocks until all join."""
-    pg_store = dist.PrefixStore("pg/", store)
-    if spec.backend == "gloo":
-        return dist.ProcessGroupGloo(pg_store, rank, spec.world, spec.timeout)
-    opts = dist.ProcessGroupNCCL.Options()
-    opts._timeout = spec.timeout
-    return dist.ProcessGroupNCCL(pg_store, rank, spec.world, opts)
+    return dist.PrefixStore("wsync/", base)
 
 
 class Channel:
-    """One rank's membership: the store keys and the process group."""
+    """One rank's membership of one group."""
 
-    def __init__(self, spec: GroupSpec, rank: int, store: dist.Store, pg=None):
-        self.spec, self.rank, self.store, self.pg = spec, rank, store, pg
+    def __init__(self, name: str, rank: int, world: int, pg):
+        self.name, self.rank, self.world, self.pg = name, rank, world, pg
 
     @classmethod
-    def join(cls, spec: GroupSpec, rank: int, base_store: Optional[dist.Store] = None) -> "Channel":
-        store = _store(spec, base_store)
-        return cls(spec, rank, store, _process_group(store, rank, spec))
+    def join(cls, spec: StoreSpec, keys: dist.Store, name: str, rank: int, world: int) -> "Channel":
+        """Build the standalone group (constructors torch 2.11 and 2.13 share); blocks until all joined."""
+        store = dist.PrefixStore(f"pg/{name}/", keys)
+        if spec.backend == "gloo":
+            pg = dist.ProcessGroupGloo(store, rank, world, spec.collective_timeout)
+        else:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = spec.collective_timeout
+            pg = dist.ProcessGroupNCCL(store, rank, world, opts)
+        return cls(name, rank, world, pg)
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
@@ -102,7 +108,7 @@ class Channel:
         if pg is not None and hasattr(pg, "shutdown"):
             try:
                 pg.shutdown()
-            except Exception:  # gloo has no shutdown on some versions; dropping it closes the pairs
+            except Exception:  # not every backend/version has it; dropping the object closes it
                 pass
 
 
@@ -126,51 +132,72 @@ def bucket_plan(params: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> li
 
 
 class Sender:
-    """Learner rank 0's end: hosts the store, waits for the receivers, broadcasts bucket by bucket."""
+    """Learner rank 0's end: hosts the store, gathers the receivers, forms groups, broadcasts."""
 
-    def __init__(self, host: str, timeout_s: float):
-        # port 0: the OS picks a free port on this node; the driver learns it from `address`
-        self.master = dist.TCPStore(host, 0, None, True, datetime.timedelta(seconds=timeout_s),
-                                    wait_for_workers=False)
-        self.address = (host, self.master.port)
+    def __init__(self, host: str, backend: str, timeout_s: float, collective_timeout_s: float):
+        # port 0: the OS picks a free port on this node; the driver learns it from `spec`
+        master = dist.TCPStore(host, 0, None, True, datetime.timedelta(seconds=timeout_s),
+                               wait_for_workers=False)
+        self.master = master
+        self.spec = StoreSpec(host=host, port=master.port, backend=backend, timeout_s=timeout_s,
+                              collective_timeout_s=collective_timeout_s)
+        self.keys = _keys(self.spec, master)
         self.channel: Optional[Channel] = None
+        self.formations = 0
 
-    def join(self, spec: GroupSpec | dict) -> bool:
-        """Form the group (rank 0). On failure the store stays up and the next sync aborts."""
-        spec = _spec(spec)
-        store = _store(spec, self.master)
-        self.channel = Channel(spec, 0, store)
+    def begin(self, version: int, plan: list[dict], n_targets: int, ranks_per_target: int) -> bool:
+        """Publish the plan, wait for every receiver, then announce go or a new group (and form
+        it). False: the group could not be formed; the receivers fall back to the WeightStore."""
+        k = self.keys
+        k.set(f"meta/{version}", pickle.dumps(plan))
+        ready = [f"ready/{version}/{i}" for i in range(n_targets)]
+        k.wait(ready, self.spec.timeout)
+        answers = [k.get(r) for r in ready]
+        world = 1 + n_targets * ranks_per_target
+        ch = self.channel
+        if ch is not None and ch.pg is not None and ch.world == world and \
+                all(a == f"in:{ch.name}".encode() for a in answers):
+            k.set(f"go/{version}", pickle.dumps({"action": "go"}))
+            return True
+        if ch is not None:
+            ch.close()
+        name = f"g{version}"
+        k.set(f"go/{version}", pickle.dumps({"action": "form", "group": name, "world": world}))
         try:
-            self.channel.pg = _process_group(store, 0, spec)
-        except Exception as e:  # a receiver never came: the next sync falls back and re-forms
-            print(f"weight sync: group {spec.name} failed to form: {e}", flush=True)
+            self.channel = Channel.join(self.spec, k, name, 0, world)
+        except Exception as e:  # a receiver died while joining: this sync falls back
+            print(f"weight sync: group {name} failed to form: {e}", flush=True)
+            self.channel = None
             return False
+        self.formations += 1
         return True
 
-    def await_receivers(self, version: int, n_targets: int) -> bool:
-        """True when every target answered "in" (and the group is whole)."""
-        keys = [f"ready/{version}/{i}" for i in range(n_targets)]
-        self.channel.store.wait(keys, self.channel.spec.timeout)
-        return self.channel.pg is not None and all(self.channel.store.get(k) == b"in" for k in keys)
+    def forget(self, version: int, n_targets: int) -> None:
+        """Delete the keys of an old sync (the store lives as long as the run)."""
+        for key in [f"meta/{version}", f"go/{version}", f"done/{version}"] + \
+                [f"ready/{version}/{i}" for i in range(n_targets)]:
+            try:
+                self.keys.delete_key(key)
+            except Exception:  # absent: nothing to delete
+                pass
 
 
 def send_weights(module: torch.nn.Module, version: int, *, sender: Optional[Sender], n_targets: int,
-                 zero3: bool, bucket_bytes: int, publish: Optional[Callable[[dict], None]]) -> dict:
-    """Broadcast `module`'s parameters as `version` (every learner rank calls this under ZeRO-3:
-    the gathers are collective; only the rank holding `sender` talks to the receivers).
+                 ranks_per_target: int, zero3: bool, bucket_bytes: int,
+                 publish: Optional[Callable[[dict], None]]) -> dict:
+    """Broadcast `module`'s parameters as `version`. Under ZeRO-3 every learner rank calls this
+    (the gathers are collective); only the rank holding `sender` talks to the receivers.
 
-    `publish(state_dict)` (rank 0, optional) hands a host copy to the WeightStore: before "abort"
-    is announced when the broadcast cannot run, after the broadcast otherwise.
+    `publish(state_dict)` (rank 0, optional) hands a host copy to the WeightStore after the
+    broadcast, also when the broadcast failed: the receivers then load it from there.
     """
     t0 = time.perf_counter()
     params = [(n, p) for n, p in module.named_parameters() if n != "lm_head.weight"]
     plan = bucket_plan(params, bucket_bytes)
-    go = False
+    go, formed_before = False, 0
     if sender is not None:
-        sender.channel.store.set(f"meta/{version}", pickle.dumps(plan))
-        go = sender.await_receivers(version, n_targets)
-        if go:
-            sender.channel.store.set(f"go/{version}", b"go")
+        formed_before = sender.formations
+        go = sender.begin(version, plan, n_targets, ranks_per_target)
     by_name = dict(params)
     host: dict[str, torch.Tensor] = {}
     sent = 0
@@ -190,7 +217,7 @@ def send_weights(module: torch.nn.Module, version: int, *, sender: Optional[Send
                 try:
                     sender.channel.broadcast(flat)
                     sent += flat.numel() * flat.element_size()
-                except Exception as e:  # a receiver died mid-broadcast: fall back, re-form later
+                except Exception as e:  # a receiver died mid-broadcast: fall back, re-form next time
                     failed = e
                     sender.channel.close()
             if publish is not None:
@@ -204,12 +231,12 @@ def send_weights(module: torch.nn.Module, version: int, *, sender: Optional[Send
         return {"status": "skipped", "version": version}
     if publish is not None:
         publish(host)
-    if not go:
-        sender.channel.store.set(f"go/{version}", b"abort")
+    sender.keys.set(f"done/{version}", b"1")  # late receivers (a restarted actor) fall back now
     if failed is not None:
         print(f"weight sync: broadcast of v{version} failed ({failed}); receivers fall back", flush=True)
-    ok = go and failed is None
-    return {"status": "ok" if ok else "rejoin", "version": version, "bytes": sent,
+    sender.forget(version - _KEEP_VERSIONS, n_targets)
+    return {"status": "ok" if go and failed is None else "fallback", "version": version, "bytes": sent,
+            "formed": sender.formations > formed_before, "formations": sender.formations,
             "seconds": time.perf_counter() - t0}
 
 
@@ -229,134 +256,94 @@ def _receive_stream(ch: Channel, plan: list[dict], device: torch.device) -> Iter
             off += n
 
 
-def _plan_names(plan: list[dict]) -> list[str]:
-    return [name for b in plan for name, _ in b["items"]]
-
-
-def _vllm_model(worker):
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    return runner.model
-
-
-def _worker_join(worker, spec: dict, base_rank: int) -> int:
-    """Inside a vLLM worker process (collective_rpc): join the group as base_rank + its own rank."""
+def _prepare(spec: dict, version: int, group: Optional[dict], rank: int) -> tuple[Channel, list[dict]]:
+    """This process's channel for the sync (joining `group` first when one is being formed) and the plan."""
     global _RECEIVER
-    if _RECEIVER is not None:
-        _RECEIVER.close()
-    rank = base_rank + int(getattr(worker, "rank", 0) or 0)
-    _RECEIVER = Channel.join(_spec(spec), rank)
-    return rank
+    sp = _spec(spec)
+    keys = _keys(sp)
+    if group is not None:
+        if _RECEIVER is not None:
+            _RECEIVER.close()
+        _RECEIVER = None
+        _RECEIVER = Channel.join(sp, keys, group["group"], rank, group["world"])
+    if _RECEIVER is None or _RECEIVER.pg is None:
+        raise RuntimeError("this process is in no live weight-sync group")
+    return _RECEIVER, pickle.loads(keys.get(f"meta/{version}"))
 
 
-def _worker_receive(worker, name: str, version: int) -> int:
-    """Inside a vLLM worker process (collective_rpc): receive version `version` into the model."""
+def _worker_receive(worker, spec: dict, version: int, group: Optional[dict], base_rank: int) -> int:
+    """Inside a vLLM worker process (collective_rpc): receive `version` into its model, joining
+    `group` first (as base_rank + the worker's own rank) when one is being formed."""
     from ark_ray.engines.vllm_engine import load_into_worker
 
-    ch = _RECEIVER
-    if ch is None or ch.spec.name != name:
-        raise RuntimeError(f"this vLLM worker is not in weight-sync group {name}")
-    plan = pickle.loads(ch.store.get(f"meta/{version}"))
-    device = next(_vllm_model(worker).parameters()).device
-    return load_into_worker(worker, _receive_stream(ch, plan, device), _plan_names(plan))
+    ch, plan = _prepare(spec, version, group, base_rank + int(getattr(worker, "rank", 0) or 0))
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    device = next(runner.model.parameters()).device
+    names = [name for b in plan for name, _ in b["items"]]
+    return load_into_worker(worker, _receive_stream(ch, plan, device), names)
 
 
-def join_engine(engine, spec: dict, base_rank: int) -> int:
-    """Join every process that runs `engine`'s model; returns how many ranks joined."""
+def _receive_into_engine(engine, spec: dict, version: int, group: Optional[dict], base_rank: int,
+                         ranks: int) -> None:
     llm = getattr(engine, "llm", None)
     if llm is not None:  # vLLM: the model lives in the worker processes
-        return len(llm.collective_rpc(_worker_join, args=(dict(spec), base_rank)))
-    global _RECEIVER  # an in-process engine (HFEngine): this actor is the receiver
-    if _RECEIVER is not None:
-        _RECEIVER.close()
-    _RECEIVER = Channel.join(_spec(spec), base_rank)
-    return 1
-
-
-def _receive_into_engine(engine, name: str, version: int) -> None:
-    llm = getattr(engine, "llm", None)
-    if llm is not None:
-        llm.collective_rpc(_worker_receive, args=(name, version))
+        done = llm.collective_rpc(_worker_receive, args=(dict(spec), version, group, base_rank))
+        if len(done) != ranks:
+            raise RuntimeError(f"{len(done)} engine processes took part, the group expects {ranks}")
         engine.reset_caches()
         return
-    ch = _RECEIVER
-    if ch is None or ch.spec.name != name:
-        raise RuntimeError(f"this engine is not in weight-sync group {name}")
-    plan = pickle.loads(ch.store.get(f"meta/{version}"))
-    device = next(engine.model.parameters()).device
-    engine.update_weights(_receive_stream(ch, plan, device))
+    ch, plan = _prepare(spec, version, group, base_rank)  # an in-process engine (HFEngine)
+    engine.update_weights(_receive_stream(ch, plan, next(engine.model.parameters()).device))
 
 
-def receive(engine, spec: dict, index: int, version: int, member: bool) -> bool:
-    """One receiver's side of a sync (the RolloutWorker actor calls it). True: `engine` now holds
-    `version` from the broadcast; False: it must load `version` from the WeightStore (the sync
-    aborted, this actor is not in the group, or the collective failed)."""
-    spec = _spec(spec)
-    store = _store(spec)
-    store.set(f"ready/{version}/{index}", b"in" if member else b"out")
-    store.wait([f"go/{version}"], spec.timeout)
-    if not member or store.get(f"go/{version}") != b"go":
-        return False
-    try:
-        _receive_into_engine(engine, spec.name, version)
-    except Exception as e:  # the learner or a peer failed mid-broadcast
-        print(f"weight sync: receiving v{version} failed ({e}); loading it from the WeightStore", flush=True)
-        return False
-    return True
+def receive(engine, spec: dict, index: int, version: int, group: Optional[str], ranks: int = 1) -> Optional[str]:
+    """One rollout actor's side of a sync. `group`: the group its engine is in (None: none).
+    Returns the group the engine is in afterwards when `version` arrived by broadcast, else
+    raises: the caller then loads `version` from the WeightStore."""
+    sp = _spec(spec)
+    keys = _keys(sp)
+    keys.set(f"ready/{version}/{index}", f"in:{group}".encode() if group else b"new")
+    keys.wait([f"go/{version}"], sp.timeout)
+    if keys.check([f"done/{version}"]):
+        raise RuntimeError(f"the learner finished v{version} without this actor")
+    go = pickle.loads(keys.get(f"go/{version}"))
+    form = go if go["action"] == "form" else None
+    if form is None and group is None:
+        raise RuntimeError(f"v{version} went out on a group this actor is not in")
+    _receive_into_engine(engine, spec, version, form, 1 + index * ranks, ranks)
+    return form["group"] if form else group
 
 
 # ----------------------------------------------------------------------------- driver side
 
 
 class BroadcastSync:
-    """The driver's handle on the group: forms it (again when needed) and starts each sync.
+    """The driver's handle: learns where the learner's store listens and starts each sync.
 
     Nothing here waits for the rollout actors: every call is queued on its actor, so each one
     takes the weights between two of its rollouts, in order.
     """
 
-    def __init__(self, learners: list, backend: str, bucket_mb: float, timeout_s: float,
-                 ranks_per_target: int = 1):
+    def __init__(self, learners: list, bucket_mb: float, ranks_per_target: int = 1):
         self.learners = learners
-        self.backend = backend
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self.timeout_s = timeout_s
         self.ranks_per_target = ranks_per_target
-        self.spec: Optional[GroupSpec] = None
-        self.members: list = []
+        self.spec: Optional[dict] = None
         self.last = None  # learner rank 0's result of the previous sync
-        self.formations = 0
-
-    def _needs_group(self, targets: list) -> bool:
-        import ray
-
-        if self.spec is None or [t._actor_id for t in targets] != [t._actor_id for t in self.members]:
-            return True
-        return self.last is not None and ray.get(self.last)["status"] != "ok"
-
-    def _form(self, targets: list) -> None:
-        import ray
-
-        host, port = ray.get(self.learners[0].weight_group_address.remote())
-        w = self.ranks_per_target
-        self.spec = GroupSpec(name=f"ark-wsync-{uuid.uuid4().hex[:12]}", host=host, port=port,
-                              world=1 + w * len(targets), backend=self.backend, timeout_s=self.timeout_s)
-        spec = asdict(self.spec)
-        self.learners[0].join_weight_group.remote(spec)
-        for i, t in enumerate(targets):
-            t.join_weight_group.remote(spec, 1 + i * w, w)
-        self.members = list(targets)
-        self.formations += 1
 
     def push(self, targets: list, version: int, store=None) -> list:
         """Start the sync of `version`; returns the refs of all calls (learner ranks, then targets)."""
-        if self._needs_group(targets):
-            self._form(targets)
-        spec = asdict(self.spec)
-        learner_refs = [w.broadcast_weights.remote(version, len(targets), self.bucket_bytes, store)
-                        for w in self.learners]
+        import ray
+
+        if self.last is not None:
+            ray.get(self.last)  # a sync that failed outright (timeout) stops the run here
+        if self.spec is None:
+            self.spec = asdict(ray.get(self.learners[0].weight_sync_store.remote()))
+        learner_refs = [w.broadcast_weights.remote(version, len(targets), self.ranks_per_target,
+                                                   self.bucket_bytes, store) for w in self.learners]
         self.last = learner_refs[0]
-        return learner_refs + [t.receive_weights.remote(spec, i, version) for i, t in enumerate(targets)]
+        return learner_refs + [t.receive_weights.remote(self.spec, i, version, self.ranks_per_target)
+                               for i, t in enumerate(targets)]
 
 
-__all__ = ["GroupSpec", "Channel", "Sender", "BroadcastSync", "bucket_plan", "send_weights",
-           "join_engine", "receive"]
+__all__ = ["StoreSpec", "Channel", "Sender", "BroadcastSync", "bucket_plan", "send_weights", "receive"]
