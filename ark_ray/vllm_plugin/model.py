@@ -37,8 +37,8 @@ from ark_ray.vllm_plugin.processing import (ArkAsrDummyInputsBuilder, ArkAsrMult
 
 def _clips(waves: Any) -> list[torch.Tensor]:
     """vLLM's batch of waveforms (one stacked tensor when lengths agree, else a list) -> 1-D clips."""
-    if isinstance(waves, torch.Tensor):
-        return [w.reshape(-1) for w in waves] if waves.dim() > 1 else [waves]
+    if isinstance(waves, torch.Tensor) and waves.dim() == 1:
+        return [waves]
     return [w.reshape(-1) for w in waves]
 
 

@@ -2,8 +2,9 @@
 and the one `<|audio|>` placeholder of a prompt expanded to that clip's N audio tokens.
 
 The log-mel itself is computed by the model on its device (`embed_multimodal`), batched over
-every clip of a step: on the GPU it costs nothing, while the front-end process that runs this
-processor is single-threaded and would cap the whole engine near 1000x real time doing it there.
+every clip of a step: on the GPU it is nearly free, while in the single-threaded front-end
+process that runs this processor it was a serial cost (~3.5 ms per 10 s clip on one CPU core;
+moving it gained ~10 % end to end on an H100, docs/benchmarks.md).
 Every convention (frame count, token count, token ids) comes from `ArkAsrProcessor`, so a
 prompt built here is token-for-token the one the HF model and training see. Each clip keeps its
 own length (no padding to 30 s or to the batch); the model pads when it batches clips and the
