@@ -72,3 +72,5 @@ def test_sft_trains_one_step_on_the_teacher_labels(labelled, repo_root):
     assert s["steps"] == 1 and s["error_rows"] == 0
     assert s["first_loss"] == s["first_loss"] and s["first_loss"] > 0                   # finite, trained
     assert (tmp / "sft" / "final" / "config.json").exists()
+    rec = json.loads((tmp / "sft" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["step"] == 1 and rec["data_s"] >= 0 and rec["step_s"] > 0        # where the step's time went
