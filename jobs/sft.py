@@ -3,7 +3,7 @@ import sys
 
 from ark_ray.config import SftConfig, parse_job_args
 from ark_ray.runtime import init_ray
-from ark_ray.sft import run_sft
+from ark_ray.train.sft import run_sft
 
 
 def main(argv=None) -> dict:

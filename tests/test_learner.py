@@ -10,7 +10,7 @@ from ark_ray.data.manifest import ManifestError, read_manifest
 from ark_ray.model import ArkAsrForConditionalGeneration
 from ark_ray.model.factory import save_random_model
 from ark_ray.model.processor import ArkAsrProcessor
-from ark_ray.opd.learner import LearnerGroup
+from ark_ray.train.learner import LearnerGroup
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,10 @@ from ark_ray.engines import make_engine  # noqa: E402
 from ark_ray.model import ArkAsrForConditionalGeneration  # noqa: E402
 from ark_ray.model.factory import save_random_model  # noqa: E402
 from ark_ray.model.processor import ArkAsrProcessor  # noqa: E402
-from ark_ray.opd.learner import LearnerGroup  # noqa: E402
-from ark_ray.opd.rollout import RolloutWorker, WeightStore  # noqa: E402
-from ark_ray.opd.weight_sync import bucket_plan  # noqa: E402
+from ark_ray.train.learner import LearnerGroup  # noqa: E402
+from ark_ray.opd.rollout import RolloutWorker
+from ark_ray.train.weight_sync import WeightStore  # noqa: E402
+from ark_ray.train.weight_sync import bucket_plan  # noqa: E402
 
 SP = SamplingConfig(max_new_tokens=8, logprobs_topk=4)
 ENGINE = {"backend": "vllm", "max_num_seqs": 8, "max_model_len": 256}

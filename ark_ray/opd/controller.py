@@ -30,8 +30,9 @@ import ray
 
 from ark_ray.config import OpdConfig, to_dict
 from ark_ray.data.manifest import read_manifest
-from ark_ray.opd.learner import LearnerGroup
-from ark_ray.opd.rollout import RolloutWorker, WeightStore
+from ark_ray.train.learner import LearnerGroup
+from ark_ray.opd.rollout import RolloutWorker
+from ark_ray.train.weight_sync import WeightStore
 from ark_ray.opd.teacher import TeacherScorer
 
 

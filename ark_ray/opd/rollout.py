@@ -7,7 +7,7 @@ A restarted worker (Ray restarts it after a crash) first pulls the newest weight
 `WeightStore`, so a redone rollout is never produced by stale initial weights.
 
 Weights arrive either as an object-store ref (`update_weights`) or through the learner's
-collective broadcast straight into the engine process (`receive_weights`, ark_ray.opd.weight_sync),
+collective broadcast straight into the engine process (`receive_weights`, ark_ray.train.weight_sync),
 whichever the learner's `weight_sync` picks.
 """
 from __future__ import annotations
@@ -20,21 +20,6 @@ import ray
 
 from ark_ray.config import EngineConfig, SamplingConfig
 from ark_ray.opd.trajectory import TrajectoryBatch
-
-
-@ray.remote(num_cpus=0)
-class WeightStore:
-    """Holds the newest published weights (an object ref) and their version, by name."""
-
-    def __init__(self):
-        self.ref = None
-        self.version = 0
-
-    def publish(self, refs: list, version: int) -> None:
-        self.ref, self.version = refs[0], version
-
-    def latest(self) -> tuple[Optional[list], int]:
-        return ([self.ref] if self.ref is not None else None), self.version
 
 
 class RolloutWorker:
@@ -64,7 +49,7 @@ class RolloutWorker:
     def receive_weights(self, spec: dict, index: int, version: int, ranks: int = 1) -> str:
         """Take `version` from the learner's broadcast (joining a new group when the learner forms
         one); if that fails, load the same version from the WeightStore. Returns how it came."""
-        from ark_ray.opd.weight_sync import receive
+        from ark_ray.train.weight_sync import receive
 
         if self.version >= version:  # a call Ray retried after a restart: the store had it already
             return "current"

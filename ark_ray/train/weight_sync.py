@@ -42,6 +42,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Optional
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -110,6 +111,27 @@ class Channel:
                 pg.shutdown()
             except Exception:  # not every backend/version has it; dropping the object closes it
                 pass
+
+
+# ----------------------------------------------------------------------------- the store for restarts
+
+
+class WeightStore:
+    """Holds the newest published weights (an object ref) and their version, by name."""
+
+    def __init__(self):
+        self.ref = None
+        self.version = 0
+
+    def publish(self, refs: list, version: int) -> None:
+        self.ref, self.version = refs[0], version
+
+    def latest(self) -> tuple[Optional[list], int]:
+        return ([self.ref] if self.ref is not None else None), self.version
+
+
+
+WeightStore = ray.remote(num_cpus=0)(WeightStore)
 
 
 # ----------------------------------------------------------------------------- learner side
@@ -346,4 +368,4 @@ class BroadcastSync:
                                for i, t in enumerate(targets)]
 
 
-__all__ = ["StoreSpec", "Channel", "Sender", "BroadcastSync", "bucket_plan", "send_weights", "receive"]
+__all__ = ["WeightStore", "StoreSpec", "Channel", "Sender", "BroadcastSync", "bucket_plan", "send_weights", "receive"]

@@ -188,7 +188,7 @@ class LearnerWorker:
     # ------------------------------------------------------------------ collective weight sync
     def weight_sync_store(self):
         """Rank 0: start (once) the weight-sync store on a free port of this node; its StoreSpec."""
-        from ark_ray.opd.weight_sync import Sender
+        from ark_ray.train.weight_sync import Sender
 
         if self._sender is None:
             self._sender = Sender(ray.util.get_node_ip_address(), "nccl" if self.cfg.use_gpu else "gloo",
@@ -197,9 +197,9 @@ class LearnerWorker:
 
     def broadcast_weights(self, version: int, n_targets: int, ranks_per_target: int, bucket_bytes: int,
                           store=None) -> dict:
-        """Broadcast the current weights as `version` (ark_ray.opd.weight_sync); under ZeRO-3 every
+        """Broadcast the current weights as `version` (ark_ray.train.weight_sync); under ZeRO-3 every
         rank takes part in the gathers. Rank 0 also publishes them to `store` (a WeightStore)."""
-        from ark_ray.opd.weight_sync import send_weights
+        from ark_ray.train.weight_sync import send_weights
 
         zero3 = self.cfg.zero_stage == 3
         if self.rank != 0 and not zero3:
@@ -312,14 +312,14 @@ class LearnerGroup:
 
         object_store: one `ray.put` of the state dict; every target loads it (`update_weights`).
         broadcast: learner rank 0 broadcasts into the targets' engine processes (gloo on CPU,
-        NCCL on GPU; ark_ray.opd.weight_sync), forming the group on first use.
+        NCCL on GPU; ark_ray.train.weight_sync), forming the group on first use.
         `store` (a WeightStore) also gets the weights, for rollout actors Ray restarts. With
         wait=False the calls are only queued (each actor applies them before its next call)
         and their refs returned.
         """
         if self.weight_sync == "broadcast":
             if self._broadcast is None:
-                from ark_ray.opd.weight_sync import BroadcastSync
+                from ark_ray.train.weight_sync import BroadcastSync
                 self._broadcast = BroadcastSync(self.workers, self.cfg.weight_sync_bucket_mb)
             refs = self._broadcast.push(targets, version, store)
         else:

@@ -18,7 +18,7 @@ import ray
 from ark_ray.config import SftConfig, to_dict
 from ark_ray.data.features import featurize_rows, pad_mels
 from ark_ray.data.manifest import read_manifest
-from ark_ray.opd.learner import LearnerGroup
+from ark_ray.train.learner import LearnerGroup
 
 
 def prepare_init_model(cfg: SftConfig) -> str:
