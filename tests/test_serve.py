@@ -305,3 +305,12 @@ def test_sse_shapes():
     assert json.loads(formats.sse(formats.delta_event("ab"))[6:]) == {"type": "transcript.text.delta", "delta": "ab"}
     done = json.loads(formats.sse(formats.done_event(t, 10))[6:])
     assert done["usage"] == {"type": "tokens", "input_tokens": 10, "output_tokens": 3, "total_tokens": 13}
+
+
+def test_stream_deltas_hold_back_what_later_tokens_can_change():
+    """A partial transcript is shown up to an incomplete character or an unclosed `<` (a marker
+    cleanup may still drop), without trailing spaces (cleanup strips them)."""
+    assert formats.stable_prefix("hello wor") == "hello wor"
+    assert formats.stable_prefix("hello <|te") == "hello"
+    assert formats.stable_prefix("caf\ufffd") == "caf"
+    assert formats.stable_prefix("a <|x|> b ") == "a <|x|> b"

@@ -1,8 +1,11 @@
-"""Engines: one `Transcriber` interface; `VllmEngine` (default) and `HFEngine` (reference/fallback)."""
+"""Engines: one `Transcriber` interface; `VllmEngine` (default) and `HFEngine` (reference/fallback).
+
+`AsyncTranscriber` is the serving side (one window per request, awaited or streamed):
+`AsyncVllmEngine`, on vLLM's AsyncLLM."""
 from __future__ import annotations
 
 from ark_ray.config import EngineConfig
-from ark_ray.engines.base import Segment, Transcriber, Transcript
+from ark_ray.engines.base import AsyncTranscriber, Segment, Transcriber, Transcript
 
 
 def make_engine(model_dir: str, cfg: EngineConfig | None = None) -> Transcriber:
@@ -18,4 +21,13 @@ def make_engine(model_dir: str, cfg: EngineConfig | None = None) -> Transcriber:
     raise ValueError(f"unknown engine backend {cfg.backend!r}")
 
 
-__all__ = ["Transcriber", "Transcript", "Segment", "make_engine"]
+def make_async_engine(model_dir: str, cfg: EngineConfig | None = None) -> AsyncTranscriber:
+    """The async (serving) engine for `cfg.backend`; only vLLM has one (HF serves through batches)."""
+    cfg = cfg or EngineConfig()
+    if cfg.backend != "vllm":
+        raise ValueError(f"no async engine for backend {cfg.backend!r} (only vllm)")
+    from ark_ray.engines.async_vllm import AsyncVllmEngine
+    return AsyncVllmEngine(model_dir, cfg)
+
+
+__all__ = ["Transcriber", "AsyncTranscriber", "Transcript", "Segment", "make_engine", "make_async_engine"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import AsyncIterator, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -72,3 +72,50 @@ class Transcriber(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class AsyncTranscriber(abc.ABC):
+    """The serving side of the engines: one 30 s window per request, awaited (or streamed) on its own.
+
+    Where requests arrive one by one (the Serve replica), each window goes to the engine as soon
+    as it arrives and the engine batches continuously; nothing waits for a batch to fill or to
+    finish. Windows come from the shared chunker (`split_long_audio`) and results are joined with
+    `join_chunks`, and prompts, token mask and cleanup are the shared processor's, so a window
+    transcribes exactly as in `Transcriber.transcribe`.
+
+    A window's result is a *sample dict*: {token_ids, prompt_ids, token_logprobs (or None),
+    topk_ids/topk_logprobs (when sampling.logprobs_topk > 0), timings}.
+    """
+
+    processor: object
+    max_chunk_s: float
+
+    @abc.abstractmethod
+    async def transcribe_window(self, wave: np.ndarray, sampling: Optional[SamplingConfig] = None, *,
+                                logprobs: bool = True) -> list[dict]:
+        """One window (<= max_chunk_s) -> `sampling.n` sample dicts."""
+
+    @abc.abstractmethod
+    def stream_window(self, wave: np.ndarray, sampling: Optional[SamplingConfig] = None, *,
+                      logprobs: bool = True) -> AsyncIterator[dict]:
+        """One window, n = 1: yields {"delta": [new token ids]} as the engine decodes them, then
+        {"done": sample dict}. The deltas add up to the done dict's token_ids."""
+
+    async def transcribe(self, audios: Sequence[np.ndarray],
+                         sampling: Optional[SamplingConfig] = None) -> list[Transcript]:
+        """Like `Transcriber.transcribe`: every window of every clip in flight at once."""
+        import asyncio
+
+        from ark_ray.engines.chunking import join_chunks, split_long_audio
+
+        sampling = sampling or SamplingConfig()
+        pieces, owners = split_long_audio(audios, self.max_chunk_s)
+        results = await asyncio.gather(*(self.transcribe_window(p.samples, sampling) for p in pieces))
+        return join_chunks(audios, pieces, owners, list(results), sampling.n, self.processor)
+
+    def healthy(self) -> bool:
+        """False once the engine can no longer answer (its processes died)."""
+        return True
+
+    def close(self) -> None:
+        """Release the engine's memory and processes."""

@@ -109,6 +109,19 @@ def sse(event: dict) -> str:
     return f"data: {json.dumps(event)}\n\n"
 
 
+def stable_prefix(text: str) -> str:
+    """The part of a partial transcript later tokens cannot change: up to an incomplete UTF-8
+    character (U+FFFD) or an unclosed `<` (a `<|...|>` marker cleanup may still remove), with
+    trailing spaces dropped (cleanup strips them)."""
+    cut = len(text)
+    if "\ufffd" in text:
+        cut = text.index("\ufffd")
+    lt = text.rfind("<", 0, cut)
+    if lt > text.rfind(">", 0, cut):
+        cut = lt
+    return text[:cut].rstrip()
+
+
 def delta_event(text: str) -> dict:
     return {"type": "transcript.text.delta", "delta": text}
 

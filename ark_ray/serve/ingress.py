@@ -2,8 +2,10 @@
 
 The ingress decodes the upload (shared `load_audio`), cuts it into windows with the shared
 chunker (`split_long_audio`, the same cut points as batch jobs and rollouts), sends every window
-to the model deployment, and joins the answers with the engines' own `join_chunks`. So a long
-clip's windows are batched with other requests' windows and can stream back one by one.
+to the model deployment at once (each is its own engine request, decoded alongside every other
+request's windows), and joins the answers with the engines' own `join_chunks`. With
+`stream=true` the windows' tokens come back as the engine decodes them (`stream_window`) and
+leave as `transcript.text.delta` events.
 Every failure is one OpenAI-style error object: {"error": {message, type, param, code}}.
 Every answer is counted in the ark_serve_* metrics (`RequestMetrics`).
 """
@@ -90,6 +92,7 @@ class Ingress:
                  max_new_tokens: int = 128, max_upload_mb: float = 25.0, max_audio_s: float = 600.0,
                  api_key: Optional[str] = None):
         self.transcriber = transcriber
+        self.streamer = transcriber.options(stream=True)
         self.model_name = model_name
         self.max_chunk_s = max_chunk_s
         self.max_new_tokens = max_new_tokens
@@ -205,18 +208,29 @@ class Ingress:
             raise ApiError(400, f"Cannot use the audio ({e.reason}): {e.message}", code=e.reason,
                            param="file") from None
 
-    def _submit(self, pieces, opts: dict) -> list:
+    def _submit(self, pieces, opts: dict, stream: bool = False) -> list:
         """Send every window; the handle may refuse one (queue full) right here or when awaited."""
+        method = self.streamer.stream_window if stream else self.transcriber.transcribe_window
         calls = []
         try:
             for p in pieces:
-                calls.append(self.transcriber.transcribe_window.remote(
+                calls.append(method.remote(
                     {"samples": p.samples, "temperature": opts["temperature"],
-                     "max_new_tokens": opts["max_new_tokens"]}))
+                     "max_new_tokens": opts["max_new_tokens"], "logprobs": opts["response_format"] == "verbose_json"}))
         except BackPressureError:
             _cancel(calls)
             raise _overloaded() from None
         return calls
+
+    @staticmethod
+    async def _next(parts):
+        """The next part of a streamed window ({"delta": ids} or {"done": result})."""
+        try:
+            return await parts.__anext__()
+        except BackPressureError:
+            raise _overloaded() from None
+        except StopAsyncIteration:
+            raise ApiError(500, "The model replica ended a window without a result.", type="server_error") from None
 
     # ------------------------------------------------------------------ routes
     @app.get("/", response_class=HTMLResponse)
@@ -243,12 +257,12 @@ class Ingress:
         request.state.audio_s = len(wave) / SAMPLE_RATE   # counted by RequestMetrics if this succeeds
         processor = await self._get_processor()
         pieces, owners = await asyncio.to_thread(split_long_audio, [wave], self.max_chunk_s)
-        calls = self._submit(pieces, opts)
+        calls = self._submit(pieces, opts, stream=opts["stream"])
         if opts["stream"]:
             try:
-                first = await self._call(calls[0])  # errors before the first byte keep their status code
+                first = await self._next(calls[0])  # errors before the first byte keep their status code
             except BaseException:
-                _cancel(calls[1:])
+                _cancel(calls)
                 raise
             return StreamingResponse(self._stream(wave, pieces, owners, calls, first, processor),
                                      media_type="text/event-stream")
@@ -264,26 +278,42 @@ class Ingress:
         return Response(body, media_type=media)
 
     async def _stream(self, wave, pieces, owners, calls, first, processor) -> AsyncIterator[str]:
-        """A `transcript.text.delta` per window as it finishes, then `transcript.text.done`.
+        """`transcript.text.delta` events as tokens are decoded, then `transcript.text.done`.
 
-        Each delta is what the window adds to the text decoded so far, so the deltas add up to
-        the final text (which `done` carries, decoded exactly as the non-streaming answer).
+        Each delta is what new tokens add to the text decoded so far (all windows before, then
+        this window's tokens), held back where a later token could still change it (an
+        incomplete UTF-8 character, a possible `<|...|>` marker), so the deltas add up to the
+        final text, which `done` carries decoded exactly as the non-streaming answer.
         """
-        results = [first]
+        results: list[dict] = []
         eos = processor.token_ids.eos
-        ids: list[int] = []
+        before: list[int] = []          # tokens of the finished windows, their EOS dropped
         shown = ""
+        part = first
         try:
-            for i in range(len(calls)):
-                if i > 0:
-                    results.append(await self._call(calls[i]))
-                window = list(results[i]["token_ids"])
-                ids += window[:-1] if window and window[-1] == eos else window
-                text, _ = processor.decode(ids)
+            for gen in calls:
+                window: list[int] = []
+                while True:
+                    part = part if part is not None else await self._next(gen)
+                    if "done" in part:
+                        break
+                    window += part["delta"]
+                    text = formats.stable_prefix(processor.decode(before + window)[0])
+                    if text.startswith(shown) and len(text) > len(shown):
+                        yield formats.sse(formats.delta_event(text[len(shown):]))
+                        shown = text
+                    part = None
+                results.append(part["done"])
+                part = None
+                ids = list(results[-1]["token_ids"])
+                before += ids[:-1] if ids and ids[-1] == eos else ids
+                text = formats.stable_prefix(processor.decode(before)[0])   # engines that do not stream tokens
                 if text.startswith(shown) and len(text) > len(shown):
                     yield formats.sse(formats.delta_event(text[len(shown):]))
                     shown = text
             t = join_chunks([wave], pieces, owners, [[r] for r in results], 1, processor)[0]
+            if t.text.startswith(shown) and len(t.text) > len(shown):
+                yield formats.sse(formats.delta_event(t.text[len(shown):]))
             yield formats.sse(formats.done_event(t, sum(len(r["prompt_ids"]) for r in results)))
             yield "data: [DONE]\n\n"
         except ApiError as e:
