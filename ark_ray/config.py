@@ -76,6 +76,19 @@ class EngineConfig:
     max_model_len: int = opt(1024, "Longest prompt + transcript in tokens (30 s of audio = 384 prompt tokens).")
     gpu_memory_utilization: float = opt(0.85, "Fraction of GPU memory vLLM may take.")
     enforce_eager: bool = opt(False, "Disable CUDA graphs in vLLM (always eager on CPU).")
+    # -- vLLM throughput knobs (bench/engine_sweep.py measures them; ark_ray/vllm_plugin/engine_args.py applies them)
+    max_num_batched_tokens: int = opt(
+        0, "Tokens vLLM schedules per step (prefill + decode). It also sizes the encoder budget and the encoder "
+        "cache, so it bounds the clips encoded per step (~this / 375 for 30 s clips). 0: vLLM's default (16384 "
+        "for offline use on an 80 GB+ card). With chunked prefill off it must be >= max_model_len.")
+    enable_chunked_prefill: bool = opt(True, "Let vLLM split long prefills across steps (its default).")
+    encoder_attention: Literal["auto", "flash", "sdpa", "padded"] = opt(
+        "auto", "How the audio encoder runs inside vLLM. auto: packed clips (no work on padding) with "
+        "flash-attention varlen on CUDA in bf16/fp16, else SDPA; flash / sdpa: force one; padded: the HF "
+        "encoder's padded batch (the old path, for A/B runs).")
+    encoder_compile: bool = opt(
+        True, "torch.compile the encoder's per-layer elementwise work (LayerNorm, RoPE, GELU, residuals) around "
+        "the matmuls, on CUDA only; falls back to eager if compiling fails. Costs compile time at engine start.")
     max_chunk_s: float = opt(30.0, "Long audio is cut by the shared chunker into windows of at most this many seconds.")
     num_gpus: float = opt(0.0, "GPUs per engine actor (0 on CPU).")
     num_cpus: float = opt(1.0, "CPUs per engine actor.")

@@ -169,26 +169,58 @@ def test_transcription_prompt_for_both_vllm_signatures(mm_processor, model_dir):
 
 
 def test_encoder_batch_of_unequal_clips_equals_clip_by_clip(model_dir):
-    """What the plugin does with one step's clips (mel on the device, one padded batch) equals
-    each clip through the HF processor and encoder alone."""
+    """What the plugin does with one step's clips (mel on the device, the packed encoder: no work
+    on padding) equals each clip through the HF processor and encoder alone; so does the HF
+    encoder's padded batch. A clip shorter than one audio token (3 mel frames) is in the batch."""
     from ark_ray.audio import log_mel, mel_frames
     from ark_ray.model import ArkAsrForConditionalGeneration, ArkAsrProcessor
+    from ark_ray.vllm_plugin.encoder import PackedArkAudioEncoder
     from ark_ray.vllm_plugin.model import _clips as as_clips
 
     proc = ArkAsrProcessor.from_pretrained(model_dir)
-    enc = ArkAsrForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).audio_encoder.eval()
-    clips = _clips()[:3]
+    model = ArkAsrForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    enc = model.audio_encoder.eval()
+    packed = PackedArkAudioEncoder(model.config, attention="auto").eval()   # sdpa on the CPU
+    packed.load_state_dict(enc.state_dict())
+    clips = _clips()[:3] + [_clips()[4][:480]]
     waves = [torch.from_numpy(c) for c in clips]        # what vLLM hands over: a list (unequal lengths)
     frames = [mel_frames(len(c)) for c in clips]
+    counts = [proc.audio_token_count(len(c)) for c in clips]
+    assert counts[-1] == 1 and (frames[-1] + 1) // 2 < 4   # shorter than one token: zero-padded to one
     with torch.inference_mode():
         mel, lengths = log_mel(as_clips(waves))
         assert lengths.tolist() == frames
-        rows = enc(mel, lengths).split([proc.audio_token_count(len(c)) for c in clips])
-        for c, r in zip(clips, rows):
-            alone = proc.featurize([c])["input_features"]
-            torch.testing.assert_close(r, enc(alone), rtol=1e-4, atol=1e-5)
+        rows = packed.forward_packed(mel, frames).split(counts)
+        padded = enc(mel, lengths).split(counts)
+        for c, r, p in zip(clips[:3], rows, padded):
+            alone = enc(proc.featurize([c])["input_features"])
+            torch.testing.assert_close(r, alone, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(p, alone, rtol=1e-4, atol=1e-5)
+        alone = enc(proc.featurize([clips[-1]])["input_features"])
+        torch.testing.assert_close(rows[-1], alone, rtol=1e-4, atol=1e-5)
+        # the order of clips in a step changes nothing but the order of the rows
+        rev = packed.forward_packed(log_mel(as_clips(waves[::-1]))[0], frames[::-1]).split(counts[::-1])
+        for r, q in zip(rows, rev[::-1]):
+            torch.testing.assert_close(r, q, rtol=1e-4, atol=1e-5)
         same = torch.stack(waves[:1] * 2)              # equal lengths arrive stacked
         assert [w.shape for w in as_clips(same)] == [waves[0].shape] * 2
+
+
+def test_engine_kwargs_reach_vllm_and_the_encoder(model_dir):
+    """EngineConfig's throughput keys become LLM arguments this vLLM accepts, and the encoder
+    knobs travel as hf_overrides into the model config the plugin reads."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from ark_ray.config import EngineConfig
+    from ark_ray.vllm_plugin.engine_args import engine_kwargs
+
+    kw = engine_kwargs(EngineConfig(max_num_batched_tokens=4096, encoder_attention="sdpa"), on_gpu=False)
+    assert kw["max_num_batched_tokens"] == 4096 and kw["mm_processor_cache_gb"] == 0
+    assert kw["hf_overrides"] == {"ark_encoder_attention": "sdpa", "ark_encoder_compile": False}
+    assert "max_num_batched_tokens" not in engine_kwargs(EngineConfig(), on_gpu=True)
+    assert engine_kwargs(EngineConfig(), on_gpu=True)["hf_overrides"]["ark_encoder_compile"] is True
+    args = EngineArgs(model=model_dir, max_model_len=256, enable_prefix_caching=False, **kw)
+    assert args.mm_processor_cache_gb == 0 and args.max_num_batched_tokens == 4096
 
 
 # ---------------------------------------------------------------------------- engines

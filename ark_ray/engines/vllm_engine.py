@@ -119,6 +119,7 @@ class VllmEngine(Transcriber):
         from vllm import LLM
 
         from ark_ray.model.processor import ArkAsrProcessor
+        from ark_ray.vllm_plugin.engine_args import engine_kwargs
 
         cfg = cfg or EngineConfig()
         self.cfg = cfg
@@ -130,6 +131,8 @@ class VllmEngine(Transcriber):
             enforce_eager=cfg.enforce_eager or not on_gpu, limit_mm_per_prompt={"audio": 1},
             max_logprobs=max_logprobs, enable_prefix_caching=False, seed=0,
         )
+        # throughput knobs (step budget, encoder, processor cache): ark_ray/vllm_plugin/engine_args.py
+        kwargs.update(engine_kwargs(cfg, on_gpu))
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         # collective_rpc with a function (weight updates) needs vLLM's pickle fallback; the

@@ -13,6 +13,7 @@ reports. Turn it off with `hf_overrides={"mask_blocked_tokens": False}` to get r
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext as _nullcontext
 from typing import Any
 
 import torch
@@ -26,10 +27,11 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, WeightsMapper,
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, log_mel
+from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, log_mel, mel_frames
 from ark_ray.model.config import audio_token_count
-from ark_ray.model.modeling import ArkAudioEncoder
+from ark_ray.vllm_plugin import profiling
 from ark_ray.vllm_plugin.compat import mark_submodules, split_stt_args
+from ark_ray.vllm_plugin.encoder import PackedArkAudioEncoder
 from ark_ray.vllm_plugin.processing import (ArkAsrDummyInputsBuilder, ArkAsrMultiModalProcessor,
                                             ArkAsrProcessingInfo, max_audio_seconds,
                                             processor_for)
@@ -57,7 +59,11 @@ class ArkAsrForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, 
         config = vllm_config.model_config.hf_config
         self.config = config
         with mark_submodules(self, "tower", vllm_config, "audio"):
-            self.audio_encoder = ArkAudioEncoder(config)
+            # packed clips (no work on padding); knobs come as hf_overrides (engine_kwargs)
+            self.audio_encoder = PackedArkAudioEncoder(
+                config, attention=getattr(config, "ark_encoder_attention", "auto"),
+                compile=bool(getattr(config, "ark_encoder_compile", False)))
+        self.part_timer = profiling.PartTimer() if profiling.enabled() else None
         with mark_submodules(self, "language", vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=config,
@@ -92,12 +98,20 @@ class ArkAsrForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, 
         if waves is None:
             return []
         weight = self.audio_encoder.whisper.conv1.weight
-        # The log-mel of every clip of the step, in one batch on the model's device (fp32).
-        mel, frames = log_mel(_clips(waves), device=weight.device)
+        timer = self.part_timer
         expected = [int(n) for n in kwargs["feature_lengths"]]
-        if frames.tolist() != expected:
-            raise RuntimeError(f"mel frames {frames.tolist()} != placeholder frames {expected}")
-        rows = self.audio_encoder(mel.to(weight.dtype), frames)
+        clips = _clips(waves)
+        # The log-mel of every clip of the step, in one batch on the model's device (fp32).
+        with timer.part("mel") if timer is not None else _nullcontext():
+            mel, frames = log_mel(clips, device=weight.device)
+            mel = mel.to(weight.dtype)
+        # frame counts come from the lengths (CPU) - no device sync to check them
+        got = [mel_frames(c.numel()) for c in clips]
+        if got != expected:
+            raise RuntimeError(f"mel frames {got} != placeholder frames {expected}")
+        if timer is not None:
+            timer.count(len(clips), sum(expected))
+        rows = self.audio_encoder.forward_packed(mel, expected, timer)
         counts = [audio_token_count(n, self.config.merge_factor) for n in expected]
         return rows.split(counts)
 
