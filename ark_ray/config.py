@@ -475,10 +475,20 @@ class TranscribeConfig:
                            "File extensions listed as audio (case-insensitive); undecodable ones become error rows.")
     max_audio_s: float = opt(3600.0, "Longer inputs (after the segment cut) are `too_long` error rows.")
     silence_dbfs: float = opt(-60.0, "Inputs whose peak is at or below this level are `silent` error rows.")
-    batch_size: int = opt(64, "Clips per engine call (the model stage's batch).")
-    num_engines: int = opt(0, "Engine actors (the model stage's pool size). 0: one per engine.num_gpus of the "
-                           "cluster's GPUs when engine.num_gpus > 0, else 1.")
-    files_per_block: int = opt(32, "Input files per Ray Data block (the unit of decode tasks and retries).")
+    num_engines: int = opt(0, "Engine actors. 0: engines_per_gpu per GPU of the cluster when engine.num_gpus > 0, "
+                           "else 1.")
+    engines_per_gpu: int = opt(1, "Engine actors sharing each GPU (with engine.num_gpus > 0): each gets "
+                               "engine.num_gpus / N of a GPU and its share of the card's memory; they start one "
+                               "after another. 1 (the default) measured faster to start and as fast to run.")
+    files_per_block: int = opt(16, "Files in each of the first blocks (a block: one decode task, one engine call, "
+                               "one part file, the unit of retries); every block's size when block_audio_s is 0.")
+    block_audio_s: float = opt(240.0, "Audio seconds per block once the first blocks' durations are known "
+                               "(blocks are cut by audio, not file counts). 0: files_per_block files each.")
+    engine_queue_audio_s: float = opt(7200.0, "Audio seconds handed to each engine and not yet transcribed: "
+                                      "enough queued work keeps its batches full while blocks decode, transfer "
+                                      "and get written.")
+    decode_ahead: int = opt(0, "Blocks decoding or decoded and waiting for an engine, at most. 0: two per CPU "
+                            "of the cluster.")
     label_field: Optional[str] = opt(None, "Also copy pred_text into this column (an existing one is kept as "
                                      "`reference_<name>`) and write manifest.<format>: the successful rows, "
                                      "a training manifest for jobs/sft.py.")

@@ -141,3 +141,86 @@ def test_transcribe_job_end_to_end_on_s3(bucket, aws_env, tmp_path, repo_root):
              "--s3.secret_access_key=test", "--s3.region=us-east-1"]
     again = _run_job(args + flags, {}, repo_root)
     assert (again["skipped_done"], again["rows_written"]) == (4, 0)
+
+
+SCALE_FILES = 320
+
+
+@pytest.fixture(scope="module")
+def scale_prefix(bucket):
+    """SCALE_FILES tiny WAVs under one prefix, plus 1001 non-audio objects beside them, so one
+    recursive listing spans two pages (S3 returns at most 1000 keys a page)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(1)
+
+    def put(i: int) -> None:
+        if i < SCALE_FILES:
+            buf = io.BytesIO()
+            sf.write(buf, (0.1 * rng.standard_normal(1600 + 16 * i)).astype(np.float32), 16000, format="WAV")
+            bucket.put_object(Bucket=BUCKET, Key=f"scale/in/{i:04d}.wav", Body=buf.getvalue())
+        else:
+            bucket.put_object(Bucket=BUCKET, Key=f"scale/in/notes/{i:04d}.txt", Body=b"x")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, range(SCALE_FILES + 1001)))
+    return f"s3://{BUCKET}/scale/in"
+
+
+def test_listing_paginates(scale_prefix, aws_env, monkeypatch):
+    for k, v in aws_env.items():
+        monkeypatch.setenv(k, v)
+    got = list_audio(scale_prefix)
+    assert got == [f"{scale_prefix}/{i:04d}.wav" for i in range(SCALE_FILES)]
+
+
+def _parts(bucket, prefix: str) -> list[str]:
+    keys, token = [], None
+    while True:
+        kw = {"ContinuationToken": token} if token else {}
+        page = bucket.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **kw)
+        keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].rsplit("/", 1)[-1].startswith("part-")]
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]
+
+
+def test_killed_midway_then_rerun_every_input_one_row(scale_prefix, bucket, aws_env, tmp_path, repo_root):
+    """The job (its own local Ray) is SIGKILLed once part files land; the rerun finishes the rest."""
+    import signal
+    import time
+    from collections import Counter
+
+    model = tmp_path / "model"
+    save_random_model(model, "tiny", seed=4)
+    out = f"s3://{BUCKET}/scale/out"
+    args = [f"--input={scale_prefix}", f"--output={out}", f"--model={model}", "--engine.backend=hf",
+            "--sampling.max_new_tokens=16", "--files_per_block=5", "--block_audio_s=0", "--ray.num_cpus=4",
+            "--progress=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env.update(aws_env, PYTHONPATH=str(repo_root))
+    ray_tmp = tempfile.mkdtemp(prefix="ark-s3k-", dir="/tmp")
+    proc = subprocess.Popen([sys.executable, str(repo_root / "jobs" / "transcribe.py"), *args,
+                             f"--ray.temp_dir={ray_tmp}"], env=env, cwd=repo_root, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    landed = []
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not landed:
+            landed = _parts(bucket, "scale/out/")
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)        # the driver and its whole local Ray
+        proc.wait()
+    assert landed and proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    n_parts = len(_parts(bucket, "scale/out/"))
+    assert 0 < n_parts < SCALE_FILES // 5
+
+    summary = _run_job(args + [f"--ray.temp_dir={tempfile.mkdtemp(prefix='ark-s3r-', dir='/tmp')}"], aws_env,
+                       repo_root)
+    assert summary["inputs"] == SCALE_FILES and summary["skipped_done"] >= 5
+    assert summary["skipped_done"] + summary["rows_written"] == SCALE_FILES and summary["error_rows"] == 0
+    rows = [json.loads(line) for k in _parts(bucket, "scale/out/")
+            for line in bucket.get_object(Bucket=BUCKET, Key=k)["Body"].read().decode().splitlines()]
+    assert Counter(r["key"] for r in rows) == Counter({f"{scale_prefix}/{i:04d}.wav": 1 for i in range(SCALE_FILES)})
+    assert all(r["error"] is None and r["pred_text_raw"] for r in rows)

@@ -42,7 +42,7 @@ def model_dir(tmp_path_factory):
 def cfg_for(model_dir, inp, out, *extra) -> TranscribeConfig:
     return load_config(TranscribeConfig, None, [
         f"--input={inp}", f"--output={out}", f"--model={model_dir}", "--engine.backend=hf",
-        "--sampling.max_new_tokens=4", "--batch_size=4", "--files_per_block=3", "--progress=false", *extra])
+        "--sampling.max_new_tokens=4", "--files_per_block=3", "--block_audio_s=0", "--progress=false", *extra])
 
 
 # ------------------------------------------------------------------ listing (no Ray)
@@ -235,7 +235,7 @@ def test_engine_worker_killed_mid_run_loses_and_duplicates_nothing(ray_local, mo
     for i in range(n):
         sf.write(audio / f"c{i:02d}.wav", tone(0.5 + 0.02 * i, i), 16000)
     out = tmp_path / "out"
-    cfg = cfg_for(model_dir, audio, out, "--batch_size=1", "--files_per_block=1", "--sampling.max_new_tokens=8")
+    cfg = cfg_for(model_dir, audio, out, "--files_per_block=1", "--sampling.max_new_tokens=8")
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run_transcribe(cfg)), daemon=True)
     runner.start()
@@ -253,3 +253,18 @@ def test_engine_worker_killed_mid_run_loses_and_duplicates_nothing(ray_local, mo
     assert result["rows_written"] == n and result["error_rows"] == 0
     keys = Counter(r["key"] for r in read_output(str(out)))
     assert keys == Counter({str(audio / f"c{i:02d}.wav"): 1 for i in range(n)})
+
+
+def test_engines_sharing_a_card_split_its_memory():
+    """gpu_memory_utilization per engine on the 80 GB and 141 GB cards: one engine keeps the
+    configured share; k engines together stay under it with 1 GiB per neighbour left over."""
+    from ark_ray.engines.vllm_engine import memory_utilization
+
+    gib = 2**30
+    for card in (80 * gib, 141 * gib):
+        assert memory_utilization(card, 1, 0.85) == 0.85
+        for k in (2, 3, 4):
+            u = memory_utilization(card, k, 0.85)
+            assert 0 < u < 0.85 / k
+            assert (0.85 - k * u) * card >= (k - 1) * gib * 0.99
+            assert u * card > 10 * gib      # still room for weights and a KV cache per engine

@@ -1,15 +1,20 @@
-"""Batch transcription on Ray Data: inputs (paths) -> decode (CPU tasks) -> engines (actor pool) -> part files.
+"""Batch transcription on Ray: inputs (paths) -> decode (CPU tasks) -> engine actors -> part files.
 
 Why this shape: decoding and resampling are CPU work spread over tasks so the engine actors
-(one or more per GPU) only run the model; the driver holds paths and per-block counts, never
-waveforms. Nothing is lost or doubled: every input row leaves exactly one output row (a bad
-file becomes an error row naming the reason), each block is written as one part file named by
-the hash of its input keys (a retried task rewrites the same file), and a rerun into the same
-output reads the keys already written and skips them (dropping any duplicate first).
+(one or more per GPU) only run the model. The engines are created when the job starts and load
+while the inputs are listed and decoded; then every block moves on as soon as its stage is
+done (no barrier between stages), the driver keeping each engine supplied with queued audio.
+The driver holds paths, object refs and per-block counts, never waveforms.
+
+Nothing is lost or doubled: every input row leaves exactly one output row (a bad file becomes
+an error row naming the reason), each block is written as one part file named by the hash of
+its input keys (a retried task rewrites the same file), and a rerun into the same output reads
+the keys already written and skips them (dropping any duplicate first).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -124,65 +129,8 @@ def decode_batch(batch: dict, *, s3: Optional[S3Config] = None, max_audio_s: Opt
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 2 (actor pool): waveforms -> transcripts
+# Stage 2 (engine actors): ark_ray.data.engine_stage.EngineStage
 # --------------------------------------------------------------------------------------------
-
-
-class EngineStage:
-    """A map_batches actor holding one engine (`make_engine`: vLLM or HF) for its lifetime."""
-
-    def __init__(self, model_dir: str, engine: EngineConfig, sampling: SamplingConfig):
-        from ark_ray.engines import make_engine
-
-        self.engine = make_engine(model_dir, engine)
-        self.sampling = sampling
-
-    def _run(self, waves: list[np.ndarray]) -> list:
-        """(text, raw) per clip, or the exception for that clip.
-
-        One failing clip must not take its batch down: on an error the batch is retried clip
-        by clip, so only the clip the engine cannot handle becomes an error row.
-        """
-        n = max(1, self.sampling.n)
-        try:
-            ts = self.engine.transcribe(waves, self.sampling)
-            return [(t.text, t.text_raw) for t in ts[::n]]
-        except Exception as batch_err:  # noqa: BLE001 - isolated per clip below
-            if len(waves) == 1:
-                return [batch_err]
-        out = []
-        for w in waves:
-            try:
-                t = self.engine.transcribe([w], self.sampling)[0]
-                out.append((t.text, t.text_raw))
-            except Exception as ex:  # noqa: BLE001 - becomes this clip's error row
-                out.append(ex)
-        return out
-
-    def __del__(self):
-        """Ray Data drops the UDF when the pool shuts down: stop the engine's processes cleanly."""
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
-
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["key"])
-        pred = np.full(n, "", dtype=object)
-        raw = np.full(n, "", dtype=object)
-        err = np.array(batch["error"], dtype=object)
-        detail = np.array(batch["error_detail"], dtype=object)
-        ok = [i for i in range(n) if not err[i]]
-        # a writable copy: Arrow hands out read-only views, which torch and vLLM refuse to alias
-        results = self._run([np.array(batch["wave"][i], np.float32) for i in ok]) if ok else []
-        for i, r in zip(ok, results):
-            if isinstance(r, BaseException):
-                err[i] = r.reason if isinstance(r, AudioError) else "engine_error"
-                detail[i] = r.message if isinstance(r, AudioError) else f"{type(r).__name__}: {r}"
-            else:
-                pred[i], raw[i] = r
-        out = {k: v for k, v in batch.items() if k != "wave"}
-        out.update(pred_text=pred, pred_text_raw=raw, error=err, error_detail=detail)
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,14 +176,14 @@ def encode_rows(rows: list[dict], fmt: str, schema: pa.Schema) -> bytes:
 
 def write_batch(batch: dict, *, output: str, fmt: str, schema: pa.Schema, label_field: Optional[str],
                 s3: Optional[S3Config] = None) -> dict:
-    """map_batches fn: writes the block's rows; returns one counts row (all the driver sees)."""
+    """Remote task: writes the block's rows as one part file; returns its counts (all the driver sees)."""
     rows = output_rows(batch, label_field)
     fs, root = resolve(output, s3)
     write_bytes_atomic(fs, posixpath.join(root, part_name((r["key"] for r in rows), fmt)),
                        encode_rows(rows, fmt, schema))
     reasons = Counter(r["error"] for r in rows if r["error"] is not None)
-    return {"rows": np.array([len(rows)]), "audio_s": np.array([sum(r["duration_s"] for r in rows)]),
-            "errors": np.array([sum(reasons.values())]), "reasons": np.array([json.dumps(reasons)])}
+    return {"rows": len(rows), "audio_s": float(sum(r["duration_s"] for r in rows)),
+            "errors": sum(reasons.values()), "reasons": json.dumps(reasons)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,20 +314,6 @@ def check_backend(engine: EngineConfig) -> None:
                           "install the gpu/cpu extra or pass --engine.backend=hf")
 
 
-def pool_size(cfg: TranscribeConfig) -> int:
-    if cfg.num_engines > 0:
-        return cfg.num_engines
-    if cfg.engine.num_gpus > 0:
-        import ray
-
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < cfg.engine.num_gpus:
-            raise ConfigError(f"engine.num_gpus={cfg.engine.num_gpus} but the cluster has {gpus:g} GPUs "
-                              "(set engine.num_gpus=0 for CPU engine actors)")
-        return max(1, int(gpus // cfg.engine.num_gpus))
-    return 1
-
-
 def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[list[dict], pa.Schema]:
     """Pipeline items (key, audio, segment, pickled metadata) and the fixed output schema.
 
@@ -408,89 +342,242 @@ def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[lis
     return items, pa.schema(fields)
 
 
-def build_dataset(items: list[dict], schema: pa.Schema, model_dir: str, cfg: TranscribeConfig,
-                  label_field: Optional[str]):
-    """The lazy Ray Data pipeline; each output row of the returned dataset counts one written block."""
+def engine_plan(cfg: TranscribeConfig) -> tuple[int, EngineConfig]:
+    """(engine actors, each one's EngineConfig): `engines_per_gpu` engines share each GPU."""
+    eng = cfg.engine
+    if eng.num_gpus <= 0:
+        return max(1, cfg.num_engines), eng
+    eng = dataclasses.replace(eng, num_gpus=eng.num_gpus / max(1, cfg.engines_per_gpu))
+    if cfg.num_engines > 0:
+        return cfg.num_engines, eng
     import ray
 
-    n_blocks = max(1, math.ceil(len(items) / max(1, cfg.files_per_block)))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    # max_retries: a decode task whose worker dies is rerun (Ray's default too); naming it also
-    # keeps Ray Data from fusing decoding into the engine actors, which must only run the model.
-    ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", num_cpus=1, max_retries=3,
-                        fn_kwargs={"s3": cfg.s3, "max_audio_s": cfg.max_audio_s,
-                                   "silence_dbfs": cfg.silence_dbfs})
-    ds = ds.map_batches(EngineStage, batch_size=cfg.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=pool_size(cfg)), num_cpus=cfg.engine.num_cpus,
-                        num_gpus=cfg.engine.num_gpus or None,
-                        fn_constructor_kwargs={"model_dir": model_dir, "engine": cfg.engine,
-                                               "sampling": cfg.sampling})
-    return ds.map_batches(write_batch, batch_size=None, batch_format="numpy", num_cpus=0.5,
-                          fn_kwargs={"output": cfg.output, "fmt": cfg.format, "schema": schema,
-                                     "label_field": label_field, "s3": cfg.s3})
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < eng.num_gpus:
+        raise ConfigError(f"engine.num_gpus={cfg.engine.num_gpus} but the cluster has {gpus:g} GPUs "
+                          "(set engine.num_gpus=0 for CPU engine actors)")
+    return max(1, int(math.floor(gpus / eng.num_gpus + 1e-6))), eng
 
 
-@contextlib.contextmanager
-def _restore(obj, attr: str, value):
+def start_engines(n: int, model_dir: str, eng: EngineConfig, sampling: SamplingConfig) -> list:
+    """Create the engine actors now; they load while the driver lists and the CPUs decode.
+
+    A dead engine actor is restarted and its unfinished calls are retried (the part files
+    make a retried block harmless).
+    """
+    import ray
+
+    from ark_ray.data.engine_stage import EngineStage
+
+    actor = ray.remote(EngineStage).options(num_cpus=eng.num_cpus, num_gpus=eng.num_gpus,
+                                            max_concurrency=ENGINE_CALLS, max_restarts=3, max_task_retries=3)
+    return [actor.remote(model_dir, eng, sampling) for _ in range(n)]
+
+
+def stop_engines(engines: list, timeout_s: float = 60.0) -> None:
+    import ray
+
     try:
-        yield
+        ray.wait([e.close.remote() for e in engines], num_returns=len(engines), timeout=timeout_s)
     finally:
-        setattr(obj, attr, value)
+        for e in engines:
+            ray.kill(e, no_restart=True)
+
+
+#: Calls an engine actor runs at once (threads); the driver's audio budget decides how many it gets.
+ENGINE_CALLS = 64
+
+
+def decode_block(block: dict, s3: Optional[S3Config], max_audio_s: Optional[float],
+                 silence_dbfs: float) -> tuple[dict, dict]:
+    """Remote task: (small info the driver reads, the decoded block that goes to an engine)."""
+    out = decode_batch(block, s3=s3, max_audio_s=max_audio_s, silence_dbfs=silence_dbfs)
+    return {"rows": len(block["key"]), "audio_s": float(np.sum(out["duration_s"]))}, out
+
+
+def _block_of(items: list[dict]) -> dict:
+    return {"key": np.array([it["key"] for it in items], dtype=object),
+            "audio": np.array([it["audio"] for it in items], dtype=object),
+            "begin_time": np.array([it["begin_time"] for it in items], np.float64),
+            "end_time": np.array([it["end_time"] for it in items], np.float64),
+            "meta": np.array([it["meta"] for it in items], dtype=object)}
+
+
+class _Blocks:
+    """Cuts the inputs into blocks lazily: the first `files_per_block` files each, then as many
+    files as make `block_audio_s` seconds at the mean duration decoded so far."""
+
+    def __init__(self, items: list[dict], cfg: TranscribeConfig):
+        self.items, self.pos, self.cfg = items, 0, cfg
+        self.files, self.audio_s = 0, 0.0
+
+    def seen(self, rows: int, audio_s: float) -> None:
+        self.files += rows
+        self.audio_s += audio_s
+
+    def __bool__(self) -> bool:
+        return self.pos < len(self.items)
+
+    def next(self) -> list[dict]:
+        n = max(1, self.cfg.files_per_block)
+        if self.cfg.block_audio_s > 0 and self.audio_s > 0:
+            n = max(1, int(round(self.cfg.block_audio_s / (self.audio_s / self.files))))
+        out = self.items[self.pos:self.pos + n]
+        self.pos += len(out)
+        return out
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def stream(items: list[dict], engines: list, cfg: TranscribeConfig, schema: pa.Schema,
+           label_field: Optional[str], t0: float, on_written: Callable[[dict], None]) -> dict:
+    """Decode tasks -> engine actors -> write tasks, each block moving on as soon as it is ready.
+
+    The driver holds only object refs and counts. Decoding runs ahead of the engines by at most
+    `decode_ahead` blocks; each engine is handed blocks until `engine_queue_audio_s` seconds
+    of audio wait at it (the least loaded first), so it never runs dry while blocks decode,
+    transfer and get written. Returns the stage times (seconds since `t0`).
+    """
+    import ray
+
+    decode = ray.remote(decode_block).options(num_cpus=1, num_returns=2, max_retries=3)
+    write = ray.remote(write_batch).options(num_cpus=0.25, max_retries=3)
+    ahead = cfg.decode_ahead if cfg.decode_ahead > 0 else 2 * _cluster_cpus()
+    blocks = _Blocks(items, cfg)
+    times: dict = {"engines_ready_s": [None] * len(engines)}
+    ready_refs = {e.ready.remote(): i for i, e in enumerate(engines)}
+    decoding: dict = {}       # info ref -> block ref
+    decoded: list = []        # (block ref, audio_s) waiting for an engine
+    at_engine: dict = {}      # result ref -> (engine index, audio_s)
+    writing: set = set()
+    load = [0.0] * len(engines)
+    write_kwargs = {"output": cfg.output, "fmt": cfg.format, "schema": schema, "label_field": label_field,
+                    "s3": cfg.s3}
+
+    def mark(name: str) -> None:
+        times.setdefault(name, time.perf_counter() - t0)
+
+    while blocks or decoding or decoded or at_engine or writing:
+        while blocks and len(decoding) + len(decoded) < ahead:
+            info, block = decode.remote(_block_of(blocks.next()), cfg.s3, cfg.max_audio_s, cfg.silence_dbfs)
+            decoding[info] = block
+        while decoded:
+            i = min(range(len(engines)), key=load.__getitem__)
+            ref, audio_s = decoded[0]
+            if load[i] > 0 and load[i] + audio_s > cfg.engine_queue_audio_s:
+                break
+            decoded.pop(0)
+            load[i] += audio_s
+            at_engine[engines[i].transcribe_block.remote(ref)] = (i, audio_s)
+        refs = list(ready_refs) + list(decoding) + list(at_engine) + list(writing)
+        done, _ = ray.wait(refs, num_returns=1, timeout=1.0, fetch_local=False)
+        if not done:
+            continue
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        for ref in done:
+            if ref in ready_refs:
+                i = ready_refs.pop(ref)
+                timing = ray.get(ref)             # raises if the engine could not start
+                times["engines_ready_s"][i] = round(time.perf_counter() - t0, 2)
+                times.setdefault("engine_build_s", []).append(round(timing["build_s"], 2))
+            elif ref in decoding:
+                info = ray.get(ref)
+                mark("first_decoded_s")
+                blocks.seen(info["rows"], info["audio_s"])
+                decoded.append((decoding.pop(ref), info["audio_s"]))
+            elif ref in at_engine:
+                i, audio_s = at_engine.pop(ref)
+                load[i] -= audio_s
+                mark("first_transcribed_s")
+                writing.add(write.remote(ref, **write_kwargs))
+            else:
+                writing.discard(ref)
+                mark("first_written_s")
+                counts = ray.get(ref)
+                times["last_written_s"] = time.perf_counter() - t0
+                on_written(counts)
+    return times     # an engine still starting when the last block landed keeps None
+
+
+def _is_rerun(cfg: TranscribeConfig) -> bool:
+    """The output already holds part files that this run will keep."""
+    if cfg.overwrite:
+        return False
+    fs, root = resolve(cfg.output, cfg.s3)
+    return bool(_part_files(fs, root))
 
 
 def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, float], None]] = None) -> dict:
-    """List, skip what is done, run the pipeline with a progress bar; returns the summary.
+    """Start the engines, list, skip what is done, stream the blocks; returns the summary.
 
-    The driver records the ark_batch_* metrics: files, audio seconds and error rows by reason as
-    each block's part file lands, and the speed so far (the last value is the summary's).
-
+    The engine actors are created first: they load while the inputs are listed and decoded.
+    The driver records the ark_batch_* metrics as each block's part file lands (files, audio
+    seconds, error rows by reason) and the speed so far (the last value is the summary's).
     `on_block(rows, audio_s)` is called as each part file lands (benchmarks time the stream).
+    The summary's `startup` holds each stage's first result in seconds since the job began.
     """
-    import ray
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     label_field = cfg.label_field or ("text" if cfg.as_manifest else None)
     model_dir = resolve_model(cfg.model)
     check_backend(cfg.engine)
-    rows = load_inputs(cfg.input, cfg.extensions, cfg.s3)
-    prepare_output(cfg.output, cfg.s3, cfg.overwrite)
-    done = done_keys(cfg.output, cfg.s3, retry_errors=cfg.retry_errors)
-    todo = [r for r in rows if r["key"] not in done]
-    summary = {"inputs": len(rows), "skipped_done": len(rows) - len(todo), "rows_written": 0,
-               "error_rows": 0, "errors_by_reason": {}, "audio_hours": 0.0, "output": cfg.output}
-    if todo:
-        items, schema = _items_and_schema(rows, label_field)
-        todo_keys = {r["key"] for r in todo}
-        items = [it for it in items if it["key"] in todo_keys]
-        init_ray(cfg.ray)                       # only now: a rerun with nothing to do needs no cluster
-        ctx = ray.data.DataContext.get_current()
-        bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False   # ours: files, hours, errors
-        ds = build_dataset(items, schema, model_dir, cfg, label_field)
-        reasons: Counter = Counter()
-        audio_s = 0.0
-        with tqdm(total=len(items), unit="file", desc="transcribe", disable=not cfg.progress) as bar, \
-                _restore(ctx, "enable_progress_bars", bars):
-            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for i in range(len(b["rows"])):
-                    block_reasons = json.loads(str(b["reasons"][i]))
-                    summary["rows_written"] += int(b["rows"][i])
-                    summary["error_rows"] += int(b["errors"][i])
-                    audio_s += float(b["audio_s"][i])
+    engines: list = []
+    startup: dict = {}
+    if not _is_rerun(cfg):            # a rerun lists first: it may have nothing left to do
+        init_ray(cfg.ray)
+        startup["ray_s"] = time.perf_counter() - t0
+        n, eng = engine_plan(cfg)
+        engines = start_engines(n, model_dir, eng, cfg.sampling)
+    try:
+        rows = load_inputs(cfg.input, cfg.extensions, cfg.s3)
+        prepare_output(cfg.output, cfg.s3, cfg.overwrite)
+        done = done_keys(cfg.output, cfg.s3, retry_errors=cfg.retry_errors)
+        startup["listed_s"] = time.perf_counter() - t0
+        todo = [r for r in rows if r["key"] not in done]
+        summary = {"inputs": len(rows), "skipped_done": len(rows) - len(todo), "rows_written": 0,
+                   "error_rows": 0, "errors_by_reason": {}, "audio_hours": 0.0, "output": cfg.output}
+        if todo:
+            if not engines:
+                init_ray(cfg.ray)
+                n, eng = engine_plan(cfg)
+                engines = start_engines(n, model_dir, eng, cfg.sampling)
+            items, schema = _items_and_schema(rows, label_field)
+            todo_keys = {r["key"] for r in todo}
+            items = [it for it in items if it["key"] in todo_keys]
+            reasons: Counter = Counter()
+            audio = [0.0]
+            with tqdm(total=len(items), unit="file", desc="transcribe", disable=not cfg.progress) as bar:
+                def written(c: dict) -> None:
+                    block_reasons = json.loads(c["reasons"])
+                    summary["rows_written"] += c["rows"]
+                    summary["error_rows"] += c["errors"]
+                    audio[0] += c["audio_s"]
                     reasons.update(block_reasons)
-                    bar.update(int(b["rows"][i]))
-                    metrics.record_batch_block(int(b["rows"][i]), float(b["audio_s"][i]), block_reasons)
-                    metrics.record_batch_speed(audio_s, time.perf_counter() - t0)
+                    bar.update(c["rows"])
+                    bar.set_postfix(audio_h=f"{audio[0] / 3600:.2f}", errors=summary["error_rows"])
+                    metrics.record_batch_block(c["rows"], c["audio_s"], block_reasons)
+                    metrics.record_batch_speed(audio[0], time.perf_counter() - t0)
                     if on_block is not None:
-                        on_block(int(b["rows"][i]), float(b["audio_s"][i]))
-                bar.set_postfix(audio_h=f"{audio_s / 3600:.2f}", errors=summary["error_rows"])
-        summary["errors_by_reason"] = dict(reasons)
-        summary["audio_hours"] = audio_s / 3600
+                        on_block(c["rows"], c["audio_s"])
+
+                startup.update(stream(items, engines, cfg, schema, label_field, t0, written))
+            summary["errors_by_reason"] = dict(reasons)
+            summary["audio_hours"] = audio[0] / 3600
+            summary["engines"] = len(engines)
+    finally:
+        if engines:
+            stop_engines(engines)
     if label_field:
         summary["manifest"], summary["manifest_rows"] = write_manifest(cfg.output, cfg.format, label_field, cfg.s3)
     summary["wall_s"] = time.perf_counter() - t0
     summary["x_real_time"] = summary["audio_hours"] * 3600 / summary["wall_s"]
-    if todo:  # Ray is up: the job's final speed (a rerun with nothing to do started no Ray)
+    summary["startup"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in startup.items()}
+    if summary["rows_written"]:  # Ray is up: the job's final speed
         metrics.record_batch_speed(summary["audio_hours"] * 3600, summary["wall_s"])
     return summary
 
@@ -503,6 +590,10 @@ def format_summary(s: dict) -> str:
             continue
         v = s[k]
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    if s.get("engines"):
+        lines.append(f"| engines | {s['engines']} |")
+    for stage, v in s.get("startup", {}).items():
+        lines.append(f"| start-up: {stage} | {v} |")
     for reason, n in sorted(s.get("errors_by_reason", {}).items()):
         lines.append(f"| errors: {reason} | {n} |")
     return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""The batch job's engine actor: decoded blocks in, transcripts out, the engine never left idle.
+
+Why a threaded actor with a feeder: the driver keeps several blocks in flight per engine (it
+counts them in audio seconds), each call a thread of this actor. For vLLM, one feeder thread
+owns the engine: it adds every waiting clip as a request as soon as a call hands it over and
+pulls finished outputs, so vLLM's continuous batching always has work queued while the next
+blocks are being prepared, transferred and written (no batch-sized barrier, no tail of a
+half-empty last step per call). The HF engine is synchronous: calls take turns.
+
+Engines that share a GPU build one after another (a file lock per GPU): vLLM sizes its KV
+cache from the card's free-memory drop during profiling, so two engines profiling at once
+count each other's allocations and one of them ends with no cache blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from ark_ray.audio import AudioError
+from ark_ray.config import EngineConfig, SamplingConfig
+
+
+@contextlib.contextmanager
+def gpu_start_lock():
+    """Hold an exclusive lock per visible GPU (same node) while an engine starts."""
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not ids:
+        yield
+        return
+    import fcntl
+
+    path = f"/tmp/ark-engine-start-gpu{ids.replace(',', '_')}.lock"
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Pending:
+    """The results of one call's requests, filled in by the feeder thread."""
+
+    def __init__(self, n: int):
+        self.results: list = [None] * n
+        self.left = n
+        self.done = threading.Event()
+        if n == 0:
+            self.done.set()
+
+    def set(self, i: int, value) -> None:
+        self.results[i] = value
+        self.left -= 1
+        if self.left == 0:
+            self.done.set()
+
+
+class VllmFeeder:
+    """One thread drives vLLM's LLMEngine: add requests as calls arrive, step while any run.
+
+    Every engine call happens on this thread (LLMEngine is not thread-safe); vLLM's engine core
+    runs in its own process and keeps the GPU busy while this thread adds or collects.
+    """
+
+    def __init__(self, engine):
+        self.llm_engine = engine.llm.llm_engine
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: dict[str, tuple[_Pending, int]] = {}
+        self.ids = itertools.count()
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._loop, name="vllm-feeder", daemon=True)
+        self.thread.start()
+
+    def generate(self, prompts: list, params) -> list:
+        """RequestOutput (or the exception) per prompt, in order; blocks until all are done."""
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.error is not None:
+            raise RuntimeError(f"vLLM feeder stopped: {self.error!r}")
+        params = params.clone() if hasattr(params, "clone") else params
+        params.output_kind = RequestOutputKind.FINAL_ONLY   # no per-step partial outputs to build
+        pending = _Pending(len(prompts))
+        self.inbox.put((prompts, params, pending))
+        while not pending.done.wait(timeout=5.0):
+            if self.error is not None:
+                raise RuntimeError(f"vLLM feeder stopped: {self.error!r}")
+        return pending.results
+
+    def _take(self, out) -> None:
+        rid = out.request_id
+        entry = self.waiting.pop(rid, None) or self.waiting.pop(rid.split("-")[0], None)
+        if entry is not None:
+            entry[0].set(entry[1], out)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                busy = self.llm_engine.has_unfinished_requests()
+                items = []
+                try:
+                    items.append(self.inbox.get(block=not busy, timeout=None if busy else 1.0))
+                    while True:
+                        items.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    pass
+                for prompts, params, pending in items:
+                    for i, prompt in enumerate(prompts):
+                        rid = f"r{next(self.ids)}"
+                        try:
+                            self.llm_engine.add_request(rid, prompt, params)
+                        except Exception as ex:  # noqa: BLE001 - this clip's error row (e.g. too long)
+                            pending.set(i, ex)
+                            continue
+                        self.waiting[rid] = (pending, i)
+                if self.llm_engine.has_unfinished_requests():
+                    for out in self.llm_engine.step():
+                        if out.finished:
+                            self._take(out)
+        except BaseException as ex:  # noqa: BLE001 - the engine is gone: fail every waiting call
+            self.error = ex
+            for pending, i in list(self.waiting.values()):
+                pending.set(i, ex)
+            self.waiting.clear()
+
+
+class EngineStage:
+    """Ray actor (threaded): one engine (`make_engine`: vLLM or HF) for the job's lifetime."""
+
+    def __init__(self, model_dir: str, engine: EngineConfig, sampling: SamplingConfig):
+        from ark_ray.engines import make_engine
+
+        t0 = time.time()
+        with gpu_start_lock():
+            t_lock = time.time()
+            self.engine = make_engine(model_dir, engine)
+        self.sampling = sampling
+        self.feeder = VllmFeeder(self.engine) if hasattr(self.engine, "llm") else None
+        self.lock = threading.Lock()
+        self.timing = {"created": t0, "waited_for_gpu_s": t_lock - t0, "build_s": time.time() - t_lock,
+                       "ready": time.time(), "pid": os.getpid()}
+
+    def ready(self) -> dict:
+        return self.timing
+
+    # ---------------------------------------------------------------- one block
+
+    def _vllm(self, waves: list[np.ndarray]) -> list:
+        from ark_ray.engines.chunking import join_chunks, split_long_audio
+        from ark_ray.vllm_plugin import generation_prompt
+
+        eng = self.engine
+        pieces, owners = split_long_audio(waves, eng.max_chunk_s)
+        try:
+            outs = self.feeder.generate([generation_prompt(eng.processor, p.samples) for p in pieces],
+                                        eng._params(self.sampling))
+        except RuntimeError:
+            outs = None
+        if outs is None or self.feeder.error is not None:
+            os._exit(1)   # the engine died under this call: Ray restarts the actor and retries the calls
+        failed = {owners[j]: o for j, o in enumerate(outs) if isinstance(o, BaseException)}
+        ok = [i for i in range(len(waves)) if i not in failed]
+        keep = [j for j, o in enumerate(owners) if o not in failed]
+        remap = {c: k for k, c in enumerate(ok)}
+        results = [[{"token_ids": list(o.token_ids), "prompt_ids": list(outs[j].prompt_token_ids or [])}
+                    for o in outs[j].outputs] for j in keep]
+        ts = join_chunks([waves[i] for i in ok], [pieces[j] for j in keep], [remap[owners[j]] for j in keep],
+                         results, max(1, self.sampling.n), eng.processor)
+        n = max(1, self.sampling.n)
+        out: list = [None] * len(waves)
+        for k, i in enumerate(ok):
+            out[i] = (ts[k * n].text, ts[k * n].text_raw)
+        for i, ex in failed.items():
+            out[i] = ex
+        return out
+
+    def _sync(self, waves: list[np.ndarray]) -> list:
+        """Synchronous engines (HF): one call at a time; a failing batch is retried clip by clip."""
+        n = max(1, self.sampling.n)
+        with self.lock:
+            try:
+                ts = self.engine.transcribe(waves, self.sampling)
+                return [(t.text, t.text_raw) for t in ts[::n]]
+            except Exception as batch_err:  # noqa: BLE001 - isolated per clip below
+                if len(waves) == 1:
+                    return [batch_err]
+            out = []
+            for w in waves:
+                try:
+                    t = self.engine.transcribe([w], self.sampling)[0]
+                    out.append((t.text, t.text_raw))
+                except Exception as ex:  # noqa: BLE001 - becomes this clip's error row
+                    out.append(ex)
+            return out
+
+    def transcribe_block(self, batch: dict) -> dict:
+        """A decoded block (decode_batch's columns) -> the same rows with pred_text, minus `wave`."""
+        n = len(batch["key"])
+        pred = np.full(n, "", dtype=object)
+        raw = np.full(n, "", dtype=object)
+        err = np.array(batch["error"], dtype=object)
+        detail = np.array(batch["error_detail"], dtype=object)
+        ok = [i for i in range(n) if not err[i]]
+        # a writable copy: the object store hands out read-only views, which torch and vLLM refuse to alias
+        waves = [np.array(batch["wave"][i], np.float32) for i in ok]
+        results = (self._vllm(waves) if self.feeder is not None else self._sync(waves)) if ok else []
+        for i, r in zip(ok, results):
+            if isinstance(r, BaseException):
+                err[i] = r.reason if isinstance(r, AudioError) else "engine_error"
+                detail[i] = r.message if isinstance(r, AudioError) else f"{type(r).__name__}: {r}"
+            else:
+                pred[i], raw[i] = r
+        out = {k: v for k, v in batch.items() if k != "wave"}
+        out.update(pred_text=pred, pred_text_raw=raw, error=err, error_detail=detail)
+        return out
+
+    def close(self) -> None:
+        """Stop the engine's processes cleanly (the driver calls this before killing the actor)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
