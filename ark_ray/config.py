@@ -371,9 +371,11 @@ class ServeConfig:
     model_name: str = opt("ark-asr", "Model id clients pass as `model` and GET /v1/models lists.")
     engine: EngineConfig = opt(EngineConfig(), "Inference engine of each model replica (num_gpus/num_cpus: per replica).")
     max_new_tokens: int = opt(128, "Most transcript tokens per 30 s window.")
-    max_batch_size: int = opt(16, "Most audio windows one replica decodes together (@serve.batch).")
-    batch_wait_timeout_s: float = opt(0.01, "How long a replica waits to fill a batch before running it.")
-    max_ongoing_requests: int = opt(32, "Windows a model replica holds at once (>= max_batch_size); beyond it they queue.")
+    max_batch_size: int = opt(16, "HF engine only: most audio windows one replica decodes together (@serve.batch). "
+                              "vLLM replicas batch continuously, up to engine.max_num_seqs.")
+    batch_wait_timeout_s: float = opt(0.01, "HF engine only: how long a replica waits to fill a batch before running it.")
+    max_ongoing_requests: int = opt(32, "Windows a model replica holds at once (>= max_batch_size; with vLLM, "
+                                    "~2x engine.max_num_seqs keeps the engine fed); beyond it they queue.")
     max_queued_requests: int = opt(64, "Windows waiting for a model replica; beyond it requests get 503 (-1: unbounded).")
     max_upload_mb: float = opt(25.0, "Largest accepted upload in MB (bigger: 413).")
     max_audio_s: float = opt(600.0, "Longest accepted audio in seconds (longer: 400 too_long).")
@@ -484,9 +486,10 @@ class TranscribeConfig:
                                "one part file, the unit of retries); every block's size when block_audio_s is 0.")
     block_audio_s: float = opt(240.0, "Audio seconds per block once the first blocks' durations are known "
                                "(blocks are cut by audio, not file counts). 0: files_per_block files each.")
-    engine_queue_audio_s: float = opt(7200.0, "Audio seconds handed to each engine and not yet transcribed: "
+    engine_queue_audio_s: float = opt(0.0, "Audio seconds handed to each engine and not yet transcribed: "
                                       "enough queued work keeps its batches full while blocks decode, transfer "
-                                      "and get written.")
+                                      "and get written. 0: 40 s per engine.max_num_seqs (about 2.5 queued clips "
+                                      "of 15 s per batch slot).")
     decode_ahead: int = opt(0, "Blocks decoding or decoded and waiting for an engine, at most. 0: two per CPU "
                             "of the cluster.")
     label_field: Optional[str] = opt(None, "Also copy pred_text into this column (an existing one is kept as "

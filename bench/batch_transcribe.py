@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max_new_tokens", type=int, default=48)
     ap.add_argument("--block_audio_s", type=float, default=240.0)
     ap.add_argument("--files_per_block", type=int, default=16)
-    ap.add_argument("--engine_queue_audio_s", type=float, default=7200.0)
+    ap.add_argument("--engine_queue_audio_s", type=float, default=0.0, help="0: the job's default")
     ap.add_argument("--format", default="parquet", choices=["jsonl", "parquet"])
     ap.add_argument("--workdir", default="/tmp/ark-bench-batch")
     ap.add_argument("--model_dir", default=None, help="an existing model directory (default: random weights of --preset)")

@@ -157,9 +157,11 @@ class EngineStage:
 
         eng = self.engine
         pieces, owners = split_long_audio(waves, eng.max_chunk_s)
+        params = eng._params(self.sampling)
+        if self.sampling.logprobs_topk <= 0:
+            params.logprobs = None       # transcripts only: no per-step log-prob work in sampler or front end
         try:
-            outs = self.feeder.generate([generation_prompt(eng.processor, p.samples) for p in pieces],
-                                        eng._params(self.sampling))
+            outs = self.feeder.generate([generation_prompt(eng.processor, p.samples) for p in pieces], params)
         except RuntimeError:
             outs = None
         if outs is None or self.feeder.error is not None:

@@ -385,7 +385,7 @@ def stop_engines(engines: list, timeout_s: float = 60.0) -> None:
 
 
 #: Calls an engine actor runs at once (threads); the driver's audio budget decides how many it gets.
-ENGINE_CALLS = 64
+ENGINE_CALLS = 128
 
 
 def decode_block(block: dict, s3: Optional[S3Config], max_audio_s: Optional[float],
@@ -447,6 +447,7 @@ def stream(items: list[dict], engines: list, cfg: TranscribeConfig, schema: pa.S
     decode = ray.remote(decode_block).options(num_cpus=1, num_returns=2, max_retries=3)
     write = ray.remote(write_batch).options(num_cpus=0.25, max_retries=3)
     ahead = cfg.decode_ahead if cfg.decode_ahead > 0 else 2 * _cluster_cpus()
+    queue_s = cfg.engine_queue_audio_s if cfg.engine_queue_audio_s > 0 else 40.0 * cfg.engine.max_num_seqs
     blocks = _Blocks(items, cfg)
     times: dict = {"engines_ready_s": [None] * len(engines)}
     ready_refs = {e.ready.remote(): i for i, e in enumerate(engines)}
@@ -468,7 +469,7 @@ def stream(items: list[dict], engines: list, cfg: TranscribeConfig, schema: pa.S
         while decoded:
             i = min(range(len(engines)), key=load.__getitem__)
             ref, audio_s = decoded[0]
-            if load[i] > 0 and load[i] + audio_s > cfg.engine_queue_audio_s:
+            if load[i] > 0 and load[i] + audio_s > queue_s:
                 break
             decoded.pop(0)
             load[i] += audio_s
