@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -57,10 +58,13 @@ def one(spec: dict) -> None:
     res = {"start_s": round(time.time() - t0, 1), "runs": []}
     for s in spec["seconds"]:
         eng.transcribe(clips(16, s, 1), SamplingConfig(max_new_tokens=int(round(3.5 * s))))
-    if spec.get("barrier"):
-        pathlib.Path(spec["barrier"] + f".{spec['rank']}").touch()
-        while len(list(pathlib.Path(spec["barrier"]).parent.glob(pathlib.Path(spec["barrier"]).name + ".*"))) \
-                < spec["engines"]:
+    if spec.get("barrier"):  # start the timed runs together once every engine is warm
+        mark = pathlib.Path(spec["barrier"])
+        pathlib.Path(f"{mark}.{spec['rank']}").touch()
+        deadline = time.time() + 180
+        while len(list(mark.parent.glob(mark.name + ".*"))) < spec["engines"]:
+            if time.time() > deadline:
+                raise RuntimeError("the other engine never got ready (see its log above)")
             time.sleep(0.05)
     for s in spec["seconds"]:
         audio = clips(spec["clips"], s, 100 + spec.get("rank", 0))
@@ -78,10 +82,15 @@ def launch(name: str, over: dict, engines: int, args, log) -> dict:
         spec = {"model_dir": args.model_dir, "cfg": over, "seconds": args.seconds, "engines": engines,
                 "clips": args.clips // engines, "barrier": barrier, "rank": rank}
         procs.append(subprocess.Popen([sys.executable, __file__, "--one", json.dumps(spec)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))  # its own group: a kill takes vLLM's children too
     results, failed = [], None
     for p in procs:
-        out, _ = p.communicate(timeout=args.per_setting_timeout_s)
+        try:
+            out, _ = p.communicate(timeout=args.per_setting_timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out = p.communicate()[0] + f"\ntimed out after {args.per_setting_timeout_s:g} s"
         log.write(f"===== {name} (rc {p.returncode})\n{out}\n")
         lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         if p.returncode != 0 or not lines:

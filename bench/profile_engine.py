@@ -285,10 +285,9 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     if not args.skip_engine:
-        over = {}
-        for kv in args.set:
-            k, v = kv.split("=", 1)
-            over[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
+        from bench.transcribe_engine import parse_set
+
+        over = parse_set(args.set)
         fe = front_end_cost(args.model_dir, clips(32, 10.0, 9))
         rows = engine_profile(args.model_dir, args.seconds, args.clips, over)
         report.update(engine=rows, front_end_s_per_clip=fe, overrides=over)

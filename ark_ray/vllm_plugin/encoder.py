@@ -181,14 +181,19 @@ class PackedArkAudioEncoder(ArkAudioEncoder):
         ctx = timer.part if timer is not None else _no_timer
         with ctx("encoder"):
             x, packing = self._stem_packed(mel, frames)
-            try:
-                x = self._layers(x, packing)
-            except Exception as err:  # noqa: BLE001  (inductor/triton missing or a compile bug)
-                if not self._compiled:
-                    raise
-                self._uncompile(err)
-                x, packing = self._stem_packed(mel, frames)
-                x = self._layers(x, packing)
+            while True:
+                try:
+                    x = self._layers(x, packing)
+                    break
+                except Exception as err:  # noqa: BLE001  (inductor/triton missing, a kernel refusing)
+                    if self._compiled:       # first drop the compile, then flash; then give up
+                        self._uncompile(err)
+                    elif self.backend == "flash":
+                        log.warning("ARK encoder: flash-attention failed (%s: %s); using SDPA",
+                                    type(err).__name__, err)
+                        self._attn_fn, self.backend = _sdpa, "sdpa"
+                    else:
+                        raise
         with ctx("adapter"):
             return self._adapt(x, packing)
 
