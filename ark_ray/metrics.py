@@ -85,7 +85,7 @@ _SPECS = (
                "Batches waiting or in flight per pipeline queue (rollout, teacher, learner).",
                ("queue",)),
     MetricSpec("ark_opd_stage_duration_seconds", "histogram",
-               "Wall time of one batch in a pipeline stage (rollout, teacher, learner).",
+               "Wall time of one batch in a pipeline stage (rollout, teacher, learner), and of each weight sync (sync).",
                ("stage",), _SECONDS_BUCKETS),
     MetricSpec("ark_opd_samples_per_second", "gauge",
                "Trained samples per second of wall time between the last two learner steps."),
@@ -201,7 +201,7 @@ def record_opd_step(rec: Mapping[str, Any]) -> None:
     """Export one learner step, as the OPD controller logs it to metrics.jsonl.
 
     Keys read: step, version, kl, samples (required); loss (defaults to kl), union_size,
-    teacher_mass, student_mass, lr, staleness, rollout_s, teacher_s, learner_s, rollout_wer,
+    teacher_mass, student_mass, lr, staleness, rollout_s, teacher_s, learner_s, sync_s, rollout_wer,
     dropped_stale (cumulative), samples_per_s (optional; None values are skipped, since e.g. a
     batch without references has no WER). Without samples_per_s the rate is measured between
     consecutive calls in this process, so it appears from the second step on.
@@ -220,7 +220,7 @@ def record_opd_step(rec: Mapping[str, Any]) -> None:
                       ("staleness", "ark_opd_staleness_versions"), ("rollout_wer", "ark_opd_rollout_wer_ratio")):
         if rec.get(key) is not None:
             record(name, rec[key])
-    for stage in ("rollout", "teacher", "learner"):
+    for stage in ("rollout", "teacher", "learner", "sync"):  # sync: the weight sync that finished at this step
         if rec.get(f"{stage}_s") is not None:
             record("ark_opd_stage_duration_seconds", rec[f"{stage}_s"], {"stage": stage})
     if rec.get("dropped_stale") is not None:

@@ -166,6 +166,7 @@ def run_mode(ctl, mode: str, steps: int, gpu: GpuBusy) -> dict:
         "queue_rollout": mean("queue_rollout"), "queue_teacher": mean("queue_teacher"),
         "queue_learner": mean("queue_learner"), "staleness": mean("staleness"),
         "kl_first": recs[0]["kl"] if recs else None, "kl_last": recs[-1]["kl"] if recs else None,
+        "sync_s": mean("sync_s"), "peak_mem_gb": max([r.get("peak_mem_gb") or 0 for r in recs] or [0]) or None,
     }
 
 
@@ -195,6 +196,8 @@ def main(argv=None) -> dict:
                     help='JSON ArkAsrConfig overrides for the random teacher, e.g. a bigger decoder: '
                          '\'{"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, '
                          '"num_attention_heads": 16, "num_key_value_heads": 8}\'')
+    ap.add_argument("--seed_row", action="store_true",
+                    help="also time the seed's shape: HF generate rollouts, HF teacher, sync mode (new actors)")
     ap.add_argument("--workdir", default="/tmp/ark-bench-opd")
     ap.add_argument("--out", default=None, help="result JSON (default: WORKDIR/opd_throughput_PRESET.json)")
     args, overrides = ap.parse_known_args(argv)
@@ -251,10 +254,27 @@ def main(argv=None) -> dict:
                 print(f"--- {mode}: {args.steps} steps", flush=True)
                 results[mode] = run_mode(ctl, mode, args.steps, sampler)
                 print(json.dumps(results[mode]), flush=True)
-            ray.get([w.get_version.remote() for w in ctl.rollouts])   # the last weight push lands first
+            ctl.weights.wait()   # the last weight push lands first
+            summary_startup = dict(ctl.startup)
         finally:
             ctl.shutdown()
-            ray.shutdown()
+        if args.seed_row:   # the seed's shape on the same models and data: HF rollouts, sync
+            seed_cfg = load_config(OpdConfig, args.config or CONFIGS[args.preset],
+                                   {**over, **user, "output_dir": over["output_dir"] + "-seed",
+                                    "rollout_engine": {**user.get("rollout_engine", {}), "backend": "hf"},
+                                    "staged_startup": False})
+            for key in ("student", "teacher", "train_manifest"):
+                setattr(seed_cfg, key, getattr(cfg, key))
+            ctl = OpdController(seed_cfg)
+            try:
+                print(f"--- seed shape (HF rollouts, sync): {args.steps} steps", flush=True)
+                if args.warmup:
+                    run_mode(ctl, "sync", args.warmup, sampler)
+                results["seed"] = run_mode(ctl, "sync", args.steps, sampler)
+                print(json.dumps(results["seed"]), flush=True)
+            finally:
+                ctl.shutdown()
+        ray.shutdown()
     a, s = results["async"]["samples_per_s"], results["sync"]["samples_per_s"]
     result = {
         "preset": args.preset, "machine": machine(gpu), "gpu_busy_source": sampler.source,
@@ -263,9 +283,13 @@ def main(argv=None) -> dict:
         | {"max_new_tokens": cfg.sampling.max_new_tokens, "corpus": corpus,
            "rollout_gpus": cfg.rollout_engine.num_gpus, "teacher_gpus": cfg.teacher_num_gpus,
            "learner_gpus": cfg.learner.num_gpus_per_worker if cfg.learner.use_gpu else 0},
-        "startup_s": round(startup_s, 1), "async": results["async"], "sync": results["sync"],
+        "startup_s": round(startup_s, 1), "startup": {k: round(v, 1) for k, v in summary_startup.items()},
+        "async": results["async"], "sync": results["sync"],
         "async_over_sync": round(a / s, 3) if s else None,
     }
+    if "seed" in results:
+        result["seed"] = results["seed"]
+        result["async_over_seed"] = round(a / results["seed"]["samples_per_s"], 3)
     out = pathlib.Path(args.out or work / f"opd_throughput_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -29,7 +29,8 @@ def main(argv=None) -> dict:
         ctl.shutdown()
     print("\n| metric | value |\n|---|---|")
     for k in ("mode", "steps", "student_wer_before", "student_wer_after", "teacher_wer", "kl_first", "kl_last",
-              "union_size", "samples_per_s", "dropped_stale", "train_s", "wall_s", "final_model"):
+              "union_size", "samples_per_s", "dropped_stale", "weight_sync", "sync_s_median", "startup_s",
+              "train_s", "wall_s", "final_model"):
         print(f"| {k} | {fmt(s.get(k))} |")
     return s
 

@@ -1,10 +1,13 @@
-"""Collective weight broadcast (gloo on CPU) from a DeepSpeed learner into vLLM rollout engines.
+"""Weight sync from a DeepSpeed learner into rollout engines, on the paths CPU can run.
 
-After a learner step and a broadcast sync, the vLLM engine inside a RolloutWorker decodes exactly
-like an HF model holding the learner's new weights; the group outlives one sync; a rollout actor
-that Ray restarts takes the newest weights from the WeightStore and the next sync forms a new
-group with it; an OPD run with `weight_sync=broadcast` finishes.
+Object store in many small buckets, and the collective broadcast (gloo): after a learner step and a
+sync, the vLLM engine inside a RolloutWorker decodes exactly like an HF model holding the learner's
+new weights. Buckets carry the engine's dtype (bf16 when the engine is bf16). A receiver that
+raises fails the sync with its error. For broadcast: the group outlives one sync; a rollout actor
+that Ray restarts takes the WeightStore's copy and the next sync forms a new group with it; an OPD
+run with `weight_sync=broadcast` finishes. (CUDA IPC runs in bench/gpu_check.py on a GPU.)
 """
+import json
 import uuid
 
 import numpy as np
@@ -22,7 +25,7 @@ from ark_ray.model.processor import ArkAsrProcessor  # noqa: E402
 from ark_ray.train.learner import LearnerGroup  # noqa: E402
 from ark_ray.opd.rollout import RolloutWorker
 from ark_ray.train.weight_sync import WeightStore  # noqa: E402
-from ark_ray.train.weight_sync import bucket_plan  # noqa: E402
+from ark_ray.train.weight_sync import SyncFailed, bucket_plan, layer_key  # noqa: E402
 
 SP = SamplingConfig(max_new_tokens=8, logprobs_topk=4)
 ENGINE = {"backend": "vllm", "max_num_seqs": 8, "max_model_len": 256}
@@ -84,54 +87,122 @@ def assert_same(a, b, atol=1e-3):
         assert not (differs & ~tied[:, :k]).any(), (x.topk_ids, y.topk_ids, x.topk_logprobs, lp)
 
 
-def test_bucket_plan_packs_by_dtype_and_size():
+def test_bucket_plan_packs_by_dtype_and_size_and_never_splits_a_layer():
     ps = [("a", torch.zeros(10)), ("b", torch.zeros(10)), ("c", torch.zeros(30)),
           ("d", torch.zeros(4, dtype=torch.bfloat16)), ("e", torch.zeros(2))]
     plan = bucket_plan(ps, bucket_bytes=100)
     assert [[n for n, _ in b["items"]] for b in plan] == [["a", "b"], ["c"], ["d"], ["e"]]
     assert [b["dtype"] for b in plan] == ["float32", "float32", "bfloat16", "float32"]
     assert plan[1]["items"][0] == ("c", (30,))
+    # a target dtype: every bucket in it, sizes counted in it
+    assert [b["dtype"] for b in bucket_plan(ps, 100, torch.bfloat16)] == ["bfloat16"] * 2
+    # one layer's parameters stay together even past the bucket size
+    layer = [(f"model.layers.3.self_attn.{n}.weight", torch.zeros(20)) for n in "qkv"]
+    plan = bucket_plan([("model.embed_tokens.weight", torch.zeros(20))] + layer, bucket_bytes=100)
+    assert [[n for n, _ in b["items"]] for b in plan] == [["model.embed_tokens.weight"], [n for n, _ in layer]]
+    assert layer_key("model.layers.12.mlp.up_proj.weight") == "model.layers.12"
+
+
+def _learner(model_dir, **kw):
+    cfg = LearnerConfig(lr=2e-2, seed=0, weight_sync_timeout_s=300, weight_sync_collective_timeout_s=60, **kw)
+    return LearnerGroup(model_dir, cfg, total_steps=10)
+
+
+def test_object_store_sync_in_many_bf16_buckets(ray_local, model_dir, batch):
+    """Buckets much smaller than the model, in the engine's dtype: a bf16 HF engine ends up holding
+    exactly the learner's weights cast to bf16, every bucket object below the bucket size."""
+    group = _learner(model_dir, weight_sync="object_store", weight_sync_bucket_mb=0.25)
+    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(
+        model_dir, {"backend": "hf", "dtype": "bfloat16"}, {}, 4)
+    try:
+        group.train_step(batch)
+        rec = group.push_weights([worker], version=1)
+        assert rec["modes"] == ["object_store"] and rec["version"] == 1
+        exported = ray.get(group.workers[0].export_weights.remote("object_store", 9, "bfloat16", 2**18))
+        buckets = [ray.get(r) for r in exported["refs"]]
+        assert len(buckets) > 3
+        for b in buckets:   # in bf16; within the size unless it is one layer alone
+            assert b["flat"].dtype == torch.bfloat16
+            assert b["flat"].numel() * 2 <= 2**18 or len({layer_key(n) for n, _ in b["items"]}) == 1
+        want = ray.get(group.workers[0].weight_digests.remote(["model.embed_tokens.weight",
+                                                              "model.layers.0.self_attn.q_proj.weight"], "bfloat16"))
+        got = ray.get(worker.weight_digests.remote(list(want)))
+        assert got == want and ray.get(worker.get_version.remote()) == 1
+    finally:
+        ray.kill(worker)
+        group.shutdown()
+
+
+def test_object_store_sync_into_vllm_matches_hf(ray_local, model_dir, batch):
+    """Many small buckets into vLLM (staged until the last on vLLM's reload path): the engine then
+    decodes like HF holding the learner's weights."""
+    group = _learner(model_dir, weight_sync="object_store", weight_sync_bucket_mb=0.25)
+    worker = ray.remote(probed_rollout_cls()).options(num_cpus=1).remote(model_dir, ENGINE, {}, 4)
+    try:
+        group.train_step(batch)
+        assert group.push_weights([worker], version=1)["modes"] == ["object_store"]
+        assert_same(ray.get(worker.transcripts.remote(clips(), SP)), hf_reference(model_dir, group.state_dict()))
+    finally:
+        ray.kill(worker)
+        group.shutdown()
+
+
+def failing_rollout_cls():
+    class FailingRollout(RolloutWorker):
+        def load_weights(self, mode, export, version):
+            raise ValueError(f"disk full while loading v{version}")
+
+    return FailingRollout
+
+
+def test_a_failing_receiver_fails_the_sync_with_its_error(ray_local, model_dir):
+    group = _learner(model_dir, weight_sync="object_store", weight_sync_retries=1)
+    worker = ray.remote(failing_rollout_cls()).options(num_cpus=1).remote(model_dir, {"backend": "hf"}, {}, 4)
+    try:
+        with pytest.raises(SyncFailed, match=r"(?s)rollout worker 0 .*after 2 attempt.*disk full while loading v1"):
+            group.push_weights([worker], version=1)
+    finally:
+        ray.kill(worker)
+        group.shutdown()
 
 
 def test_broadcast_matches_hf_with_learner_weights_and_survives_restart(ray_local, model_dir, batch):
-    cfg = LearnerConfig(lr=2e-2, seed=0, weight_sync="broadcast", weight_sync_bucket_mb=0.5,
-                        weight_sync_timeout_s=300, weight_sync_collective_timeout_s=60)
-    group = LearnerGroup(model_dir, cfg, total_steps=10)
+    group = _learner(model_dir, weight_sync="broadcast", weight_sync_bucket_mb=0.5)
     store_name = f"wsync-test-{uuid.uuid4().hex[:8]}"
     store = WeightStore.options(name=store_name).remote()
     worker = ray.remote(probed_rollout_cls()).options(num_cpus=1, max_restarts=1, max_task_retries=1).remote(
         model_dir, ENGINE, {}, 4, store_name)
     try:
-        assert group.weight_sync == "broadcast"
+        ws = group.weight_sync([worker], store)
+        assert ws.describe() == "broadcast"
         before = ray.get(worker.transcripts.remote(clips(), SP))
         # sync 1: the group forms, buckets (0.5 MB: several per sync) stream into vLLM
         group.train_step(batch)
-        learner_res, *_, got = ray.get(group.push_weights([worker], version=1, store=store))
-        assert learner_res["status"] == "ok" and learner_res["formed"] and got == "broadcast"
-        assert learner_res["bytes"] == 4 * sum(p.numel() for p in ArkAsrForConditionalGeneration.from_pretrained(
-            model_dir).parameters())                          # every parameter once, fp32
+        rec = group.push_weights([worker], version=1, store=store)
+        assert rec["modes"] == ["broadcast"] and rec["retries"] == 0
+        assert rec["bytes"] == 4 * sum(p.numel() for p in ArkAsrForConditionalGeneration.from_pretrained(
+            model_dir).parameters())                          # every parameter once, fp32 (the engine's dtype)
         after = ray.get(worker.transcripts.remote(clips(), SP))
         assert_same(after, hf_reference(model_dir, group.state_dict()))
         moved = max(np.abs(a.topk_logprobs[0] - b.topk_logprobs[0]).max() for a, b in zip(after, before))
         assert moved > 1e-2                                   # the step really changed the weights
         assert ray.get(worker.get_version.remote()) == 1
-        _, published = ray.get(store.latest.remote())
-        assert published == 1                                 # kept for restarted actors
 
-        # sync 2 reuses the group
+        # sync 2 reuses the group; then a checkpoint publishes v2 for restarts
         group.train_step(batch)
-        learner_res, *_, got = ray.get(group.push_weights([worker], version=2, store=store))
-        assert (learner_res["status"], learner_res["formed"], got) == ("ok", False, "broadcast")
+        group.push_weights([worker], version=2, store=store)
         assert_same(ray.get(worker.transcripts.remote(clips(), SP)), hf_reference(model_dir, group.state_dict()))
+        ws.publish(2)
+        assert ray.get(store.latest.remote())[1] == 2
 
-        # the actor dies and Ray restarts it: it loads v2 from the WeightStore (the object-store
-        # path, with the learner's state dict), and sync 3 forms a new group that includes it
+        # the actor dies and Ray restarts it: it loads v2 from the WeightStore, and sync 3 forms a
+        # new group that includes it
         ray.kill(worker, no_restart=False)
         assert ray.get(worker.get_version.remote()) == 2
         assert_same(ray.get(worker.transcripts.remote(clips(), SP)), hf_reference(model_dir, group.state_dict()))
         group.train_step(batch)
-        learner_res, *_, got = ray.get(group.push_weights([worker], version=3, store=store))
-        assert (learner_res["status"], learner_res["formations"], got) == ("ok", 2, "broadcast")
+        rec = group.push_weights([worker], version=3, store=store)
+        assert rec["modes"] == ["broadcast"]
         assert_same(ray.get(worker.transcripts.remote(clips(), SP)), hf_reference(model_dir, group.state_dict()))
     finally:
         ray.kill(worker)
@@ -140,7 +211,7 @@ def test_broadcast_matches_hf_with_learner_weights_and_survives_restart(ray_loca
 
 
 def test_opd_run_with_broadcast_sync(ray_local, tmp_path):
-    """A short async OPD run whose every sync goes through the broadcast group (formed once)."""
+    """A short async OPD run whose every sync goes through the broadcast group."""
     import pathlib
 
     from ark_ray.config import OpdConfig, load_config
@@ -161,10 +232,12 @@ def test_opd_run_with_broadcast_sync(ray_local, tmp_path):
     ctl = OpdController(cfg)
     try:
         s = ctl.run()
-        assert s["steps"] == 2 and s["student_wer_after"] is not None
-        last = ray.get(ctl.learner._broadcast.last)
-        assert last["status"] == "ok" and last["formations"] == 1         # one group for the whole run
+        assert s["steps"] == 2 and s["student_wer_after"] is not None and s["weight_sync"] == "broadcast"
+        assert [h["version"] for h in ctl.weights.history] == list(range(1, ctl.version + 1))
+        assert all(h["retries"] == 0 and h["sync_s"] > 0 for h in ctl.weights.history)
         assert ray.get(ctl.rollouts[0].get_version.remote()) == ctl.version >= 3   # 2 steps + the final sync
-        assert ray.get(ctl.store.latest.remote())[1] == ctl.version                # kept for restarts
+        assert ray.get(ctl.store.latest.remote())[1] == ctl.version                # published at the final save
+        recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+        assert any(r["sync_s"] is not None for r in recs)                         # sync_s reaches metrics.jsonl
     finally:
         ctl.shutdown()

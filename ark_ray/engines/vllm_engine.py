@@ -43,6 +43,34 @@ def _vllm_targets(items: dict) -> dict[str, list]:
     return out
 
 
+def worker_device(worker):
+    """The device of the model inside a vLLM worker process."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    return next(runner.model.parameters()).device
+
+
+class _NoLoadWarningForUnweightedLayers:
+    """vLLM's layer-wise reload warns "<Layer>: Failed to load weights" for every module that got
+    no checkpoint tensor in the reload. For layers that have none by design (rotary caches, the
+    top-level module) it then keeps their current tensors, which is right; the warning is noise
+    that users read as a broken run, so it is dropped for those classes only. A real miss still
+    warns (any other class)."""
+
+    CLASSES = ("RotaryEmbedding", "ArkAsr")
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not ("Failed to load weights" in msg and any(c in msg for c in self.CLASSES))
+
+
+def _quiet_reload_warnings() -> None:
+    import logging
+
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _NoLoadWarningForUnweightedLayers) for f in log.filters):
+        log.addFilter(_NoLoadWarningForUnweightedLayers())
+
+
 def load_into_worker(worker, items: Iterable[tuple[str, object]], names: Sequence[str]) -> int:
     """Load (checkpoint name, tensor) pairs into the model of one vLLM worker, in place.
 
@@ -61,6 +89,7 @@ def load_into_worker(worker, items: Iterable[tuple[str, object]], names: Sequenc
     if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
         # vLLM >= 0.3x: in-place reload that re-runs the backend's weight post-processing
         # (the CPU backend repacks linear weights for oneDNN) and clears the encoder cache.
+        _quiet_reload_warnings()
         text_cfg = getattr(getattr(runner, "model_config", None), "hf_text_config", None)
         if "lm_head.weight" not in names and getattr(text_cfg, "tie_word_embeddings", True):
             # the layer-wise reload puts back the old values of every layer it saw no weight
@@ -99,18 +128,73 @@ def _with_tied_head(items: Iterable[tuple[str, object]]) -> Iterable[tuple[str, 
             yield "lm_head.weight", t
 
 
-def _load_weights_on_worker(worker, blob: bytes):
-    """Runs inside each vLLM worker process (collective_rpc): load a torch.save'd state dict.
+# Buckets that arrived by object-store messages, held in the worker until the last one: vLLM's
+# layer-wise reload must see the whole model in one call (a layer it sees no tensor for keeps its
+# old values, a layer seen in part would be processed incomplete).
+_STAGED: list = []
 
-    The tensors travel as one serialized blob: vLLM's RPC encoder would turn tuples of tensors
-    into lists.
-    """
+
+def _reloads_in_place(worker) -> bool:
+    import inspect
+
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    reload = getattr(runner, "reload_weights", None)
+    return reload is not None and "weights_iterator" in inspect.signature(reload).parameters
+
+
+def _load_bucket_on_worker(worker, blob: bytes, final: bool):
+    """Runs inside each vLLM worker process (collective_rpc): one bucket, torch.save'd (vLLM's RPC
+    encoder would turn tuples of tensors into lists). The old in-place path loads it at once;
+    the reload path stages buckets and loads them all with the last one."""
     import io
 
     import torch
 
-    items = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    return load_into_worker(worker, items.items(), list(items))
+    items = list(torch.load(io.BytesIO(blob), map_location=worker_device(worker), weights_only=True).items())
+    if not _reloads_in_place(worker):
+        return load_into_worker(worker, items, [n for n, _ in items])
+    _STAGED.extend(items)
+    if not final:
+        return 0
+    staged = list(_STAGED)
+    _STAGED.clear()
+    return load_into_worker(worker, staged, [n for n, _ in staged])
+
+
+def _load_ipc_on_worker(worker, payload: list[dict]) -> int:
+    """Inside each vLLM worker process: copy the weights from the learner's CUDA IPC buckets."""
+    import torch
+
+    from ark_ray.train.weight_sync import ipc_items
+
+    names = [n for b in payload for n, _ in b["items"]]
+    n = load_into_worker(worker, ipc_items(payload), names)
+    torch.cuda.synchronize()   # done reading before the learner may free its buckets
+    return n
+
+
+def tensor_digest(t) -> str:
+    """sha1 of a tensor's bytes (exact comparison of weights held in two processes)."""
+    import hashlib
+
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    raw = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+    return hashlib.sha1(raw.numpy().tobytes()).hexdigest()
+
+
+def _digests_on_worker(worker, names: list[str]) -> dict:
+    """Inside a vLLM worker: digests of unfused parameters named in checkpoint layout."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    params = dict(runner.model.named_parameters())
+    out = {}
+    for name in names:
+        if any(k in name for k in _FUSED):
+            raise ValueError(f"{name} is fused in vLLM; pick an unfused parameter")
+        (target, _), = _vllm_targets({name: None}).items()
+        out[name] = tensor_digest(params[target])
+    return out
 
 
 def memory_utilization(card_bytes: int, engines_per_gpu: int, card_fraction: float) -> float:
@@ -216,16 +300,52 @@ class VllmEngine(Transcriber):
         results = self._generate([p.samples for p in pieces], sampling)
         return join_chunks(audios, pieces, owners, results, sampling.n, self.processor)
 
-    def update_weights(self, weights: Mapping[str, object] | Iterable[tuple[str, object]]) -> None:
-        import torch
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype the engine holds its weights in ("bfloat16" on GPU by default)."""
+        return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
 
+    def update_weights(self, weights: Mapping[str, object] | Iterable[tuple[str, object]],
+                       bucket_bytes: int = 1 << 30) -> None:
+        """Load new weights (real checkpoint names), cast to the engine's dtype and sent to every
+        vLLM worker in messages of at most `bucket_bytes` that never split a layer (vLLM's RPC
+        refuses messages over 4 GiB). `weights` may be a stream: one bucket is held at a time."""
         import io
 
-        items = dict(weights.items() if isinstance(weights, Mapping) else weights)
-        buf = io.BytesIO()
-        torch.save({k: torch.as_tensor(v).contiguous() for k, v in items.items()}, buf)
-        self.llm.collective_rpc(_load_weights_on_worker, args=(buf.getvalue(),))
+        import torch
+
+        from ark_ray.train.weight_sync import layer_key
+
+        dtype = getattr(torch, self.weights_dtype)
+        items = weights.items() if isinstance(weights, Mapping) else weights
+
+        def send(bucket: dict, final: bool) -> None:
+            buf = io.BytesIO()
+            torch.save(bucket, buf)
+            self.llm.collective_rpc(_load_bucket_on_worker, args=(buf.getvalue(), final))
+
+        bucket: dict = {}
+        size, last_key = 0, None
+        for name, v in items:
+            t = torch.as_tensor(v).detach().to("cpu", dtype).contiguous()
+            key = layer_key(name)
+            if bucket and key != last_key and size + t.numel() * t.element_size() > bucket_bytes:
+                send(bucket, final=False)
+                bucket, size = {}, 0
+            bucket[name] = t
+            size += t.numel() * t.element_size()
+            last_key = key
+        send(bucket, final=True)
         self.reset_caches()
+
+    def load_ipc(self, payload: list[dict]) -> None:
+        """Load weights the learner shares on this engine's GPU (CUDA IPC buckets)."""
+        self.llm.collective_rpc(_load_ipc_on_worker, args=(payload,))
+        self.reset_caches()
+
+    def weight_digests(self, names: list[str]) -> dict:
+        """sha1 of the named (unfused) parameters as worker 0 holds them."""
+        return self.llm.collective_rpc(_digests_on_worker, args=(list(names),))[0]
 
     def reset_caches(self) -> None:
         """Drop what the old weights computed: cached encoder outputs (scheduler and workers)."""

@@ -2,17 +2,24 @@
 
     data order --> [RolloutWorker x R] --(TrajectoryBatch refs)--> [TeacherScorer x S] --> learner
                           ^                                                                   |
-                          +---- weights (object store / broadcast), version v+1 every sync_every -+
+                          +---- weights (CUDA IPC / NCCL / object store), v+1 every sync_every --+
 
-* Bounded queues: at most `max_inflight` rollout batches and as many scored batches waiting;
-  nothing is produced faster than the learner can take it.
+* Bounded queues: at most `max_inflight` batches between rollout start and learner; nothing is
+  produced faster than the learner can take it.
 * Versions: every trajectory carries the weights version that produced it; at the learner,
-  trajectories older than `max_staleness` versions are dropped and counted.
+  trajectories older than `max_staleness` versions are dropped and counted, and a step that drops
+  more than half its batch warns with the version each rollout worker is on.
+* Weight sync (ark_ray.train.weight_sync): queued behind each worker's current rollout; collected
+  without blocking; a sync that fails on any worker (after retries) fails the run with that
+  worker's error, and it counts as done only once every worker reports the new version.
+* Data: positions 0, 1, 2, ... index an endless sequence of epochs (epoch e = position // N, each
+  epoch its own seeded permutation), so the source never runs dry however many samples are dropped.
 * Faults: rollout/teacher actors restart (max_restarts) and Ray retries their in-flight call on
-  the new actor (max_task_retries), so the work is redone; a restarted rollout worker pulls the
-  newest weights from the WeightStore first.
-* Resume: each checkpoint stores the learner state plus the data positions already consumed
-  (trained or dropped), so a rerun with --resume neither repeats nor skips an utterance.
+  the new actor (max_task_retries), so the work is redone; a restarted rollout worker loads the
+  WeightStore's copy first (published at each checkpoint).
+* Resume: each checkpoint stores the learner state plus the consumed positions (trained or dropped:
+  a watermark below which all are consumed, and the consumed ones above it), so a rerun with
+  --resume neither repeats nor skips an utterance.
 * `mode="sync"` runs the same components one stage at a time (the baseline for the speed-up).
 """
 from __future__ import annotations
@@ -23,17 +30,18 @@ import pathlib
 import time
 from collections import deque
 from dataclasses import asdict
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import ray
 
 from ark_ray.config import OpdConfig, to_dict
 from ark_ray.data.manifest import read_manifest
-from ark_ray.train.learner import LearnerGroup
+from ark_ray.opd.loss import OpdLoss
 from ark_ray.opd.rollout import RolloutWorker
-from ark_ray.train.weight_sync import WeightStore
 from ark_ray.opd.teacher import TeacherScorer
+from ark_ray.train.learner import LearnerGroup
+from ark_ray.train.weight_sync import WeightStore
 
 
 def _wer(refs: list[str], hyps: list[str]) -> float:
@@ -65,8 +73,66 @@ class AudioStore:
         return self.refs[key]
 
 
+class DataPositions:
+    """Which data positions are consumed (trained on or dropped): a watermark `low` below which all
+    are, plus the consumed ones at or above it. Positions run on over epochs without end."""
+
+    def __init__(self, n_rows: int, seed: int):
+        if n_rows == 0:
+            raise ValueError("the training manifest has no rows")
+        self.n, self.seed = n_rows, seed
+        self.low = 0
+        self.above: set[int] = set()
+        self.consumed_total = 0   # consume events; equals the consumed count unless a position repeats
+        self._perm: dict[int, np.ndarray] = {}
+
+    def consume(self, positions) -> None:
+        positions = [int(p) for p in positions]
+        self.consumed_total += len(positions)
+        self.above.update(p for p in positions if p >= self.low)
+        while self.low in self.above:
+            self.above.discard(self.low)
+            self.low += 1
+
+    def is_consumed(self, p: int) -> bool:
+        return p < self.low or p in self.above
+
+    def pending(self) -> Iterator[int]:
+        """Unconsumed positions in order, from the watermark on, forever."""
+        p = self.low
+        while True:
+            if p not in self.above:
+                yield p
+            p += 1
+
+    def row(self, p: int) -> int:
+        """The manifest row at position p: epoch p // n, shuffled by its own seed."""
+        epoch, k = divmod(p, self.n)
+        if epoch not in self._perm:
+            if len(self._perm) > 2:
+                self._perm.pop(min(self._perm))
+            self._perm[epoch] = np.random.default_rng(self.seed + epoch).permutation(self.n)
+        return int(self._perm[epoch][k])
+
+    def state(self) -> dict:
+        return {"low": self.low, "above": sorted(self.above), "epoch": self.low // self.n,
+                "index_in_epoch": self.low % self.n, "consumed_total": self.consumed_total}
+
+    def consumed(self) -> set[int]:
+        return set(range(self.low)) | self.above
+
+    def load(self, st: dict) -> None:
+        if "done" in st:   # checkpoints before the watermark: a plain list of consumed positions
+            self.low, self.above = 0, set()
+            self.consume(st["done"])
+        else:
+            self.low, self.above = int(st["low"]), set(st["above"])
+            self.consumed_total = int(st.get("consumed_total", self.low + len(self.above)))
+
+
 class OpdController:
     def __init__(self, cfg: OpdConfig):
+        t0 = time.perf_counter()
         self.cfg = cfg
         self.out = pathlib.Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -74,43 +140,44 @@ class OpdController:
         self.eval_rows = read_manifest(cfg.eval_manifest) if cfg.eval_manifest else []
         self.audio = AudioStore(self.rows, cfg.max_audio_s)
         self.eval_audio = AudioStore(self.eval_rows, cfg.max_audio_s)
+        self.data = DataPositions(len(self.rows), cfg.seed)
         self.store_name = f"ark-opd-weights-{os.getpid()}-{int(time.time())}"
         self.store = WeightStore.options(name=self.store_name).remote()
+        self.startup: dict[str, float] = {}
         actor_opts = dict(max_restarts=cfg.max_actor_restarts, max_task_retries=cfg.max_actor_restarts)
         engine_cfg = asdict(cfg.rollout_engine)
         self.rollouts = [ray.remote(RolloutWorker).options(
             num_cpus=cfg.rollout_engine.num_cpus, num_gpus=cfg.rollout_engine.num_gpus, **actor_opts,
         ).remote(cfg.student, engine_cfg, asdict(cfg.sampling), cfg.topk, self.store_name)
             for _ in range(cfg.num_rollout_workers)]
+        rollout_ready = [w.get_version.remote() for w in self.rollouts]
         if cfg.staged_startup:  # vLLM must profile GPU memory before the teacher and learner allocate
-            ray.get([w.get_version.remote() for w in self.rollouts])
+            ray.get(rollout_ready)
+            self.startup["rollout_s"] = time.perf_counter() - t0
         self.teachers = [ray.remote(TeacherScorer).options(
             num_cpus=cfg.teacher_num_cpus, num_gpus=cfg.teacher_num_gpus, **actor_opts,
         ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau) for _ in range(cfg.num_teacher_workers)]
-        total_steps = cfg.steps
-        self.learner = LearnerGroup(cfg.student, cfg.learner, total_steps=total_steps)
+        teacher_ready = [t.ready.remote() for t in self.teachers]
+        # the learner group blocks until its ranks are up; the engines and teachers start meanwhile
+        self.learner = LearnerGroup(cfg.student, cfg.learner, total_steps=cfg.steps, loss=OpdLoss(cfg.tau))
+        self.startup["learner_s"] = time.perf_counter() - t0
+        pending = {"rollout_s": rollout_ready, "teacher_s": teacher_ready}
+        for role, refs in pending.items():
+            if role not in self.startup:
+                ray.get(refs)
+                self.startup[role] = time.perf_counter() - t0
         from ark_ray.model.processor import ArkAsrProcessor
         self.pad_id = ArkAsrProcessor.from_pretrained(cfg.student).token_ids.pad
+        self.weights = self.learner.weight_sync(self.rollouts, self.store)
         self.version = 0
         self.step = 0
-        self.done: set[int] = set()     # data positions trained or dropped
         self.dropped_stale = 0
         self.samples_trained = 0
         self.history: list[dict] = []
         self.pending: list = []         # rollout/teacher calls run_async left in flight (see drain)
+        self.last_sync: Optional[dict] = None
         self.metrics_f = open(self.out / "metrics.jsonl", "a")
-
-    # ------------------------------------------------------------------ data
-    def positions(self) -> list[int]:
-        """Data positions (indices into the epoch-shuffled order) still to be used, in order."""
-        need = self.cfg.steps * self.cfg.rollout_batch_size + self.cfg.rollout_batch_size * 4
-        order_len = need + len(self.done)
-        return [p for p in range(order_len) if p not in self.done]
-
-    def row_of(self, pos: int) -> int:
-        n = len(self.rows)
-        epoch, k = divmod(pos, n)
-        return int(np.random.default_rng(self.cfg.seed + epoch).permutation(n)[k])
+        self.startup["total_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, who: str = "student") -> Optional[float]:
@@ -125,17 +192,23 @@ class OpdController:
 
     # ------------------------------------------------------------------ weights
     def sync_weights(self) -> None:
+        """Queue version+1 for every rollout worker (each applies it before its next rollout)."""
         self.version += 1
-        # queued, not awaited: each worker applies it before its next rollout (actor call order);
-        # object store or broadcast as learner.weight_sync says, the WeightStore gets it either way
-        self.learner.push_weights(self.rollouts, self.version, store=self.store, wait=False)
+        self.weights.push(self.version)
+
+    def _collect_sync(self, block: bool = False) -> None:
+        """A finished sync's record (its error raises here: the run stops with the worker's error)."""
+        rec = self.weights.wait() if block else self.weights.poll()
+        if rec is not None:
+            self.last_sync = rec
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        state = {"step": self.step, "version": self.version, "done": sorted(self.done),
+        state = {"step": self.step, "version": self.version, "data": self.data.state(),
                  "dropped_stale": self.dropped_stale, "samples_trained": self.samples_trained}
         self.learner.save_checkpoint(str(self.out / "checkpoint"), {"opd": state})
         (self.out / "checkpoint" / "opd_state.json").write_text(json.dumps(state))
+        self.weights.publish(self.version)   # what a rollout worker Ray restarts loads first
 
     def resume(self) -> bool:
         path = self.out / "checkpoint"
@@ -144,46 +217,58 @@ class OpdController:
         client = self.learner.load_checkpoint(str(path))
         st = client["opd"]
         self.step, self.version = st["step"], st["version"]
-        self.done = set(st["done"])
+        self.data.load(st.get("data", st))
         self.dropped_stale, self.samples_trained = st["dropped_stale"], st["samples_trained"]
-        self.learner.push_weights(self.rollouts, self.version, store=self.store)
-        print(f"resumed at step {self.step} (version {self.version}, {len(self.done)} samples consumed)")
+        self.weights.push(self.version)
+        self._collect_sync(block=True)
+        d = self.data.state()
+        print(f"resumed at step {self.step} (version {self.version}, epoch {d['epoch']}, "
+              f"position {self.data.low})")
         return True
 
     # ------------------------------------------------------------------ one learner step
-    def _train_on(self, batch, positions: list[int], queues: Optional[dict] = None) -> Optional[dict]:
+    def _warn_stale(self, dropped: int, total: int) -> None:
+        workers = ", ".join(f"worker {i}: v{v}" for i, v in sorted(self.weights.versions.items())) or "none synced yet"
+        print(f"warning: step {self.step + 1} dropped {dropped}/{total} samples as stale (controller at "
+              f"v{self.version}, max_staleness {self.cfg.max_staleness}; {workers})", flush=True)
+
+    def _train_on(self, batch, queues: Optional[dict] = None) -> Optional[dict]:
         """One learner step on `batch`; `queues` = batches in each pipeline queue right now."""
         stale = (self.version - batch.policy_version) > self.cfg.max_staleness
         if stale.any():
             self.dropped_stale += int(stale.sum())
-            for p, s in zip(positions, stale):
-                if s:
-                    self.done.add(p)
+            self.data.consume(batch.position[stale])
+            if stale.sum() * 2 > len(batch):
+                self._warn_stale(int(stale.sum()), len(batch))
             batch = batch.select(~stale)
-            positions = [p for p, s in zip(positions, stale) if not s]
         if len(batch) == 0:
             return None
         t0 = time.perf_counter()
-        stats = self.learner.train_step(batch.to_learner_batch(self.pad_id), kind="opd", tau=self.cfg.tau)
+        stats = self.learner.train_step(batch.to_learner_batch(self.pad_id))
         learner_s = time.perf_counter() - t0
         self.step += 1
-        self.done.update(positions)
+        self.data.consume(batch.position)
         self.samples_trained += len(batch)
         rollout_wer = _wer(list(batch.reference_text), list(batch.pred_text)) if any(batch.reference_text) else None
+        sync, self.last_sync = self.last_sync, None
         rec = dict(step=self.step, version=self.version, time=time.time(), loss=stats["loss"], kl=stats["kl"],
                    samples=len(batch),
                    union_size=stats.get("union_size"), teacher_mass=stats.get("teacher_mass"),
                    student_mass=stats.get("student_mass"), lr=stats["lr"],
                    staleness=float(np.mean(self.version - batch.policy_version)),
                    rollout_s=batch.timings.get("rollout_s"), teacher_s=batch.timings.get("teacher_s"),
-                   learner_s=learner_s, rollout_wer=rollout_wer, dropped_stale=self.dropped_stale,
+                   learner_s=learner_s, peak_mem_gb=stats.get("peak_mem_gb"),
+                   sync_s=sync["sync_s"] if sync else None, sync_version=sync["version"] if sync else None,
+                   epoch=self.data.low // self.data.n,
+                   rollout_wer=rollout_wer, dropped_stale=self.dropped_stale,
                    **{f"queue_{k}": v for k, v in (queues or {}).items()})
         self.history.append(rec)
         self.metrics_f.write(json.dumps(rec) + "\n")
         self.metrics_f.flush()
         _record_metrics(rec)
         print(f"step {self.step}/{self.cfg.steps} v{self.version} kl {rec['kl']:.4f} "
-              f"union {rec['union_size'] or 0:.1f} stale-dropped {self.dropped_stale}", flush=True)
+              f"union {rec['union_size'] or 0:.1f} stale-dropped {self.dropped_stale}"
+              + (f" sync {sync['sync_s']:.2f}s" if sync else ""), flush=True)
         if self.step % self.cfg.sync_every == 0:
             self.sync_weights()
         if self.cfg.save_every and self.step % self.cfg.save_every == 0:
@@ -195,11 +280,12 @@ class OpdController:
 
     # ------------------------------------------------------------------ the loops
     def _batches(self):
-        pos = deque(self.positions())
+        """Batches of unconsumed positions, in order, without end (epochs follow one another)."""
+        pos = self.data.pending()
         bs = self.cfg.rollout_batch_size
-        while pos:
-            chunk = [pos.popleft() for _ in range(min(bs, len(pos)))]
-            rows = [self.row_of(p) for p in chunk]
+        while True:
+            chunk = [next(pos) for _ in range(bs)]
+            rows = [self.data.row(p) for p in chunk]
             yield (chunk, [self.rows[r]["id"] for r in rows], [self.audio.ref(r) for r in rows],
                    [self.rows[r].get("text") or "" for r in rows])
 
@@ -207,53 +293,46 @@ class OpdController:
         batches = self._batches()
         while self.step < self.cfg.steps:
             chunk, ids, refs, texts = next(batches)
-            traj = self.rollouts[0].rollout.remote(ids, refs, texts)
+            traj = self.rollouts[0].rollout.remote(ids, refs, texts, chunk)
             scored = ray.get(self.teachers[0].score.remote(traj, refs))
-            self._train_on(scored, chunk, queues=dict(rollout=0, teacher=0, learner=0))
+            self._collect_sync()
+            self._train_on(scored, queues=dict(rollout=0, teacher=0, learner=0))
 
     def run_async(self) -> None:
         batches = self._batches()
-        inflight_roll: dict = {}      # ref -> (chunk, refs, worker index)
+        inflight_roll: dict = {}      # ref -> (refs, worker index)
         inflight_teach: dict = {}
         scored_q: deque = deque()
         free_workers = deque(range(len(self.rollouts)))
         teacher_rr = 0
-        exhausted = False
         while self.step < self.cfg.steps:
+            self._collect_sync()
             # keep every rollout worker busy while the queues have room
-            while free_workers and not exhausted and \
-                    len(inflight_roll) + len(inflight_teach) + len(scored_q) < self.cfg.max_inflight:
-                try:
-                    chunk, ids, refs, texts = next(batches)
-                except StopIteration:
-                    exhausted = True
-                    break
+            while free_workers and len(inflight_roll) + len(inflight_teach) + len(scored_q) < self.cfg.max_inflight:
+                chunk, ids, refs, texts = next(batches)
                 w = free_workers.popleft()
-                inflight_roll[self.rollouts[w].rollout.remote(ids, refs, texts)] = (chunk, refs, w)
+                inflight_roll[self.rollouts[w].rollout.remote(ids, refs, texts, chunk)] = (refs, w)
             if scored_q:
-                batch, chunk = scored_q.popleft()
-                self._train_on(batch, chunk, queues=dict(rollout=len(inflight_roll), teacher=len(inflight_teach),
-                                                         learner=len(scored_q)))
+                self._train_on(scored_q.popleft(), queues=dict(rollout=len(inflight_roll),
+                                                               teacher=len(inflight_teach), learner=len(scored_q)))
                 continue
-            pending = list(inflight_roll) + list(inflight_teach)
-            if not pending:
-                break
-            ready, _ = ray.wait(pending, num_returns=1)
+            ready, _ = ray.wait(list(inflight_roll) + list(inflight_teach), num_returns=1)
             ref = ready[0]
             if ref in inflight_roll:
-                chunk, refs, w = inflight_roll.pop(ref)
+                refs, w = inflight_roll.pop(ref)
                 free_workers.append(w)
                 t = self.teachers[teacher_rr % len(self.teachers)]
                 teacher_rr += 1
-                inflight_teach[t.score.remote(ref, refs)] = chunk
+                inflight_teach[t.score.remote(ref, refs)] = True
             else:
-                chunk = inflight_teach.pop(ref)
-                scored_q.append((ray.get(ref), chunk))
+                del inflight_teach[ref]
+                scored_q.append(ray.get(ref))   # a failed rollout or scoring raises here
         self.pending = list(inflight_roll) + list(inflight_teach)
 
     def drain(self) -> None:
-        """Wait for the rollout/teacher calls run_async left running (their results are not used),
-        so that whatever runs next (a benchmark's sync phase) has the actors and GPUs to itself."""
+        """Wait for the rollout/teacher calls run_async left running (their results are not used:
+        their positions stay unconsumed, so a later run takes them again), so that whatever runs
+        next (a benchmark's sync phase) has the actors and GPUs to itself."""
         if self.pending:
             ray.wait(self.pending, num_returns=len(self.pending))
         self.pending = []
@@ -272,10 +351,12 @@ class OpdController:
             self.run_async()
         train_s = time.time() - t_train
         self.sync_weights()
+        self._collect_sync(block=True)
         student_after = self.evaluate("student")
         self.save()
         final = self.learner.export_hf(str(self.out / "final"))
         hist = self.history
+        syncs = [s["sync_s"] for s in self.weights.history]
         summary = {
             "mode": self.cfg.mode, "steps": self.step,
             "student_wer_before": student_before, "student_wer_after": student_after,
@@ -283,11 +364,13 @@ class OpdController:
             "kl_first": hist[0]["kl"] if hist else None, "kl_last": hist[-1]["kl"] if hist else None,
             "union_size": float(np.mean([h["union_size"] for h in hist if h["union_size"]])) if hist else None,
             "samples_per_s": (self.samples_trained - start_samples) / max(train_s, 1e-9),
-            "dropped_stale": self.dropped_stale, "train_s": train_s, "wall_s": time.time() - t0,
+            "dropped_stale": self.dropped_stale, "weight_sync": self.weights.describe(),
+            "sync_s_median": float(np.median(syncs)) if syncs else None,
+            "startup_s": self.startup.get("total_s"), "train_s": train_s, "wall_s": time.time() - t0,
             "final_model": final,
         }
-        (self.out / "summary.json").write_text(json.dumps({"summary": summary, "config": to_dict(self.cfg)},
-                                                          indent=2, default=str))
+        (self.out / "summary.json").write_text(json.dumps({"summary": summary, "startup": self.startup,
+                                                           "config": to_dict(self.cfg)}, indent=2, default=str))
         return summary
 
     def shutdown(self) -> None:
@@ -297,13 +380,10 @@ class OpdController:
 
 
 def _record_metrics(rec: dict) -> None:
-    """Export the step's figures as Prometheus metrics when ark_ray.metrics exists."""
-    try:
-        from ark_ray import metrics
-    except ImportError:
-        return
-    if hasattr(metrics, "record_opd_step"):
-        metrics.record_opd_step(rec)
+    """Export the step's figures as Prometheus metrics."""
+    from ark_ray import metrics
+
+    metrics.record_opd_step(rec)
     queues = {k[len("queue_"):]: v for k, v in rec.items() if k.startswith("queue_")}
-    if queues and hasattr(metrics, "record_opd_queues"):
+    if queues:
         metrics.record_opd_queues(**queues)

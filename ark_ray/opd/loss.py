@@ -34,8 +34,11 @@ How this differs from the seed (open-audio-opd `compute_union_topk_logprob_opd_l
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ark_ray.train.losses import forward_logits
 
 NEG_INF = float("-inf")
 _MASS_TOL = 1e-3   # teacher buckets must sum to 1 within this (raw logits are off by far more)
@@ -230,3 +233,48 @@ def _check_teacher_mass(t_lp: torch.Tensor, t_tail: torch.Tensor, pos_ok: torch.
             raise ValueError(f"teacher buckets sum to {example:.6g} (not 1) at {int(bad.sum())} position(s): "
                              "pass log-probs (log_softmax at the loss temperature) and the matching tail "
                              "from gather_teacher_logprobs, not raw logits")
+
+
+class OpdLoss:
+    """The OPD loss as a learner loss object (`ark_ray.train.losses.Loss`): tau^2 * forward KL over
+    the union buckets + tail at each response token, summed; the learner divides by the step's
+    response tokens (every response position, EOS included, as `response_mask` marks them).
+
+    Batch columns (`TrajectoryBatch.to_learner_batch`): input_ids/attention_mask (prompt + response,
+    right padded), input_features/feature_lengths, response_start, union_ids, teacher_logprobs,
+    teacher_tail_logprob, response_mask. Logits are computed only on the response span.
+    """
+
+    def __init__(self, tau: float = 1.0):
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.tau = float(tau)
+
+    def tokens(self, batch) -> int:
+        return int(np.asarray(batch["response_mask"]).sum())
+
+    def __call__(self, model, b: dict) -> tuple[torch.Tensor, dict]:
+        # logits at position p predict token p + 1: response token j (at start + j) comes from
+        # position start + j - 1; only that span is computed
+        t = b["union_ids"].shape[1]
+        width = b["input_ids"].shape[1]
+        start = b["response_start"]
+        lo = max(0, int(start.min()) - 1)
+        hi = min(width - 1, int(start.max()) - 2 + t)
+        logits = forward_logits(model, b, lo, hi)
+        pos = start[:, None] - 1 + torch.arange(t, device=start.device)[None, :]
+        pos = pos.clamp(min=lo, max=hi) - lo
+        logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float()
+        loss_sum, st = opd_kl_loss(logits, b["union_ids"], b["teacher_logprobs"].float(),
+                                   b["teacher_tail_logprob"].float(), b["response_mask"], tau=self.tau,
+                                   reduction="sum")
+        n = float(st["positions"])
+        return loss_sum, {"kl_sum": float(loss_sum.detach()), "positions": n,
+                          **{f"{k}_sum": float(st[k]) * n for k in ("union_size", "teacher_mass", "student_mass")}}
+
+    def summarize(self, stats: dict, tokens: int) -> dict:
+        loss = stats["kl_sum"] / max(1, tokens)
+        n = max(1.0, stats["positions"])
+        return {"loss": loss, "kl": loss / self.tau ** 2,   # the same per-token KL without the tau^2 factor
+                "tokens": tokens,
+                **{k: stats[f"{k}_sum"] / n for k in ("union_size", "teacher_mass", "student_mass")}}

@@ -1,14 +1,17 @@
 """RolloutWorker actor: the student on an inference engine (vLLM by default) produces trajectories.
 
-For each clip: the student's own transcript tokens (greedy by default; temperature/n from the
+For each clip: the student's own transcript tokens (greedy by default; temperature from the
 sampling config) and its top-k ids at every position (vLLM processed log-probs, so the allowed-
-token mask is reflected). Every output is tagged with the weights version that produced it.
-A restarted worker (Ray restarts it after a crash) first pulls the newest weights from the
-`WeightStore`, so a redone rollout is never produced by stale initial weights.
+token mask is reflected). Every output is tagged with the weights version that produced it and
+the data position it came from.
 
-Weights arrive either as an object-store ref (`update_weights`) or through the learner's
-collective broadcast straight into the engine process (`receive_weights`, ark_ray.train.weight_sync),
-whichever the learner's `weight_sync` picks.
+Weights arrive by whichever path `ark_ray.train.weight_sync` picked for this actor: CUDA IPC
+buckets on a shared GPU (`load_weights("ipc", ...)`), bucket objects from the object store
+(`load_weights("object_store", ...)`), or the learner's NCCL/gloo broadcast straight into the
+engine processes (`receive_broadcast`). Each call returns the version the engine now holds; a
+failure raises, and the driver's sync fails with this actor's error. A restarted worker (Ray
+restarts it after a crash) first loads the WeightStore's copy, so a redone rollout is not produced
+by the initial weights.
 """
 from __future__ import annotations
 
@@ -32,57 +35,89 @@ class RolloutWorker:
         self.topk = topk
         self.version = 0
         self.store_name = store_name
-        self.group: Optional[str] = None  # the weight-sync group this engine belongs to
+        self.group: Optional[str] = None  # the broadcast group this engine belongs to
         if store_name:
             store = ray.get_actor(store_name)
             refs, version = ray.get(store.latest.remote())
             if refs is not None:
-                self.update_weights(refs, version)
+                from ark_ray.train.weight_sync import load_items, object_items
+                load_items(self.engine, object_items(refs), 1 << 30)
+                self.version = version
 
-    def update_weights(self, refs: list, version: int) -> int:
-        """`refs` = [ObjectRef of a state dict] (wrapped in a list so Ray passes the ref)."""
-        weights = ray.get(refs[0])
-        self.engine.update_weights(weights)
+    # ------------------------------------------------------------------ weights
+    def engine_info(self) -> dict:
+        """Where the engine runs, its weights' dtype and its processes (what picks the sync path)."""
+        from ark_ray.train.weight_sync import placement
+
+        info = placement()
+        llm = getattr(self.engine, "llm", None)
+        if llm is not None:
+            info["dtype"] = self.engine.weights_dtype
+            info["ranks"] = int(llm.llm_engine.vllm_config.parallel_config.world_size)
+        else:
+            info["dtype"] = str(next(self.engine.model.parameters()).dtype).removeprefix("torch.")
+            info["ranks"] = 1
+        return info
+
+    def _done(self, version: int, how: str, t0: float) -> dict:
         self.version = version
-        return version
+        return {"version": version, "how": how, "seconds": time.perf_counter() - t0}
 
-    def receive_weights(self, spec: dict, index: int, version: int, ranks: int = 1) -> str:
-        """Take `version` from the learner's broadcast (joining a new group when the learner forms
-        one); if that fails, load the same version from the WeightStore. Returns how it came."""
-        from ark_ray.train.weight_sync import receive
+    def load_weights(self, mode: str, export: dict, version: int) -> dict:
+        """Load `version` from the learner's export: "ipc" (CUDA IPC buckets on this GPU) or
+        "object_store" (bucket objects, streamed one at a time)."""
+        from ark_ray.train.weight_sync import ipc_items, load_items, object_items
 
+        t0 = time.perf_counter()
         if self.version >= version:  # a call Ray retried after a restart: the store had it already
-            return "current"
+            return {"version": self.version, "how": "current", "seconds": 0.0}
+        if mode == "ipc":
+            if getattr(self.engine, "llm", None) is not None:
+                self.engine.load_ipc(export["payload"])
+            else:
+                import torch
+                self.engine.update_weights(ipc_items(export["payload"]))
+                torch.cuda.synchronize()
+        elif mode == "object_store":
+            load_items(self.engine, object_items(export["refs"]), int(export.get("bucket_bytes", 1 << 30)))
+        else:
+            raise ValueError(f"unknown weight sync mode {mode!r}")
+        return self._done(version, mode, t0)
+
+    def receive_broadcast(self, spec: dict, index: int, version: int, ranks: int = 1) -> dict:
+        """Take `version` from the learner's broadcast (joining a new group when the learner forms one)."""
+        from ark_ray.train.weight_broadcast import receive
+
+        t0 = time.perf_counter()
         try:
             self.group = receive(self.engine, spec, index, version, self.group, ranks)
-            self.version = version
-            return "broadcast"
-        except Exception as e:
-            print(f"weight sync: v{version} not received by broadcast ({e}); loading it from the WeightStore",
-                  flush=True)
-            self.group = None
-        if not self.store_name:
-            raise RuntimeError(f"weights v{version} were not broadcast and there is no WeightStore")
-        store = ray.get_actor(self.store_name)
-        deadline = time.monotonic() + float(spec["timeout_s"])
-        while True:  # the learner publishes right after its broadcast
-            refs, latest = ray.get(store.latest.remote())
-            if latest >= version or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if refs is None or latest < version:
-            raise RuntimeError(f"WeightStore holds v{latest}, v{version} was expected")
-        self.update_weights(refs, latest)
-        return "object_store"
+        except Exception:
+            self.group = None   # the next attempt forms a new group with this actor
+            raise
+        return self._done(version, "broadcast", t0)
 
-    def rollout(self, sample_ids: list[str], audio_refs: list, reference_texts: list[str]) -> TrajectoryBatch:
+    def weight_digests(self, names: list[str]) -> dict:
+        """sha1 of named parameters as the engine holds them (bench/gpu_check.py)."""
+        if getattr(self.engine, "llm", None) is not None:
+            return self.engine.weight_digests(names)
+        from ark_ray.engines.vllm_engine import tensor_digest
+        params = dict(self.engine.model.named_parameters())
+        return {n: tensor_digest(params[n]) for n in names}
+
+    def get_version(self) -> int:
+        return self.version
+
+    # ------------------------------------------------------------------ rollouts
+    def rollout(self, sample_ids: list[str], audio_refs: list, reference_texts: list[str],
+                positions: list[int]) -> TrajectoryBatch:
         t0 = time.perf_counter()
         waves = ray.get(list(audio_refs))
         outs = self.engine.transcribe(waves, self.sampling)
-        n = self.sampling.n
-        ids = [sample_ids[t.clip_index] for t in outs]
+        if len(outs) != len(sample_ids):
+            raise RuntimeError(f"{len(outs)} rollouts for {len(sample_ids)} clips (sampling.n must be 1)")
         return TrajectoryBatch.from_rollouts(
-            sample_ids=ids if n == 1 else [f"{s}#{t.sample_index}" for s, t in zip(ids, outs)],
+            sample_ids=[sample_ids[t.clip_index] for t in outs],
+            positions=[positions[t.clip_index] for t in outs],
             audio_refs=[sample_ids[t.clip_index] for t in outs],
             prompt_ids=[t.prompt_ids for t in outs],
             responses=[t.token_ids for t in outs],
@@ -100,6 +135,3 @@ class RolloutWorker:
         waves = ray.get(list(audio_refs))
         greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens)
         return [t.text for t in self.engine.transcribe(waves, greedy)]
-
-    def get_version(self) -> int:
-        return self.version

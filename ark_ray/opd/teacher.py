@@ -43,6 +43,10 @@ class TeacherScorer:
         vocab = self.model.config.vocab_size
         self.blocked = ~self.processor.allowed_token_mask(vocab).to(self.device)
 
+    def ready(self) -> bool:
+        """Returns once the teacher is loaded (the controller times start-up by role)."""
+        return True
+
     @torch.inference_mode()
     def score(self, batch: TrajectoryBatch, audio_refs: list) -> TrajectoryBatch:
         """Fill teacher_ids / teacher_logprobs / teacher_tail_logprob and attach the features."""

@@ -6,7 +6,9 @@ element. Audio never travels here, only `audio_ref` (an id into the audio store:
 are put into the object store once by the controller).
 
 Columns (one row per sample, T = longest response in the batch, k = top-k, U = 2k union slots):
-  sample_id            [B]      str    stable id of the data item (resume and dedupe key)
+  sample_id            [B]      str    stable id of the data item
+  position             [B]      int64  data position (epoch * N + index into that epoch's order):
+                                       what resume and staleness accounting use
   audio_ref            [B]      str    key of the clip in the controller's audio store
   prompt_ids           [B]      object int32 arrays (prompts differ by audio length)
   response_ids         [B, T]   int32  student tokens, right-padded with -1 (EOS included)
@@ -32,6 +34,7 @@ import numpy as np
 @dataclass
 class TrajectoryBatch:
     sample_id: np.ndarray
+    position: np.ndarray
     audio_ref: np.ndarray
     prompt_ids: np.ndarray
     response_ids: np.ndarray
@@ -67,7 +70,7 @@ class TrajectoryBatch:
         return total
 
     @classmethod
-    def from_rollouts(cls, *, sample_ids: Sequence[str], audio_refs: Sequence[str],
+    def from_rollouts(cls, *, sample_ids: Sequence[str], positions: Sequence[int], audio_refs: Sequence[str],
                       prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       student_topk: Sequence[np.ndarray], policy_version: int,
                       reference_texts: Sequence[str], pred_texts: Sequence[str], k: int,
@@ -88,6 +91,7 @@ class TrajectoryBatch:
             prompts[i] = np.asarray(p, dtype=np.int32)
         return cls(
             sample_id=np.asarray(sample_ids, dtype=object),
+            position=np.asarray(positions, dtype=np.int64),
             audio_ref=np.asarray(audio_refs, dtype=object),
             prompt_ids=prompts,
             response_ids=resp,

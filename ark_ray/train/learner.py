@@ -2,19 +2,25 @@
 
 Why actors and not Ray Train: the OPD controller drives learners step by step (it hands each step
 a trajectory batch from the object store and pulls weights out for the rollout workers), which is
-OpenRLHF's `trainer/ray/` pattern. On CPU: gloo, fp32; on GPU: NCCL, bf16 with fp32 master weights
-(DeepSpeed's bf16 optimizer), actors in a placement group (one GPU bundle per rank).
+OpenRLHF's `trainer/ray/` pattern. On CPU: gloo, fp32; on GPU: NCCL, bf16 compute with fp32 master
+weights and optimizer state (`deepspeed_config` says which DeepSpeed wrapper keeps them), actors in a
+placement group (one GPU bundle per rank). `learner.gradient_checkpointing` recomputes every decoder
+and encoder layer in the backward pass.
 
-Loss normalisation: each rank's loss is (its summed token loss) / (global token count) x world,
-so after DeepSpeed's gradient averaging the update equals one big batch on one rank.
+The loss comes from the job (`ark_ray.train.losses.Loss`: SFT's TokenCrossEntropy by default, OPD's
+`ark_ray.opd.loss.OpdLoss`). Normalisation: each micro-batch's loss is (its summed token loss) /
+(the batch's global token count) x world, so after DeepSpeed's gradient averaging the update equals
+one big batch on one rank, whatever the number of ranks and micro-batches (`micro_batch_size`).
 """
 from __future__ import annotations
 
 import math
 import os
 import random
+import resource
 import socket
 import sys
+import time
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -23,10 +29,7 @@ import ray
 import torch
 
 from ark_ray.config import LearnerConfig
-
-TORCH_KEYS = ("input_ids", "attention_mask", "labels", "input_features", "feature_lengths",
-              "response_start", "union_ids", "teacher_logprobs", "teacher_tail_logprob", "response_mask")
-
+from ark_ray.train.losses import Loss, TokenCrossEntropy
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -46,6 +49,7 @@ def _skip_deepspeed_shm_build() -> None:
 
 
 def lr_lambda(cfg: LearnerConfig, total_steps: int):
+    """LR factor per optimizer step (linear warm-up, then cosine to min_lr_ratio over `total_steps`)."""
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / max(1, cfg.warmup_steps)
@@ -60,12 +64,59 @@ def split_batch(batch: dict[str, np.ndarray], world: int) -> list[dict[str, np.n
     return [{k: v[r::world] for k, v in batch.items()} for r in range(world) if r < n] or [batch]
 
 
+def micro_parts(n_rows: int, n_micro: int) -> list[np.ndarray]:
+    """Row indices of `n_micro` near-equal contiguous micro-batches (empty ones when n_rows < n_micro)."""
+    return np.array_split(np.arange(n_rows), n_micro)
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict:
+    """The DeepSpeed config for `cfg`.
+
+    Precision on GPU (bf16 on; read from DeepSpeed 0.19.8's engine): the module runs in bf16 and the
+    optimizer wrapper keeps fp32 master weights with the AdamW state on them: ZeRO 2 ->
+    DeepSpeedZeroOptimizer (fp32 `single_partition_of_fp32_groups`), ZeRO 3 ->
+    DeepSpeedZeroOptimizer_Stage3 (fp32 `fp32_partitioned_groups_flat`), ZeRO 1 with fp32 gradient
+    accumulation -> BF16_Optimizer (fp32 `fp32_groups_flat_partition`), ZeRO 0 -> FP16_UnfusedOptimizer
+    in bf16 mode (fp32 `fp32_groups`). For ZeRO 1-3 `data_types.grad_accum_dtype=fp32` makes the
+    gradients of the micro-batches add up in fp32; ZeRO 0 refuses that mix (bf16 accumulation).
+    On CPU everything is fp32.
+
+    Accumulation: the learner sets the boundary itself (`set_gradient_accumulation_boundary`, the last
+    micro-batch of every grad_accum_steps-th batch) and calls `backward(loss, scale_wrt_gas=False)`,
+    having already divided each loss by the global token count and by grad_accum_steps; so
+    DeepSpeed's own micro-step counter and 1/gradient_accumulation_steps loss scaling are not used,
+    and the number of micro-batches may change from batch to batch. `gradient_accumulation_steps`
+    and `train_micro_batch_size_per_gpu` are set to the nominal values (DeepSpeed's sample counters).
+    """
+    bf16 = bool(cfg.use_gpu)
+    out = {
+        "train_micro_batch_size_per_gpu": max(1, cfg.micro_batch_size),
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if bf16 and cfg.zero_stage >= 1:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
+
+
+def _peak_mem_gb(use_gpu: bool) -> float:
+    """This step's peak allocated GPU memory (torch allocator); on CPU the process's max RSS so far."""
+    if use_gpu:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
+
+
 class LearnerWorker:
     """One rank. Created through `LearnerGroup`; not used directly."""
 
     def __init__(self, model_dir: str, cfg: dict, total_steps: int, rank: int, world: int,
-                 master_addr: str, master_port: int):
+                 master_addr: str, master_port: int, loss: Optional[Loss] = None):
         self.cfg = LearnerConfig(**cfg)
+        self.loss = loss if loss is not None else TokenCrossEntropy()
         self.rank, self.world = rank, world
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK="0" if not self.cfg.use_gpu else str(rank % max(1, torch.cuda.device_count())),
@@ -80,25 +131,22 @@ class LearnerWorker:
         from ark_ray.model import ArkAsrForConditionalGeneration
 
         self._seed(self.cfg.seed)
+        # loaded in fp32: the optimizer wrapper's master copies start from these; DeepSpeed casts the
+        # module itself to bf16 on GPU (deepspeed_config)
         model = ArkAsrForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
         model.config.use_cache = False
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas),
                                 weight_decay=self.cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg, total_steps))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": self.cfg.grad_clip,
-            "zero_optimization": {"stage": self.cfg.zero_stage},
-            "bf16": {"enabled": bool(self.cfg.use_gpu)},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        optimizer_steps = -(-total_steps // self.cfg.grad_accum_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg, optimizer_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+            model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(self.cfg))
         self.device = self.engine.device
-        self.step = 0
+        self.step = 0   # learner steps (batches) taken; an optimizer step ends every grad_accum_steps-th
         self._sender = None  # rank 0's end of the weight-sync group (weight_sync="broadcast")
+        self._exports: dict[tuple, list] = {}  # (mode, version) -> GPU buckets / object refs handed out
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -106,57 +154,70 @@ class LearnerWorker:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def _to_torch(self, shard: dict) -> dict[str, torch.Tensor]:
+    def _to_torch(self, shard: dict, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows `rows` of the numeric columns, on this rank's device; trailing columns that are
+        padding in every row are cut (exact: the decoder is causal and no loss reads them)."""
         out = {}
         for k, v in shard.items():
-            if k in TORCH_KEYS:
-                t = torch.as_tensor(np.asarray(v))
-                if t.is_floating_point() and k == "input_features":
-                    t = t.to(self.engine.module.dtype if self.cfg.use_gpu else torch.float32)
-                out[k] = t.to(self.device)
-        return out
+            v = np.asarray(v)
+            if v.dtype.kind not in "biuf":
+                continue
+            t = torch.as_tensor(v[rows])
+            if k == "input_features":
+                t = t.to(self.engine.module.dtype if self.cfg.use_gpu else torch.float32)
+            out[k] = t
+        if "attention_mask" in out:
+            used = out["attention_mask"].any(0).nonzero()
+            width = int(used[-1]) + 1 if len(used) else 1
+            for k in ("input_ids", "attention_mask", "labels"):
+                if k in out:
+                    out[k] = out[k][:, :width]
+        return {k: t.to(self.device) for k, t in out.items()}
 
-    def _sft_loss(self, b: dict, global_tokens: int) -> tuple[torch.Tensor, dict]:
-        out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                          input_features=b["input_features"], feature_lengths=b["feature_lengths"])
-        logits = out.logits[:, :-1].float()
-        labels = b["labels"][:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                               ignore_index=-100, reduction="sum")
-        n_tok = int((labels != -100).sum())
-        loss = ce / max(1, global_tokens) * self.world
-        return loss, {"ce_sum": float(ce.detach()), "tokens": n_tok}
+    def _sync(self) -> float:
+        if self.cfg.use_gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
-    def _opd_loss(self, b: dict, global_tokens: int, tau: float) -> tuple[torch.Tensor, dict]:
-        from ark_ray.opd.loss import opd_kl_loss
+    def train_step(self, shard: dict, n_micro: int, global_tokens: int, weight: float = 1.0) -> dict:
+        """Forward/backward on `shard` in `n_micro` micro-batches (gradients add up), then, on every
+        grad_accum_steps-th call, one optimizer step.
 
-        out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                          input_features=b["input_features"], feature_lengths=b["feature_lengths"])
-        # logits at position p predict token p + 1: response token j (at start + j) comes from
-        # position start + j - 1
-        t = b["union_ids"].shape[1]
-        pos = b["response_start"][:, None] - 1 + torch.arange(t, device=self.device)[None, :]
-        pos = pos.clamp(max=out.logits.shape[1] - 1)
-        logits = out.logits.gather(1, pos[..., None].expand(-1, -1, out.logits.shape[-1])).float()
-        loss_sum, stats = opd_kl_loss(logits, b["union_ids"], b["teacher_logprobs"].float(),
-                                      b["teacher_tail_logprob"].float(), b["response_mask"], tau=tau,
-                                      reduction="sum")
-        loss = loss_sum / max(1, global_tokens) * self.world
-        stats = {k: float(v) for k, v in stats.items()}
-        stats["kl_sum"] = float(loss_sum.detach())
-        return loss, stats
-
-    def train_step(self, shard: dict, kind: str, global_tokens: int, tau: float = 1.0) -> dict:
+        Each micro-batch's loss is loss.__call__'s token sum x world / (global_tokens x
+        grad_accum_steps): after DeepSpeed averages gradients over ranks, the update equals one
+        step on the whole batch on one rank. `weight` 0 (or an empty micro-batch, run on row 0)
+        contributes nothing but keeps this rank in step with the others' collectives.
+        Returns the loss's summed stats and this rank's lr, grad_norm, peak memory and timings.
+        """
         self.engine.train()
-        b = self._to_torch(shard)
-        loss, stats = (self._sft_loss(b, global_tokens) if kind == "sft"
-                       else self._opd_loss(b, global_tokens, tau))
-        self.engine.backward(loss)
-        self.engine.step()
+        if self.cfg.use_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        n_rows = len(next(iter(shard.values())))
+        boundary = (self.step + 1) % self.cfg.grad_accum_steps == 0
+        scale = self.world / (max(1, global_tokens) * self.cfg.grad_accum_steps)
+        sums: dict[str, float] = {}
+        fwd = bwd = opt_s = 0.0
+        parts = micro_parts(n_rows, n_micro)
+        for i, rows in enumerate(parts):
+            w = weight if len(rows) else 0.0
+            self.engine.set_gradient_accumulation_boundary(boundary and i == len(parts) - 1)
+            t0 = self._sync()
+            loss_sum, stats = self.loss(self.engine, self._to_torch(shard, rows if len(rows) else np.arange(1)))
+            t1 = self._sync()
+            self.engine.backward(loss_sum * (scale * w), scale_wrt_gas=False)
+            t2 = self._sync()
+            self.engine.step()   # the optimizer steps only at the boundary
+            t3 = self._sync()
+            fwd, bwd, opt_s = fwd + t1 - t0, bwd + t2 - t1, opt_s + t3 - t2
+            if w:
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
         self.step += 1
-        stats["lr"] = float(self.scheduler.get_last_lr()[0])
-        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        return stats
+        return {"sums": sums, "optimizer_step": boundary,
+                "lr": float(self.scheduler.get_last_lr()[0]),
+                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0) if boundary else None,
+                "peak_mem_gb": _peak_mem_gb(self.cfg.use_gpu),
+                "forward_s": fwd, "backward_s": bwd, "optimizer_s": opt_s}
 
     def state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Full weights in the real checkpoint layout (rank 0; gathered under ZeRO-3)."""
@@ -185,33 +246,85 @@ class LearnerWorker:
         self.step = int(client.get("step", 0))
         return client
 
-    # ------------------------------------------------------------------ collective weight sync
+    # ------------------------------------------------------------------ weight sync (ark_ray.train.weight_sync)
+    def placement(self) -> dict:
+        from ark_ray.train.weight_sync import placement
+        return placement()
+
+    def _plan(self, dtype: str, bucket_bytes: int) -> list[dict]:
+        from ark_ray.train.weight_sync import bucket_plan, sync_params
+        return bucket_plan(sync_params(self.engine.module), bucket_bytes, getattr(torch, dtype))
+
+    def export_weights(self, mode: str, version: int, dtype: str, bucket_bytes: int) -> dict:
+        """The current weights as `version`, in `dtype` buckets, for `mode` "ipc" (flat GPU buckets
+        kept here, with CUDA IPC handles) or "object_store" (one object per bucket). Under ZeRO-3 every
+        rank takes part in the gathers; rank 0 answers. Kept until `release_weights(version)`."""
+        from ark_ray.train.weight_sync import flat_buckets, put_buckets, share_cuda
+
+        t0 = time.perf_counter()
+        zero3 = self.cfg.zero_stage == 3
+        if self.rank != 0 and not zero3:
+            return {"status": "skipped", "version": version}
+        plan = self._plan(dtype, bucket_bytes)
+        build = self.rank == 0
+        out: dict = {"status": "ok" if build else "skipped", "version": version}
+        if mode == "ipc":
+            kept, payload = [], []
+            for bucket, flat in flat_buckets(self.engine.module, plan, zero3=zero3, build=build):
+                if flat is not None:
+                    kept.append(flat)
+                    payload.append(dict(bucket, handle=share_cuda(flat)))
+            if build:
+                torch.cuda.synchronize()   # the copies are done before another process reads them
+            self._exports[(mode, version)] = kept
+            out["payload"] = payload
+        elif mode == "object_store":
+            refs = put_buckets(self.engine.module, plan, zero3=zero3, build=build)
+            self._exports[(mode, version)] = refs
+            out["refs"] = refs
+        else:
+            raise ValueError(f"unknown export mode {mode!r}")
+        out["bytes"] = sum(int(torch.Size(s).numel()) for b in plan for _, s in b["items"]) * \
+            torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        out["bucket_bytes"] = bucket_bytes
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    def release_weights(self, version: int) -> None:
+        """Drop what `export_weights(version)` kept (GPU buckets, object refs) and anything older."""
+        for key in [k for k in self._exports if k[1] <= version]:
+            del self._exports[key]
+
     def weight_sync_store(self):
-        """Rank 0: start (once) the weight-sync store on a free port of this node; its StoreSpec."""
-        from ark_ray.train.weight_sync import Sender
+        """Rank 0: start (once) the broadcast store on a free port of this node; its StoreSpec."""
+        from ark_ray.train.weight_broadcast import Sender
 
         if self._sender is None:
             self._sender = Sender(ray.util.get_node_ip_address(), "nccl" if self.cfg.use_gpu else "gloo",
                                   self.cfg.weight_sync_timeout_s, self.cfg.weight_sync_collective_timeout_s)
         return self._sender.spec
 
-    def broadcast_weights(self, version: int, n_targets: int, ranks_per_target: int, bucket_bytes: int,
-                          store=None) -> dict:
-        """Broadcast the current weights as `version` (ark_ray.train.weight_sync); under ZeRO-3 every
-        rank takes part in the gathers. Rank 0 also publishes them to `store` (a WeightStore)."""
-        from ark_ray.train.weight_sync import send_weights
+    def broadcast_weights(self, version: int, n_targets: int, ranks_per_target: int, dtype: str,
+                          bucket_bytes: int) -> dict:
+        """Broadcast the current weights as `version` in `dtype` buckets (ark_ray.train.weight_broadcast);
+        under ZeRO-3 every rank takes part in the gathers."""
+        from ark_ray.train.weight_broadcast import send_weights
 
         zero3 = self.cfg.zero_stage == 3
         if self.rank != 0 and not zero3:
             return {"status": "skipped", "version": version}
+        return send_weights(self.engine.module, self._plan(dtype, bucket_bytes), version,
+                            sender=self._sender if self.rank == 0 else None, n_targets=n_targets,
+                            ranks_per_target=ranks_per_target, zero3=zero3)
 
-        def publish(sd: dict) -> None:
-            ray.get(store.publish.remote([ray.put(sd)], version))
+    def weight_digests(self, names: list[str], dtype: str) -> dict:
+        """sha1 of each named parameter cast to `dtype` (rank 0, no ZeRO-3): what an engine holding
+        these weights must report (bench/gpu_check.py)."""
+        from ark_ray.train.weight_sync import sync_params
+        from ark_ray.engines.vllm_engine import tensor_digest
 
-        return send_weights(self.engine.module, version, sender=self._sender if self.rank == 0 else None,
-                            n_targets=n_targets, ranks_per_target=ranks_per_target, zero3=zero3,
-                            bucket_bytes=bucket_bytes,
-                            publish=publish if (self.rank == 0 and store is not None) else None)
+        params = dict(sync_params(self.engine.module))
+        return {n: tensor_digest(params[n].data.to(getattr(torch, dtype))) for n in names}
 
     def ping(self) -> int:
         return self.rank
@@ -220,8 +333,11 @@ class LearnerWorker:
 class LearnerGroup:
     """N learner ranks as Ray actors; the driver's handle for training, export and weight sync."""
 
-    def __init__(self, model_dir: str, cfg: LearnerConfig, total_steps: int):
+    def __init__(self, model_dir: str, cfg: LearnerConfig, total_steps: int, loss: Optional[Loss] = None):
+        """`loss`: the job's loss object (default SFT cross-entropy); `total_steps`: learner steps
+        (batches) of the run, for the LR schedule."""
         self.cfg = cfg
+        self.loss = loss if loss is not None else TokenCrossEntropy()
         self.model_dir = model_dir
         world = cfg.num_workers
         opts: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_worker}
@@ -243,36 +359,46 @@ class LearnerGroup:
                 o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
             env = {"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}
             self.workers.append(actor_cls.options(**o, runtime_env={"env_vars": env}).remote(
-                model_dir, asdict(cfg), total_steps, r, world, "127.0.0.1", port))
+                model_dir, asdict(cfg), total_steps, r, world, "127.0.0.1", port, self.loss))
         ray.get([w.ping.remote() for w in self.workers])
-        self._broadcast = None  # weight_sync.BroadcastSync, made on the first broadcast push
+        self._syncs: dict = {}  # target list -> WeightSync
 
     @property
     def world(self) -> int:
         return len(self.workers)
 
-    def train_step(self, batch: dict[str, np.ndarray], kind: str = "sft", tau: float = 1.0) -> dict:
-        """One optimizer step on `batch` (split over ranks); returns averaged metrics."""
-        if kind == "sft":
-            global_tokens = int((np.asarray(batch["labels"])[:, 1:] != -100).sum())
-        else:
-            global_tokens = int(np.asarray(batch["response_mask"]).sum())
+    def train_step(self, batch: dict[str, np.ndarray]) -> dict:
+        """One learner step on `batch`: split over the ranks, each shard into micro-batches of at most
+        `micro_batch_size` rows, gradients accumulated; the optimizer steps on every
+        grad_accum_steps-th call (`optimizer_step` in the result).
+
+        Returns the loss's metrics (`loss` per token, `tokens`, ...) and lr, grad_norm (None between
+        optimizer steps), micro_batches (per rank), peak_mem_gb (the largest rank's: torch's peak
+        allocation on GPU during this step, max RSS on CPU), forward_s/backward_s/optimizer_s (the
+        slowest rank's time in each phase).
+        """
+        n = len(next(iter(batch.values())))
+        if n == 0:
+            raise ValueError("train_step: empty batch")
+        global_tokens = self.loss.tokens(batch)
         shards = split_batch(batch, self.world)
-        if len(shards) < self.world:  # fewer rows than ranks: repeat so every rank steps
-            shards = [shards[i % len(shards)] for i in range(self.world)]
-        stats = ray.get([w.train_step.remote(s, kind, global_tokens, tau)
-                         for w, s in zip(self.workers, shards)])
-        out = {"lr": stats[0]["lr"], "grad_norm": stats[0]["grad_norm"]}
-        if kind == "sft":
-            out["loss"] = sum(s["ce_sum"] for s in stats) / max(1, global_tokens)
-            out["tokens"] = global_tokens
-        else:
-            out["loss"] = sum(s["kl_sum"] for s in stats) / max(1, global_tokens)
-            out["kl"] = out["loss"] / tau ** 2     # the same per-token KL without the tau^2 factor
-            for k in ("union_size", "teacher_mass", "student_mass"):
-                if k in stats[0]:
-                    out[k] = float(np.mean([s[k] for s in stats]))
-            out["tokens"] = global_tokens
+        weights = [1.0] * len(shards)
+        if len(shards) < self.world:  # fewer rows than ranks: the rest run row 0 with weight 0
+            stand_in = {k: v[:1] for k, v in batch.items()}
+            shards += [stand_in] * (self.world - len(shards))
+            weights += [0.0] * (self.world - len(weights))
+        most = max(len(next(iter(s.values()))) for s in shards)
+        n_micro = -(-most // (self.cfg.micro_batch_size or most))
+        stats = ray.get([w.train_step.remote(s, n_micro, global_tokens, wt)
+                         for w, s, wt in zip(self.workers, shards, weights)])
+        sums: dict[str, float] = {}
+        for s in stats:
+            for k, v in s["sums"].items():
+                sums[k] = sums.get(k, 0.0) + v
+        out = dict(self.loss.summarize(sums, global_tokens))
+        out.update(lr=stats[0]["lr"], grad_norm=stats[0]["grad_norm"], optimizer_step=stats[0]["optimizer_step"],
+                   micro_batches=n_micro, peak_mem_gb=round(max(s["peak_mem_gb"] for s in stats), 3),
+                   **{k: round(max(s[k] for s in stats), 4) for k in ("forward_s", "backward_s", "optimizer_s")})
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -298,38 +424,22 @@ class LearnerGroup:
     def load_checkpoint(self, path: str) -> dict:
         return ray.get([w.load_checkpoint.remote(path) for w in self.workers])[0]
 
-    @property
-    def weight_sync(self) -> str:
-        """The resolved `weight_sync` mode ("auto": broadcast with whole GPUs, else the object store)."""
-        mode = self.cfg.weight_sync
-        if mode != "auto":
-            return mode
-        whole_cards = getattr(self.cfg, "num_gpus_per_worker", 1.0) >= 1  # NCCL: one rank per card
-        return "broadcast" if self.cfg.use_gpu and whole_cards else "object_store"
+    def weight_sync(self, targets: list, store=None):
+        """The `WeightSync` that pushes this group's weights to `targets` (rollout actors), made once
+        per target list; `learner.weight_sync` picks the path (ark_ray.train.weight_sync)."""
+        from ark_ray.train.weight_sync import WeightSync
 
-    def push_weights(self, targets: list, version: int, store=None, wait: bool = True) -> list:
-        """Hand the current weights, as `version`, to rollout actors (RolloutWorker).
+        key = tuple(id(t) for t in targets)
+        if key not in self._syncs:
+            self._syncs[key] = WeightSync(self.workers, self.cfg, targets, store)
+        return self._syncs[key]
 
-        object_store: one `ray.put` of the state dict; every target loads it (`update_weights`).
-        broadcast: learner rank 0 broadcasts into the targets' engine processes (gloo on CPU,
-        NCCL on GPU; ark_ray.train.weight_sync), forming the group on first use.
-        `store` (a WeightStore) also gets the weights, for rollout actors Ray restarts. With
-        wait=False the calls are only queued (each actor applies them before its next call)
-        and their refs returned.
-        """
-        if self.weight_sync == "broadcast":
-            if self._broadcast is None:
-                from ark_ray.train.weight_sync import BroadcastSync
-                self._broadcast = BroadcastSync(self.workers, self.cfg.weight_sync_bucket_mb)
-            refs = self._broadcast.push(targets, version, store)
-        else:
-            ref = ray.put(self.state_dict())
-            if store is not None:
-                ray.get(store.publish.remote([ref], version))
-            refs = [t.update_weights.remote([ref], version) for t in targets]
-        if wait:
-            ray.get(refs)
-        return refs
+    def push_weights(self, targets: list, version: int, store=None) -> dict:
+        """Push the current weights as `version` to `targets` and wait until every one reports it;
+        the sync's record (paths, seconds, bytes). Raises the receiving actor's error on failure."""
+        ws = self.weight_sync(targets, store)
+        ws.push(version)
+        return ws.wait()
 
     def shutdown(self) -> None:
         for w in self.workers:

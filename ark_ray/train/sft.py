@@ -73,8 +73,12 @@ def run_sft(cfg: SftConfig) -> dict:
     model_dir = prepare_init_model(cfg)
     rows = read_manifest(cfg.train_manifest, text_field=cfg.text_field)
     dev_rows = read_manifest(cfg.dev_manifest, text_field=cfg.text_field) if cfg.dev_manifest else []
+    gas = cfg.learner.grad_accum_steps
+    if gas > 1 and (cfg.max_steps % gas or (cfg.save_every and cfg.save_every % gas)):
+        raise ValueError(f"learner.grad_accum_steps={gas} must divide max_steps ({cfg.max_steps}) and save_every "
+                         f"({cfg.save_every}): checkpoints hold no accumulated gradients")
     ckpt = out_dir / "checkpoint"
-    group = LearnerGroup(model_dir, cfg.learner, total_steps=cfg.max_steps)
+    group = LearnerGroup(model_dir, cfg.learner, total_steps=cfg.max_steps)  # loss: token cross-entropy
     start_step = 0
     if cfg.resume and (ckpt / "latest").exists():
         start_step = int(group.load_checkpoint(str(ckpt))["data_step"])
@@ -109,7 +113,7 @@ def run_sft(cfg: SftConfig) -> dict:
             import torch
             b = proc.collate(torch.from_numpy(mels), torch.from_numpy(frames),
                              [str(t) for t in batch[cfg.text_field][ok]], padding_side="right")
-            stats = group.train_step({k: v.numpy() for k, v in b.items()}, kind="sft")
+            stats = group.train_step({k: v.numpy() for k, v in b.items()})
         else:
             stats = {"loss": float("nan")}
         stats["step"] = step

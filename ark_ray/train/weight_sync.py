@@ -1,229 +1,114 @@
-"""Collective weight sync: learner rank 0 broadcasts into the engine processes of every RolloutWorker.
+"""Every way new weights reach the inference engines, for any model size.
 
-Why: the object-store path (`ray.put` of a state dict, each rollout actor reads it and ships it
-to its vLLM process) copies the whole model through host memory several times per sync. The
-broadcast moves it once, straight into the process that runs the model, the way OpenRLHF and
-verl sync vLLM; on GPUs over NCCL, on CPU over gloo. One code path for both, so the CPU tests
-run the protocol the GPU box runs.
+Three paths, each in the engine's dtype (bf16 on GPU) and in buckets of at most
+`learner.weight_sync_bucket_mb` (1 GiB by default; no single message ever holds the whole model:
+vLLM's RPC refuses messages over 4 GiB, and a 1.15 B model in fp32 is 4.6 GB):
+  ipc          learner and engine on the same GPU: learner rank 0 packs the weights into flat GPU
+               buckets and hands CUDA IPC handles to the engine processes, which copy from them
+               on the device (no host round trip; as verl and OpenRLHF do for colocated vLLM).
+  broadcast    different GPUs, one or more nodes: NCCL broadcast from learner rank 0 into the
+               engine processes (`ark_ray.train.weight_broadcast`; gloo when asked for on CPU).
+  object_store no GPU, or no NCCL path: each bucket is one object in Ray's object store; the
+               rollout actor streams them into its engine one at a time.
+`auto` picks per engine: ipc when it shares a GPU with learner rank 0, broadcast when both have
+GPUs but different ones, else object_store.
 
-Group: a standalone process group, `TCPStore` + `ProcessGroupGloo` / `ProcessGroupNCCL`; the
-default groups that DeepSpeed (learners) and vLLM (its workers) own are never touched. Learner
-rank 0 hosts the store for the whole run and is rank 0 of the group; rollout worker i owns
-ranks 1 + i*w ... (w vLLM workers per engine). The receiving side runs inside each vLLM worker
-process, sent there with `collective_rpc`.
+A sync fails loudly: `WeightSync.wait` raises the receiving actor's error (after
+`weight_sync_retries` retries of the whole sync), and a sync counts as done only once every
+rollout actor reports the new version.
 
-One sync (version v) is one call per actor (learner ranks: `broadcast_weights`, rollout actors:
-`receive_weights`), coordinated through keys of the store:
-  learner:    meta/v = the bucket plan (names, dtypes, shapes), before any tensor
-  receivers:  ready/v/i = b"in:<group>" (a member of that group) or b"new"
-  learner:    once every receiver is ready, go/v = {"action": "go"} when all are members of its
-              live group, else {"action": "form", group, world}: everyone builds a new group
-              now, with every peer known to be waiting (nobody blocks on a peer that is not
-              coming). Then flat buckets are broadcast; each receiver streams them into the
-              loader VllmEngine.update_weights uses (reload_weights / in-place copies with
-              q,k,v and gate,up fused) and drops the engine's encoder and prefix caches.
-  a failed collective (a peer died mid-broadcast; bounded by the collective timeout): the
-              learner publishes v to the WeightStore anyway, then sets done/v; the receivers, and
-              a restarted actor that arrives late, load v from there; the next sync forms a new
-              group.
-
-Restarts: a rollout actor that Ray restarts must hold the newest weights before it redoes its
-call, and a communicator's membership is fixed, so a new process cannot slip into the live group.
-So the learner also publishes every version to the WeightStore (one host copy per sync, in the
-learner's dtype; for restarts only): the restarted actor loads it in its constructor, answers
-"new" at the next sync, and that sync forms a new group with it.
+The `WeightStore` (a named actor) holds one host copy of some recent version, for rollout actors
+that Ray restarts: they load it before redoing their call. Object-store syncs publish there for
+free (the buckets already are objects); the other paths publish only when asked (at checkpoints),
+so a sync never copies the whole model to the host.
 """
 from __future__ import annotations
 
-import datetime
-import pickle
+import re
 import time
+from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional
+from dataclasses import asdict
+from typing import Iterable, Iterator, Optional
 
 import ray
 import torch
-import torch.distributed as dist
 
-# This process's receiving end (a vLLM worker, or an in-process HF rollout engine).
-_RECEIVER: Optional["Channel"] = None
-_KEEP_VERSIONS = 2  # store keys of older syncs are deleted
-
-
-@dataclass(frozen=True)
-class StoreSpec:
-    """Where the learner's store listens and how groups are built (sent as a plain dict)."""
-    host: str
-    port: int
-    backend: str                 # "gloo" (CPU) or "nccl" (GPU)
-    timeout_s: float             # waiting for every receiver to reach a sync
-    collective_timeout_s: float  # forming a group, one bucket's broadcast
-
-    @property
-    def timeout(self) -> datetime.timedelta:
-        return datetime.timedelta(seconds=self.timeout_s)
-
-    @property
-    def collective_timeout(self) -> datetime.timedelta:
-        return datetime.timedelta(seconds=self.collective_timeout_s)
-
-
-def _spec(spec: StoreSpec | dict) -> StoreSpec:
-    return spec if isinstance(spec, StoreSpec) else StoreSpec(**spec)
-
-
-def _keys(spec: StoreSpec, base: Optional[dist.Store] = None) -> dist.Store:
-    """The sync's key space: a client of the learner's TCPStore (or, on the learner, the master)."""
-    if base is None:
-        base = dist.TCPStore(spec.host, spec.port, None, False, spec.timeout, wait_for_workers=False)
-    return dist.PrefixStore("wsync/", base)
-
-
-class Channel:
-    """One rank's membership of one group."""
-
-    def __init__(self, name: str, rank: int, world: int, pg):
-        self.name, self.rank, self.world, self.pg = name, rank, world, pg
-
-    @classmethod
-    def join(cls, spec: StoreSpec, keys: dist.Store, name: str, rank: int, world: int) -> "Channel":
-        """Build the standalone group (constructors torch 2.11 and 2.13 share); blocks until all joined."""
-        store = dist.PrefixStore(f"pg/{name}/", keys)
-        if spec.backend == "gloo":
-            pg = dist.ProcessGroupGloo(store, rank, world, spec.collective_timeout)
-        else:
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = spec.collective_timeout
-            pg = dist.ProcessGroupNCCL(store, rank, world, opts)
-        return cls(name, rank, world, pg)
-
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        opts = dist.BroadcastOptions()
-        opts.rootRank, opts.rootTensor = 0, 0
-        self.pg.broadcast([tensor], opts).wait()
-
-    def close(self) -> None:
-        """Drop the group: peers still waiting in a collective fail instead of hanging."""
-        pg, self.pg = self.pg, None
-        if pg is not None and hasattr(pg, "shutdown"):
-            try:
-                pg.shutdown()
-            except Exception:  # not every backend/version has it; dropping the object closes it
-                pass
+MODES = ("ipc", "broadcast", "object_store")
 
 
 # ----------------------------------------------------------------------------- the store for restarts
 
 
 class WeightStore:
-    """Holds the newest published weights (an object ref) and their version, by name."""
+    """Holds the newest published weights (a list of bucket object refs) and their version, by name."""
 
     def __init__(self):
-        self.ref = None
+        self.refs: Optional[list] = None
         self.version = 0
 
     def publish(self, refs: list, version: int) -> None:
-        self.ref, self.version = refs[0], version
+        if version >= self.version:
+            self.refs, self.version = list(refs), version
 
     def latest(self) -> tuple[Optional[list], int]:
-        return ([self.ref] if self.ref is not None else None), self.version
-
+        return self.refs, self.version
 
 
 WeightStore = ray.remote(num_cpus=0)(WeightStore)
 
 
-# ----------------------------------------------------------------------------- learner side
+# ----------------------------------------------------------------------------- buckets
 
 
-def bucket_plan(params: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[dict]:
-    """Consecutive parameters of one dtype packed into flat buckets of at most `bucket_bytes`."""
-    buckets: list[dict] = []
-    size = 0
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def layer_key(name: str) -> str:
+    """The unit a bucket never splits: a transformer layer (q/k/v and gate/up are fused per layer in
+    vLLM, and its layer-wise reload needs every part of a layer in one load), else the module."""
+    m = _LAYER.match(name)
+    return m.group(1) if m else name.rsplit(".", 1)[0]
+
+
+def bucket_plan(params: list[tuple[str, torch.Tensor]], bucket_bytes: int,
+                dtype: Optional[torch.dtype] = None) -> list[dict]:
+    """Consecutive parameters packed into flat buckets of at most `bucket_bytes` (a bucket holds one
+    dtype: `dtype` for all when given, else each parameter's own). A layer is never split across
+    buckets; a single layer larger than `bucket_bytes` gets a bucket of its own."""
+    groups: list[list[tuple[str, tuple, str, int]]] = []
     for name, p in params:
         shape = tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape)  # ZeRO-3: the full shape
-        dtype = str(p.dtype).removeprefix("torch.")
-        nbytes = p.element_size() * int(torch.Size(shape).numel())
-        if not buckets or buckets[-1]["dtype"] != dtype or (size + nbytes > bucket_bytes and buckets[-1]["items"]):
-            buckets.append({"dtype": dtype, "items": []})
+        dt = dtype or p.dtype
+        nbytes = torch.empty((), dtype=dt).element_size() * int(torch.Size(shape).numel())
+        item = (name, shape, str(dt).removeprefix("torch."), nbytes)
+        if groups and layer_key(groups[-1][-1][0]) == layer_key(name) and groups[-1][-1][2] == item[2]:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    buckets: list[dict] = []
+    size = 0
+    for g in groups:
+        g_bytes = sum(i[3] for i in g)
+        if not buckets or buckets[-1]["dtype"] != g[0][2] or (size + g_bytes > bucket_bytes and buckets[-1]["items"]):
+            buckets.append({"dtype": g[0][2], "items": []})
             size = 0
-        buckets[-1]["items"].append((name, shape))
-        size += nbytes
+        buckets[-1]["items"].extend((n, s) for n, s, _, _ in g)
+        size += g_bytes
     return buckets
 
 
-class Sender:
-    """Learner rank 0's end: hosts the store, gathers the receivers, forms groups, broadcasts."""
-
-    def __init__(self, host: str, backend: str, timeout_s: float, collective_timeout_s: float):
-        # port 0: the OS picks a free port on this node; the driver learns it from `spec`
-        master = dist.TCPStore(host, 0, None, True, datetime.timedelta(seconds=timeout_s),
-                               wait_for_workers=False)
-        self.master = master
-        self.spec = StoreSpec(host=host, port=master.port, backend=backend, timeout_s=timeout_s,
-                              collective_timeout_s=collective_timeout_s)
-        self.keys = _keys(self.spec, master)
-        self.channel: Optional[Channel] = None
-        self.formations = 0
-
-    def begin(self, version: int, plan: list[dict], n_targets: int, ranks_per_target: int) -> bool:
-        """Publish the plan, wait for every receiver, then announce go or a new group (and form
-        it). False: the group could not be formed; the receivers fall back to the WeightStore."""
-        k = self.keys
-        k.set(f"meta/{version}", pickle.dumps(plan))
-        ready = [f"ready/{version}/{i}" for i in range(n_targets)]
-        k.wait(ready, self.spec.timeout)
-        answers = [k.get(r) for r in ready]
-        world = 1 + n_targets * ranks_per_target
-        ch = self.channel
-        if ch is not None and ch.pg is not None and ch.world == world and \
-                all(a == f"in:{ch.name}".encode() for a in answers):
-            k.set(f"go/{version}", pickle.dumps({"action": "go"}))
-            return True
-        if ch is not None:
-            ch.close()
-        name = f"g{version}"
-        k.set(f"go/{version}", pickle.dumps({"action": "form", "group": name, "world": world}))
-        try:
-            self.channel = Channel.join(self.spec, k, name, 0, world)
-        except Exception as e:  # a receiver died while joining: this sync falls back
-            print(f"weight sync: group {name} failed to form: {e}", flush=True)
-            self.channel = None
-            return False
-        self.formations += 1
-        return True
-
-    def forget(self, version: int, n_targets: int) -> None:
-        """Delete the keys of an old sync (the store lives as long as the run)."""
-        for key in [f"meta/{version}", f"go/{version}", f"done/{version}"] + \
-                [f"ready/{version}/{i}" for i in range(n_targets)]:
-            try:
-                self.keys.delete_key(key)
-            except Exception:  # absent: nothing to delete
-                pass
+def sync_params(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What a sync sends: every parameter in the real checkpoint layout but the tied head."""
+    return [(n, p) for n, p in module.named_parameters() if n != "lm_head.weight"]
 
 
-def send_weights(module: torch.nn.Module, version: int, *, sender: Optional[Sender], n_targets: int,
-                 ranks_per_target: int, zero3: bool, bucket_bytes: int,
-                 publish: Optional[Callable[[dict], None]]) -> dict:
-    """Broadcast `module`'s parameters as `version`. Under ZeRO-3 every learner rank calls this
-    (the gathers are collective); only the rank holding `sender` talks to the receivers.
-
-    `publish(state_dict)` (rank 0, optional) hands a host copy to the WeightStore after the
-    broadcast, also when the broadcast failed: the receivers then load it from there.
-    """
-    t0 = time.perf_counter()
-    params = [(n, p) for n, p in module.named_parameters() if n != "lm_head.weight"]
-    plan = bucket_plan(params, bucket_bytes)
-    go, formed_before = False, 0
-    if sender is not None:
-        formed_before = sender.formations
-        go = sender.begin(version, plan, n_targets, ranks_per_target)
-    by_name = dict(params)
-    host: dict[str, torch.Tensor] = {}
-    sent = 0
-    failed = None
+def flat_buckets(module: torch.nn.Module, plan: list[dict], *, zero3: bool, build: bool = True,
+                 device: Optional[torch.device] = None) -> Iterator[tuple[dict, Optional[torch.Tensor]]]:
+    """(bucket, flat tensor in the bucket's dtype) for each bucket of `plan`, on the parameters'
+    device (or `device`). Under ZeRO-3 every rank must iterate (the gathers are collective); ranks
+    with build=False get None."""
+    by_name = dict(sync_params(module))
     for bucket in plan:
         ps = [by_name[name] for name, _ in bucket["items"]]
         if zero3:
@@ -232,140 +117,284 @@ def send_weights(module: torch.nn.Module, version: int, *, sender: Optional[Send
         else:
             ctx = nullcontext()
         with ctx:
-            if sender is None:
+            if not build:
+                yield bucket, None
                 continue
-            flat = torch.cat([p.data.reshape(-1) for p in ps])
-            if go and failed is None:
-                try:
-                    sender.channel.broadcast(flat)
-                    sent += flat.numel() * flat.element_size()
-                except Exception as e:  # a receiver died mid-broadcast: fall back, re-form next time
-                    failed = e
-                    sender.channel.close()
-            if publish is not None:
-                cpu = flat.to("cpu", copy=True)
-                off = 0
-                for name, shape in bucket["items"]:
-                    n = int(torch.Size(shape).numel())
-                    host[name] = cpu[off:off + n].view(shape)
-                    off += n
-    if sender is None:
-        return {"status": "skipped", "version": version}
-    if publish is not None:
-        publish(host)
-    sender.keys.set(f"done/{version}", b"1")  # late receivers (a restarted actor) fall back now
-    if failed is not None:
-        print(f"weight sync: broadcast of v{version} failed ({failed}); receivers fall back", flush=True)
-    sender.forget(version - _KEEP_VERSIONS, n_targets)
-    return {"status": "ok" if go and failed is None else "fallback", "version": version, "bytes": sent,
-            "formed": sender.formations > formed_before, "formations": sender.formations,
-            "seconds": time.perf_counter() - t0}
+            dt = getattr(torch, bucket["dtype"])
+            flat = torch.cat([p.data.reshape(-1).to(device=device or p.device, dtype=dt) for p in ps])
+        yield bucket, flat
 
 
-# ----------------------------------------------------------------------------- receiving side
+def unflatten(bucket: dict, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    off = 0
+    for name, shape in bucket["items"]:
+        n = int(torch.Size(shape).numel())
+        yield name, flat[off:off + n].view(shape)
+        off += n
 
 
-def _receive_stream(ch: Channel, plan: list[dict], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) as buckets arrive. Each bucket gets fresh memory: vLLM's layer-wise reload
-    keeps the tensors of a layer until all of it has arrived."""
-    for bucket in plan:
-        numels = [int(torch.Size(shape).numel()) for _, shape in bucket["items"]]
-        flat = torch.empty(sum(numels), dtype=getattr(torch, bucket["dtype"]), device=device)
-        ch.broadcast(flat)
-        off = 0
-        for (name, shape), n in zip(bucket["items"], numels):
-            yield name, flat[off:off + n].view(shape)
-            off += n
+# ----------------------------------------------------------------------------- CUDA IPC
 
 
-def _prepare(spec: dict, version: int, group: Optional[dict], rank: int) -> tuple[Channel, list[dict]]:
-    """This process's channel for the sync (joining `group` first when one is being formed) and the plan."""
-    global _RECEIVER
-    sp = _spec(spec)
-    keys = _keys(sp)
-    if group is not None:
-        if _RECEIVER is not None:
-            _RECEIVER.close()
-        _RECEIVER = None
-        _RECEIVER = Channel.join(sp, keys, group["group"], rank, group["world"])
-    if _RECEIVER is None or _RECEIVER.pg is None:
-        raise RuntimeError("this process is in no live weight-sync group")
-    return _RECEIVER, pickle.loads(keys.get(f"meta/{version}"))
+def share_cuda(flat: torch.Tensor) -> tuple:
+    """A picklable handle other processes on the same GPU open without copying (torch's own
+    CUDA IPC reduction, the one torch.multiprocessing uses)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return reduce_tensor(flat)
 
 
-def _worker_receive(worker, spec: dict, version: int, group: Optional[dict], base_rank: int) -> int:
-    """Inside a vLLM worker process (collective_rpc): receive `version` into its model, joining
-    `group` first (as base_rank + the worker's own rank) when one is being formed."""
-    from ark_ray.engines.vllm_engine import load_into_worker
-
-    ch, plan = _prepare(spec, version, group, base_rank + int(getattr(worker, "rank", 0) or 0))
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    device = next(runner.model.parameters()).device
-    names = [name for b in plan for name, _ in b["items"]]
-    return load_into_worker(worker, _receive_stream(ch, plan, device), names)
+def open_cuda(handle: tuple) -> torch.Tensor:
+    """The tensor behind `handle`, in this process. The device index in the handle is the sender's;
+    a receiver that sees the same card under another index (CUDA_VISIBLE_DEVICES) opens it on its
+    current device, which is that card (colocated engines only)."""
+    func, args = handle
+    args = list(args)
+    args[6] = torch.cuda.current_device()
+    return func(*args)
 
 
-def _receive_into_engine(engine, spec: dict, version: int, group: Optional[dict], base_rank: int,
-                         ranks: int) -> None:
-    llm = getattr(engine, "llm", None)
-    if llm is not None:  # vLLM: the model lives in the worker processes
-        done = llm.collective_rpc(_worker_receive, args=(dict(spec), version, group, base_rank))
-        if len(done) != ranks:
-            raise RuntimeError(f"{len(done)} engine processes took part, the group expects {ranks}")
-        engine.reset_caches()
-        return
-    ch, plan = _prepare(spec, version, group, base_rank)  # an in-process engine (HFEngine)
-    engine.update_weights(_receive_stream(ch, plan, next(engine.model.parameters()).device))
+def ipc_items(payload: list[dict]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor view) over every bucket of an IPC payload, opened in this process."""
+    for bucket in payload:
+        yield from unflatten(bucket, open_cuda(bucket["handle"]))
 
 
-def receive(engine, spec: dict, index: int, version: int, group: Optional[str], ranks: int = 1) -> Optional[str]:
-    """One rollout actor's side of a sync. `group`: the group its engine is in (None: none).
-    Returns the group the engine is in afterwards when `version` arrived by broadcast, else
-    raises: the caller then loads `version` from the WeightStore."""
-    sp = _spec(spec)
-    keys = _keys(sp)
-    keys.set(f"ready/{version}/{index}", f"in:{group}".encode() if group else b"new")
-    keys.wait([f"go/{version}"], sp.timeout)
-    if keys.check([f"done/{version}"]):
-        raise RuntimeError(f"the learner finished v{version} without this actor")
-    go = pickle.loads(keys.get(f"go/{version}"))
-    form = go if go["action"] == "form" else None
-    if form is None and group is None:
-        raise RuntimeError(f"v{version} went out on a group this actor is not in")
-    _receive_into_engine(engine, spec, version, form, 1 + index * ranks, ranks)
-    return form["group"] if form else group
+# ----------------------------------------------------------------------------- object store
 
 
-# ----------------------------------------------------------------------------- driver side
+def object_items(refs: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) over bucket objects, fetched one at a time (one bucket in memory)."""
+    for ref in refs:
+        bucket = ray.get(ref)
+        yield from unflatten(bucket, bucket["flat"])
 
 
-class BroadcastSync:
-    """The driver's handle: learns where the learner's store listens and starts each sync.
+def put_buckets(module: torch.nn.Module, plan: list[dict], *, zero3: bool, build: bool) -> list:
+    """Each bucket as one object (host memory, the plan's dtype); the refs, in order."""
+    refs = []
+    for bucket, flat in flat_buckets(module, plan, zero3=zero3, build=build):
+        if flat is not None:
+            refs.append(ray.put({"items": bucket["items"], "dtype": bucket["dtype"], "flat": flat.cpu()}))
+    return refs
 
-    Nothing here waits for the rollout actors: every call is queued on its actor, so each one
-    takes the weights between two of its rollouts, in order.
+
+# ----------------------------------------------------------------------------- where things run
+
+
+def placement() -> dict:
+    """This process's node and the GPUs Ray gave it (empty on CPU)."""
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "gpus": sorted(str(g) for g in ray.get_gpu_ids())}
+
+
+def resolve_mode(requested: str, learner: dict, engine: dict) -> str:
+    """The path for one engine, from where learner rank 0 and the engine run."""
+    shared = learner["node"] == engine["node"] and set(learner["gpus"]) & set(engine["gpus"])
+    if requested == "auto":
+        if learner["gpus"] and engine["gpus"]:
+            return "ipc" if shared else "broadcast"
+        return "object_store"
+    if requested == "ipc" and not shared:
+        raise ValueError("learner.weight_sync=ipc needs the rollout engine on learner rank 0's GPU "
+                         f"(learner {learner}, engine {engine})")
+    if requested == "broadcast" and shared and learner["gpus"]:
+        raise ValueError("learner.weight_sync=broadcast cannot use NCCL between processes on one GPU "
+                         f"(learner {learner}, engine {engine}); use auto or ipc")
+    return requested
+
+
+# ----------------------------------------------------------------------------- the driver's side
+
+
+class SyncFailed(RuntimeError):
+    """A sync that failed on a receiver after every retry (carries that receiver's error)."""
+
+
+class WeightSync:
+    """The driver's handle: pushes a version to every rollout actor and checks they all took it.
+
+    `push` only queues the calls (each actor applies them between two of its rollouts, in order);
+    `poll` collects a finished sync without blocking; `wait` blocks until all are done. One sync is
+    in flight at a time and pushes meanwhile coalesce into the newest, so the learner never waits
+    for a worker busy with a rollout and a worker never falls behind by queued syncs.
     """
 
-    def __init__(self, learners: list, bucket_mb: float, ranks_per_target: int = 1):
-        self.learners = learners
-        self.bucket_bytes = int(bucket_mb * 2**20)
-        self.ranks_per_target = ranks_per_target
+    def __init__(self, learners: list, cfg, targets: list, store=None):
+        self.learners, self.cfg, self.targets, self.store = learners, cfg, targets, store
+        self.bucket_bytes = int(cfg.weight_sync_bucket_mb * 2**20)
+        self.modes: Optional[list[str]] = None
+        self.infos: list[dict] = []
         self.spec: Optional[dict] = None
-        self.last = None  # learner rank 0's result of the previous sync
+        self.pending: deque = deque()          # the sync in flight (at most one)
+        self.deferred: Optional[int] = None    # the newest version pushed while one was in flight
+        self.versions: dict[int, int] = {}    # rollout actor index -> version it last reported
+        self.history: list[dict] = []         # one record per finished sync
 
-    def push(self, targets: list, version: int, store=None) -> list:
-        """Start the sync of `version`; returns the refs of all calls (learner ranks, then targets)."""
-        import ray
-
-        if self.last is not None:
-            ray.get(self.last)  # a sync that failed outright (timeout) stops the run here
-        if self.spec is None:
+    # -- setup
+    def _resolve(self) -> None:
+        learner = ray.get(self.learners[0].placement.remote())
+        self.infos = ray.get([t.engine_info.remote() for t in self.targets])
+        self.modes = [resolve_mode(self.cfg.weight_sync, learner, i) for i in self.infos]
+        dtypes = {i["dtype"] for i in self.infos}
+        if len(dtypes) > 1:
+            raise ValueError(f"rollout engines disagree on their dtype: {sorted(dtypes)}")
+        self.dtype = dtypes.pop()
+        if "broadcast" in self.modes:
+            ranks = {i["ranks"] for m, i in zip(self.modes, self.infos) if m == "broadcast"}
+            if len(ranks) > 1:
+                raise ValueError(f"broadcast needs the same engine processes per actor, got {sorted(ranks)}")
+            self.ranks_per_target = ranks.pop()
             self.spec = asdict(ray.get(self.learners[0].weight_sync_store.remote()))
-        learner_refs = [w.broadcast_weights.remote(version, len(targets), self.ranks_per_target,
-                                                   self.bucket_bytes, store) for w in self.learners]
-        self.last = learner_refs[0]
-        return learner_refs + [t.receive_weights.remote(self.spec, i, version, self.ranks_per_target)
-                               for i, t in enumerate(targets)]
+
+    def describe(self) -> str:
+        if self.modes is None:
+            self._resolve()
+        return ", ".join(sorted(set(self.modes)))
+
+    # -- one sync
+    def _start(self, version: int, only: Optional[list[int]] = None) -> dict:
+        """Queue version `version` for the actors `only` (default: all); returns the attempt."""
+        if self.modes is None:
+            self._resolve()
+        idx = list(range(len(self.targets))) if only is None else only
+        by_mode = {m: [i for i in idx if self.modes[i] == m] for m in MODES}
+        a = {"version": version, "t0": time.perf_counter(), "learner": [], "targets": {}, "exports": {}}
+        args = (version, self.dtype, self.bucket_bytes)
+        for mode in ("ipc", "object_store"):
+            if by_mode[mode]:
+                refs = [w.export_weights.remote(mode, *args) for w in self.learners]
+                a["learner"] += refs
+                a["exports"][mode] = refs[0]
+                for i in by_mode[mode]:
+                    a["targets"][i] = self.targets[i].load_weights.remote(mode, refs[0], version)
+        if by_mode["broadcast"]:
+            # every broadcast actor takes part in each broadcast sync (a group's membership is fixed)
+            bc = [i for i, m in enumerate(self.modes) if m == "broadcast"]
+            a["learner"] += [w.broadcast_weights.remote(version, len(bc), self.ranks_per_target, *args[1:])
+                             for w in self.learners]
+            for j, i in enumerate(bc):
+                a["targets"][i] = self.targets[i].receive_broadcast.remote(self.spec, j, version,
+                                                                           self.ranks_per_target)
+        return a
+
+    def push(self, version: int) -> None:
+        """Queue the sync of `version` without blocking. One sync is in flight at a time; a push
+        while one is in flight is deferred, and a newer push replaces a deferred one (the workers
+        get the newest weights as soon as they take the next sync; skipped versions are never sent)."""
+        self.poll()
+        if self.pending:
+            self.deferred = version
+            return
+        self.pending.append(self._start(version))
+
+    def _next(self) -> None:
+        if not self.pending and self.deferred is not None:
+            version, self.deferred = self.deferred, None
+            self.pending.append(self._start(version))
+
+    def poll(self) -> Optional[dict]:
+        """Collect a finished sync without blocking (raising its error if it failed) and start the
+        deferred one; the finished sync's record, or None."""
+        rec = None
+        while self.pending:
+            a = self.pending[0]
+            refs = list(a["targets"].values()) + a["learner"]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if len(ready) < len(refs):
+                break
+            rec = self._finish(self.pending.popleft())
+            self._next()
+        return rec
+
+    def wait(self) -> Optional[dict]:
+        """Block until the in-flight and deferred syncs are done on every actor; the newest record."""
+        rec = None
+        while self.pending or self.deferred is not None:
+            while self.pending:
+                rec = self._finish(self.pending.popleft())
+            self._next()
+        return rec
+
+    def _finish(self, a: dict) -> dict:
+        """Wait for one sync; retry its failures; check every actor reports its version."""
+        version = a["version"]
+        attempts = 0
+        while True:
+            errors: dict[int, BaseException] = {}
+            results: dict[int, dict] = {}
+            learner_error = None
+            try:
+                learner_res = ray.get(a["learner"])
+            except Exception as e:  # the learner's side (export or broadcast) failed
+                learner_res, learner_error = [], e
+            for i, ref in a["targets"].items():
+                try:
+                    results[i] = ray.get(ref)
+                except Exception as e:
+                    errors[i] = e
+            for i, r in results.items():
+                if r.get("version", -1) < version:
+                    errors[i] = RuntimeError(f"rollout worker {i} reports v{r.get('version')} after the sync "
+                                             f"of v{version}")
+            if not errors and learner_error is None:
+                break
+            attempts += 1
+            if attempts > self.cfg.weight_sync_retries:
+                self._release(version)
+                if errors:
+                    i, err = next(iter(errors.items()))
+                    raise SyncFailed(f"weight sync of v{version} failed on rollout worker {i} "
+                                     f"({self.modes[i]}) after {attempts} attempt(s): {err}") from err
+                raise SyncFailed(f"weight sync of v{version} failed on the learner after {attempts} "
+                                 f"attempt(s): {learner_error}") from learner_error
+            failed = sorted(errors) or sorted(a["targets"])
+            if any(self.modes[i] == "broadcast" for i in failed):   # a broadcast is all or nothing
+                failed = sorted(set(failed) | {i for i, m in enumerate(self.modes) if m == "broadcast"})
+            kept = {i: r for i, r in results.items() if i not in failed}
+            a = self._start(version, only=failed)
+            a["kept"] = kept
+        results.update(a.get("kept", {}))
+        for i, r in results.items():
+            self.versions[i] = r["version"]
+        ok = [r for r in learner_res if r.get("status") != "skipped"]
+        export_s = max([r.get("seconds", 0.0) for r in ok] or [0.0])
+        load_s = max([r.get("seconds", 0.0) for r in results.values()] or [0.0])
+        rec = {"version": version, "modes": sorted(set(self.modes)), "retries": attempts,
+               "export_s": export_s, "load_s": load_s, "sync_s": export_s + load_s,
+               "bytes": max([r.get("bytes", 0) for r in ok] or [0]),
+               "wall_s": time.perf_counter() - a["t0"]}
+        if "object_store" in a["exports"] and self.store is not None:  # free: the buckets are objects
+            exported = ray.get(a["exports"]["object_store"])
+            ray.get(self.store.publish.remote(exported["refs"], version))
+        self._release(version)
+        self.history.append(rec)
+        return rec
+
+    def _release(self, version: int) -> None:
+        ray.get([w.release_weights.remote(version) for w in self.learners])
+
+    def publish(self, version: int) -> None:
+        """One host copy of the current weights into the WeightStore (checkpoints; restarts load it)."""
+        if self.store is None:
+            return
+        self.wait()   # no sync in flight: its buffers are released by version, like this export's
+        if self.modes is None:
+            self._resolve()
+        res = ray.get([w.export_weights.remote("object_store", version, self.dtype, self.bucket_bytes)
+                       for w in self.learners])
+        ray.get(self.store.publish.remote(res[0]["refs"], version))
+        self._release(version)   # the store now holds the bucket refs; they live while it does
 
 
-__all__ = ["WeightStore", "StoreSpec", "Channel", "Sender", "BroadcastSync", "bucket_plan", "send_weights", "receive"]
+def load_items(engine, items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
+    """Stream (name, tensor) pairs into any Transcriber engine."""
+    if getattr(engine, "llm", None) is not None:
+        engine.update_weights(items, bucket_bytes=bucket_bytes)
+    else:
+        engine.update_weights(items)
+
+
+__all__ = ["WeightStore", "WeightSync", "SyncFailed", "bucket_plan", "layer_key", "flat_buckets",
+           "unflatten", "share_cuda", "open_cuda", "ipc_items", "object_items", "put_buckets",
+           "placement", "resolve_mode", "sync_params", "load_items"]
