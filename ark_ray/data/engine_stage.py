@@ -141,7 +141,7 @@ class EngineStage:
             t_lock = time.time()
             self.engine = make_engine(model_dir, engine)
         self.sampling = sampling
-        self.feeder = VllmFeeder(self.engine) if hasattr(self.engine, "llm") else None
+        self.feeder: Optional[VllmFeeder] = None   # started by the first vLLM call
         self.lock = threading.Lock()
         self.timing = {"created": t0, "waited_for_gpu_s": t_lock - t0, "build_s": time.time() - t_lock,
                        "ready": time.time(), "pid": os.getpid()}
@@ -156,6 +156,9 @@ class EngineStage:
         from ark_ray.vllm_plugin import generation_prompt
 
         eng = self.engine
+        with self.lock:
+            if self.feeder is None:   # from here on only the feeder thread touches the engine
+                self.feeder = VllmFeeder(eng)
         pieces, owners = split_long_audio(waves, eng.max_chunk_s)
         params = eng._params(self.sampling)
         if self.sampling.logprobs_topk <= 0:
@@ -211,7 +214,7 @@ class EngineStage:
         ok = [i for i in range(n) if not err[i]]
         # a writable copy: the object store hands out read-only views, which torch and vLLM refuse to alias
         waves = [np.array(batch["wave"][i], np.float32) for i in ok]
-        results = (self._vllm(waves) if self.feeder is not None else self._sync(waves)) if ok else []
+        results = (self._vllm(waves) if hasattr(self.engine, "llm") else self._sync(waves)) if ok else []
         for i, r in zip(ok, results):
             if isinstance(r, BaseException):
                 err[i] = r.reason if isinstance(r, AudioError) else "engine_error"
