@@ -97,15 +97,31 @@ class EngineConfig:
 @dataclass
 class LearnerConfig:
     num_workers: int = opt(1, "Learner ranks (Ray actors, one torch.distributed rank each).")
-    use_gpu: bool = opt(False, "One GPU per rank, NCCL, bf16 with fp32 master weights; else CPU, gloo, fp32.")
+    use_gpu: bool = opt(False, "One GPU per rank, NCCL, bf16 compute with fp32 master weights, fp32 optimizer "
+                        "state and (ZeRO 1-3) fp32 gradient accumulation; else CPU, gloo, fp32.")
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage (0-3).")
     lr: float = opt(3e-4, "Peak learning rate (AdamW).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     betas: list = opt([0.9, 0.98], "AdamW betas.")
     warmup_steps: int = opt(0, "Linear warm-up steps before the cosine decay.")
     min_lr_ratio: float = opt(0.1, "Cosine decay floor as a fraction of lr.")
-    micro_batch_size: int = opt(8, "Samples per rank per micro-step.")
-    grad_accum_steps: int = opt(1, "Micro-steps per optimizer step.")
+    micro_batch_size: int = opt(
+        8, "Most rows one rank runs forward/backward on at once (0: its whole shard). Each batch handed to the "
+        "learner is split over the ranks (rows r, r + world, ...), and each rank's shard into the fewest "
+        "micro-batches of at most this many rows (every rank runs the same number); their gradients add up. The "
+        "loss is normalised by the whole batch's token count, so the update does not depend on this setting, "
+        "only peak memory and speed do.")
+    grad_accum_steps: int = opt(
+        1, "Batches per optimizer step: the gradients of this many consecutive learner steps (batches, each "
+        "micro-batched as above) add up, then one optimizer and learning-rate step follows. Each batch's loss is "
+        "normalised by its own token count and divided by grad_accum_steps (batches weigh equally; with equal "
+        "token counts this is exactly one step on their union). The LR schedule and warmup_steps count "
+        "optimizer steps; checkpoints should fall on optimizer steps (accumulated gradients are not saved).")
+    gradient_checkpointing: bool = opt(
+        False, "Activation checkpointing: every Qwen2 decoder layer and every Whisper encoder layer keeps only its "
+        "input and recomputes the rest in the backward pass (transformers' gradient_checkpointing_enable, "
+        "non-reentrant). Less activation memory for about one more forward pass of compute; the conv stem, "
+        "adapter and lm_head are not checkpointed.")
     grad_clip: float = opt(1.0, "Gradient norm clip (0 disables).")
     seed: int = opt(0, "Seed for parameter init, dropout and data order.")
     weight_sync: Literal["auto", "object_store", "broadcast"] = opt(
@@ -124,6 +140,12 @@ class LearnerConfig:
     num_gpus_per_worker: float = opt(1.0, "GPU share each rank asks for when use_gpu (a fraction lets the "
                                      "learner share one card with the rollout engine and teacher, as in the "
                                      "single-GPU OPD benchmark; ranks must still sit on different cards).")
+
+    def __post_init__(self):
+        if self.micro_batch_size < 0:
+            raise ConfigError(f"learner.micro_batch_size must be >= 0 (0: no split), got {self.micro_batch_size}")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, Qwen2ForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ark_ray.model.config import ArkAsrConfig
@@ -78,8 +79,11 @@ class WhisperRoPEAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class WhisperRoPEEncoderLayer(nn.Module):
-    """Pre-LN: x + attn(LN(x)), then + fc2(GELU(fc1(LN(.)))); fp16 clamp as the reference."""
+class WhisperRoPEEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LN: x + attn(LN(x)), then + fc2(GELU(fc1(LN(.)))); fp16 clamp as the reference.
+
+    A GradientCheckpointingLayer (a plain nn.Module until `gradient_checkpointing_enable`), so the
+    learner's activation checkpointing covers the encoder as well as the decoder."""
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, use_rope: bool):
         super().__init__()
