@@ -124,18 +124,22 @@ class LearnerConfig:
         "adapter and lm_head are not checkpointed.")
     grad_clip: float = opt(1.0, "Gradient norm clip (0 disables).")
     seed: int = opt(0, "Seed for parameter init, dropout and data order.")
-    weight_sync: Literal["auto", "object_store", "broadcast"] = opt(
-        "auto", "How new weights reach the rollout engines. object_store: one ray.put of the state dict that "
-        "each rollout actor loads (the CPU default). broadcast: learner rank 0 broadcasts them straight into the "
-        "vLLM worker processes over a standalone process group (gloo on CPU, NCCL on GPU, where every rank needs "
-        "a card of its own); the WeightStore still gets each version, for restarted rollout actors. "
-        "auto: broadcast when use_gpu with whole cards per rank, else object_store.")
-    weight_sync_bucket_mb: float = opt(256.0, "broadcast: parameters travel in flat buckets of at most this many MB.")
+    weight_sync: Literal["auto", "ipc", "broadcast", "object_store"] = opt(
+        "auto", "How new weights reach the rollout engines (always in the engine's dtype, in buckets). ipc: the "
+        "engine shares learner rank 0's GPU; it copies from the learner's GPU buckets through CUDA IPC handles. "
+        "broadcast: learner rank 0 broadcasts into the vLLM worker processes over a standalone process group "
+        "(NCCL between different GPUs, also across nodes; gloo on CPU). object_store: one Ray object per bucket, "
+        "streamed into the engine by its actor (no GPU, or no NCCL path). auto: per engine, ipc on a shared GPU, "
+        "broadcast on different GPUs, object_store without GPUs.")
+    weight_sync_bucket_mb: float = opt(1024.0, "Weight-sync bucket size in MiB: no message, object or broadcast "
+                                       "holds more (a layer is never split; one larger layer gets its own bucket).")
+    weight_sync_retries: int = opt(1, "Retries of a weight sync that failed on a rollout actor or the learner; "
+                                   "past them the run stops with that actor's error.")
     weight_sync_timeout_s: float = opt(900.0, "broadcast: longest wait for every rollout worker to reach a sync "
                                        "(after its current rollout, or its restart); past it the run fails.")
     weight_sync_collective_timeout_s: float = opt(
         300.0, "broadcast: longest a group formation or one bucket's broadcast may take; past it (a rollout "
-        "worker died mid-sync) that sync falls back to the WeightStore and the next one forms a new group.")
+        "worker died mid-sync) the sync fails and is retried with a new group.")
     num_cpus_per_worker: float = opt(1.0, "CPUs each learner actor asks for.")
     num_gpus_per_worker: float = opt(1.0, "GPU share each rank asks for when use_gpu (a fraction lets the "
                                      "learner share one card with the rollout engine and teacher, as in the "
@@ -460,14 +464,23 @@ class OpdConfig:
     resume: bool = opt(False, "Continue from output_dir's checkpoint: no utterance repeated or skipped.")
     max_audio_s: float = opt(30.0, "Longer clips are rejected when loaded.")
     max_actor_restarts: int = opt(3, "Restarts of a crashed rollout/teacher actor (its in-flight call is redone).")
-    staged_startup: bool = opt(False, "Start the rollout engines and wait until they are up before starting the "
-                               "teachers and learners. For a GPU shared by all three: vLLM sizes its KV cache from "
-                               "the memory free while it profiles, so nothing else may allocate meanwhile.")
+    staged_startup: bool = opt(False, "For a GPU shared by all three roles: vLLM sizes its KV cache from the memory "
+                               "free while it profiles, so nothing else may allocate meanwhile. The teachers load on "
+                               "the CPU concurrently and move to the GPU, and the learners start, once the rollout "
+                               "engines are up. False: all three start at once.")
     seed: int = opt(0, "Seed of the data order.")
     sampling: SamplingConfig = opt(SamplingConfig(max_new_tokens=48), "Student rollout sampling (greedy by default).")
     rollout_engine: EngineConfig = opt(EngineConfig(), "Inference engine of the rollout workers.")
     learner: LearnerConfig = opt(LearnerConfig(lr=2e-4), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
+
+    def __post_init__(self):
+        if self.sampling.n != 1:
+            # the teacher scores one rollout per clip and each trajectory row is one clip's data
+            # position (resume and staleness count positions): for more samples per step, raise
+            # rollout_batch_size
+            raise ConfigError(f"sampling.n={self.sampling.n}: OPD takes one rollout per clip (sampling.n=1); "
+                              "raise rollout_batch_size for more samples per step")
 
 
 @dataclass
@@ -486,7 +499,7 @@ class S3Config:
 @job_config
 @dataclass
 class TranscribeConfig:
-    """jobs/transcribe.py: Ray Data batch transcription of an S3 prefix, a local folder or a manifest."""
+    """jobs/transcribe.py: batch transcription of an S3 prefix, a folder or a manifest (decode -> engines -> parts)."""
     input: str = opt("assets/demo_corpus/test.jsonl", "What to transcribe: s3://bucket/prefix or a local folder "
                      "(audio files listed recursively by extension), or a .jsonl/.parquet manifest (local or s3://).")
     output: str = opt("runs/transcribe", "Output folder or s3://bucket/prefix; one part file per block. "

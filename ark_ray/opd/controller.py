@@ -57,6 +57,12 @@ def _load_clip(path: str, begin, end, max_s: float):
     return load_audio(path, begin_time=begin, end_time=end, max_duration_s=max_s)
 
 
+@ray.remote(num_cpus=0)
+def _all_done(*_) -> bool:
+    """Resolves once every argument (the rollout engines' start-up) has."""
+    return True
+
+
 class AudioStore:
     """Each clip is decoded once into the object store; trajectories carry its id, never samples."""
 
@@ -151,13 +157,17 @@ class OpdController:
         ).remote(cfg.student, engine_cfg, asdict(cfg.sampling), cfg.topk, self.store_name)
             for _ in range(cfg.num_rollout_workers)]
         rollout_ready = [w.get_version.remote() for w in self.rollouts]
-        if cfg.staged_startup:  # vLLM must profile GPU memory before the teacher and learner allocate
-            ray.get(rollout_ready)
-            self.startup["rollout_s"] = time.perf_counter() - t0
+        # staged start-up (a shared GPU): vLLM sizes its KV cache from the memory free while it
+        # profiles, so nothing else may allocate meanwhile; the teachers load on the CPU and wait
+        # for it before moving to the GPU, the learner group starts once it is done
+        gate = [_all_done.remote(*rollout_ready)] if cfg.staged_startup else None
         self.teachers = [ray.remote(TeacherScorer).options(
             num_cpus=cfg.teacher_num_cpus, num_gpus=cfg.teacher_num_gpus, **actor_opts,
-        ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau) for _ in range(cfg.num_teacher_workers)]
+        ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau, gpu_gate=gate) for _ in range(cfg.num_teacher_workers)]
         teacher_ready = [t.ready.remote() for t in self.teachers]
+        if cfg.staged_startup:
+            ray.get(rollout_ready)
+            self.startup["rollout_s"] = time.perf_counter() - t0
         # the learner group blocks until its ranks are up; the engines and teachers start meanwhile
         self.learner = LearnerGroup(cfg.student, cfg.learner, total_steps=cfg.steps, loss=OpdLoss(cfg.tau))
         self.startup["learner_s"] = time.perf_counter() - t0

@@ -9,6 +9,7 @@ no mapping. Batches are grouped by duration so padding stays small.
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 import ray
@@ -28,7 +29,9 @@ def check_shared_vocabulary(teacher_tok, student_tok) -> None:
 
 class TeacherScorer:
     def __init__(self, teacher_dir: str, student_dir: str, topk: int, tau: float = 1.0,
-                 device: str = "auto", dtype: str = "auto", max_batch: int = 16):
+                 device: str = "auto", dtype: str = "auto", max_batch: int = 16, gpu_gate: Optional[list] = None):
+        """`gpu_gate`: [ObjectRef] to wait for before touching the GPU (the rollout engines' memory
+        profile, on a shared card); the model loads on the CPU meanwhile."""
         from ark_ray.model import ArkAsrForConditionalGeneration
         from ark_ray.model.processor import ArkAsrProcessor
 
@@ -37,7 +40,10 @@ class TeacherScorer:
         dt = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
         self.processor = ArkAsrProcessor.from_pretrained(teacher_dir)
         check_shared_vocabulary(self.processor.tokenizer, ArkAsrProcessor.from_pretrained(student_dir).tokenizer)
-        self.model = ArkAsrForConditionalGeneration.from_pretrained(teacher_dir, dtype=dt).to(self.device).eval()
+        model = ArkAsrForConditionalGeneration.from_pretrained(teacher_dir, dtype=dt).eval()
+        if gpu_gate:
+            ray.get(gpu_gate[0])
+        self.model = model.to(self.device)
         self.dtype = dt
         self.topk, self.tau, self.max_batch = topk, tau, max_batch
         vocab = self.model.config.vocab_size
