@@ -160,13 +160,14 @@ def test_micro_batches_and_accumulation_give_the_full_batch_update(ray_local, mo
     # the grad norm (before clipping) sees any mis-scaled micro-batch; Adam's first step would hide it
     np.testing.assert_allclose(second["grad_norm"], full["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose((first["loss"] + second["loss"]) / 2, full["loss"], rtol=1e-5)
-    # Adam's first step moves a weight by lr * g / (|g| + eps): where |g| ~ eps (a handful of the
-    # 10^6 weights) summation order shows, anywhere else the two updates agree to fp32 rounding
-    off = sum(int((~torch.isclose(p_acc[k], v, rtol=1e-5, atol=1e-7)).sum()) for k, v in p_full.items())
-    assert off <= 1e-4 * sum(v.numel() for v in p_full.values())
-    assert max(float((p_acc[k] - v).abs().max()) for k, v in p_full.items()) <= 2e-3   # 2 x lr
-    moved = sum(int(not torch.equal(v, p0[k])) for k, v in p_full.items())
-    assert moved > len(p_full) // 2
+    # Adam's first step moves a weight by lr * g / (|g| + eps) (lr = 1e-3): ill-conditioned where |g|
+    # is within ~100 eps of 0 (summation order shows there), exact to fp32 rounding elsewhere
+    compared = total = 0
+    for k, v in p_full.items():
+        sure = (v - p0[k]).abs() > 0.99e-3
+        torch.testing.assert_close(p_acc[k][sure], v[sure], rtol=1e-5, atol=1e-7)
+        compared, total = compared + int(sure.sum()), total + v.numel()
+    assert compared > 0.5 * total
 
 
 def test_opd_loss_trains_through_the_learner(ray_local, model_dir, uneven_batch):
