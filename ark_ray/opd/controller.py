@@ -187,6 +187,10 @@ class OpdController:
         self.pending: list = []         # rollout/teacher calls run_async left in flight (see drain)
         self.last_sync: Optional[dict] = None
         self.metrics_f = open(self.out / "metrics.jsonl", "a")
+        # console hooks (ark_ray.opd.console): on_step(rec) after each learner step, on_eval(step,
+        # who, wer) after each evaluation; unset, a plain line is printed for each
+        self.on_step = None
+        self.on_eval = None
         self.startup["total_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ evaluation
@@ -199,6 +203,13 @@ class OpdController:
         actor = self.rollouts[0] if who == "student" else self.teachers[0]
         hyps = ray.get(actor.transcribe_texts.remote(refs))
         return _wer(texts, hyps)
+
+    def _report_eval(self, who: str, wer: Optional[float]) -> Optional[float]:
+        if self.on_eval:
+            self.on_eval(self.step, who, wer)
+        elif wer is not None:
+            print(f"step {self.step}: {who} WER {wer:.4f}", flush=True)
+        return wer
 
     # ------------------------------------------------------------------ weights
     def sync_weights(self) -> None:
@@ -276,16 +287,18 @@ class OpdController:
         self.metrics_f.write(json.dumps(rec) + "\n")
         self.metrics_f.flush()
         _record_metrics(rec)
-        print(f"step {self.step}/{self.cfg.steps} v{self.version} kl {rec['kl']:.4f} "
-              f"union {rec['union_size'] or 0:.1f} stale-dropped {self.dropped_stale}"
-              + (f" sync {sync['sync_s']:.2f}s" if sync else ""), flush=True)
+        if self.on_step:
+            self.on_step(rec)
+        else:
+            print(f"step {self.step}/{self.cfg.steps} v{self.version} kl {rec['kl']:.4f} "
+                  f"union {rec['union_size'] or 0:.1f} stale-dropped {self.dropped_stale}"
+                  + (f" sync {sync['sync_s']:.2f}s" if sync else ""), flush=True)
         if self.step % self.cfg.sync_every == 0:
             self.sync_weights()
         if self.cfg.save_every and self.step % self.cfg.save_every == 0:
             self.save()
         if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-            wer = self.evaluate("student")
-            print(f"step {self.step}: student WER {wer:.4f}")
+            self._report_eval("student", self.evaluate("student"))
         return rec
 
     # ------------------------------------------------------------------ the loops
@@ -351,8 +364,8 @@ class OpdController:
         t0 = time.time()
         if self.cfg.resume:
             self.resume()
-        student_before = self.evaluate("student") if self.step == 0 else None
-        teacher_wer = self.evaluate("teacher")
+        student_before = self._report_eval("student", self.evaluate("student")) if self.step == 0 else None
+        teacher_wer = self._report_eval("teacher", self.evaluate("teacher"))
         t_train = time.time()
         start_samples = self.samples_trained
         if self.cfg.mode == "sync":
@@ -362,7 +375,7 @@ class OpdController:
         train_s = time.time() - t_train
         self.sync_weights()
         self._collect_sync(block=True)
-        student_after = self.evaluate("student")
+        student_after = self._report_eval("student", self.evaluate("student"))
         self.save()
         final = self.learner.export_hf(str(self.out / "final"))
         hist = self.history
