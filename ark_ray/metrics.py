@@ -220,7 +220,7 @@ def record_opd_step(rec: Mapping[str, Any]) -> None:
                       ("staleness", "ark_opd_staleness_versions"), ("rollout_wer", "ark_opd_rollout_wer_ratio")):
         if rec.get(key) is not None:
             record(name, rec[key])
-    for stage in ("rollout", "teacher", "learner", "sync"):  # sync: the weight sync that finished at this step
+    for stage in ("rollout", "teacher", "learner"):   # stage "sync": one per weight sync, by the controller
         if rec.get(f"{stage}_s") is not None:
             record("ark_opd_stage_duration_seconds", rec[f"{stage}_s"], {"stage": stage})
     if rec.get("dropped_stale") is not None:

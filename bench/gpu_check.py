@@ -67,7 +67,8 @@ def zero_parity(model_dir: str, batch_size: int = 16, steps: int = 2) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--layout", default="shared", choices=list(LAYOUTS))
     ap.add_argument("--steps", type=int, default=3, help="learner steps in each mode")
     ap.add_argument("--preset", default="ark-asr-0.6b", choices=["ark-asr-0.6b", "tiny"])
@@ -126,8 +127,10 @@ def main(argv=None) -> int:
     dtype = ctl.weights.dtype
     if not gpu:   # vLLM's CPU backend repacks decoder linears for oneDNN: their read-back differs in layout
         CHECKED[:] = [n for n in CHECKED if not n.startswith("model.layers.")]
-    previous = ray.get(ctl.learner.workers[0].weight_digests.remote(CHECKED, dtype))
-    engine0 = ray.get(ctl.rollouts[0].weight_digests.remote(CHECKED))
+    learner0 = ray.get(ctl.learner.workers[0].weight_digests.remote(CHECKED, dtype))
+    shapes = {n: s for n, (_, s) in learner0.items()}
+    previous = {n: d for n, (d, _) in learner0.items()}
+    engine0 = ray.get(ctl.rollouts[0].weight_digests.remote(shapes))
     if engine0 != previous:
         failures.append("before any sync the engine does not hold the learner's initial weights")
     push = ctl.sync_weights
@@ -137,8 +140,8 @@ def main(argv=None) -> int:
         push()
         rec = ctl.weights.wait()           # every worker reports the version, or this raises
         ctl.last_sync = rec
-        want = ray.get(ctl.learner.workers[0].weight_digests.remote(CHECKED, dtype))
-        got = ray.get([w.weight_digests.remote(CHECKED) for w in ctl.rollouts])
+        want = {n: d for n, (d, _) in ray.get(ctl.learner.workers[0].weight_digests.remote(CHECKED, dtype)).items()}
+        got = ray.get([w.weight_digests.remote(shapes) for w in ctl.rollouts])
         versions = ray.get([w.get_version.remote() for w in ctl.rollouts])
         bad = [f"worker {i}: {n}" for i, g in enumerate(got) for n in CHECKED if g[n] != want[n]]
         changed = sum(want[n] != previous[n] for n in CHECKED)

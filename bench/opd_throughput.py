@@ -181,7 +181,8 @@ def machine(gpu: bool) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--preset", default="ark-asr-0.6b", choices=list(CONFIGS))
     ap.add_argument("--config", default=None, help="OPD config (default: by preset, see above)")
     ap.add_argument("--steps", type=int, default=20, help="learner steps timed in each mode")

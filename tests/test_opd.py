@@ -31,6 +31,7 @@ def pair(tmp_path_factory):
 
 def make_cfg(pair, out, **kw) -> OpdConfig:
     over = {"student": str(pair / "student"), "teacher": str(pair / "teacher"), "output_dir": str(out),
+            "train_manifest": str(REPO / "assets/demo_corpus/train_sample.jsonl"),   # not the demo's 1000 clips
             "steps": 3, "rollout_batch_size": 4, "eval_max_samples": 4, "save_every": 1,
             "rollout_engine": {"backend": ENGINE, "max_num_seqs": 8, "max_model_len": 512},
             "sampling": {"max_new_tokens": 6}, "topk": 4}
@@ -57,7 +58,10 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
     s, ctl = run(make_cfg(pair, tmp_path / "a", max_staleness=0, max_inflight=3))
     assert s["steps"] == 3 and s["mode"] == "async"
     recs = [json.loads(line) for line in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    syncs = [r for r in recs if r["kind"] == "sync"]
+    recs = [r for r in recs if r["kind"] == "step"]
     assert [r["step"] for r in recs] == [1, 2, 3]
+    assert [r["version"] for r in syncs] == list(range(1, len(syncs) + 1)) and syncs[-1]["version"] == ctl.version
     assert all(r["kl"] > 0 and 4 <= r["union_size"] <= 8 for r in recs)
     # tau 1: the loss is the raw KL; queue depths are bounded by max_inflight (the trained batch excluded)
     assert all(r["loss"] == pytest.approx(r["kl"]) for r in recs)
@@ -75,6 +79,7 @@ def test_sync_mode(ray_local, pair, tmp_path):
     s, _ = run(make_cfg(pair, tmp_path / "s", mode="sync", steps=2, tau=2.0))
     assert s["mode"] == "sync" and s["steps"] == 2 and s["dropped_stale"] == 0
     recs = [json.loads(line) for line in (tmp_path / "s/metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if r["kind"] == "step"]
     # the loss carries tau^2, the logged KL does not; nothing overlaps in sync mode
     assert all(r["kl"] > 0 and r["loss"] == pytest.approx(4.0 * r["kl"]) for r in recs)
     assert all(r["queue_rollout"] == r["queue_teacher"] == r["queue_learner"] == 0 for r in recs)
@@ -174,7 +179,7 @@ def test_ray_job_submit(pair, tmp_path):
                "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", ".stage", ".whl"],
                                                  "env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}}),
                "--", sys.executable, "jobs/opd.py", f"--student={models}/student", f"--teacher={models}/teacher",
-               f"--output_dir={tmp_path}/job", "--steps=2", "--rollout_batch_size=4", "--eval_max_samples=4",
+               f"--output_dir={tmp_path}/job", f"--train_manifest={REPO}/assets/demo_corpus/train_sample.jsonl", "--steps=2", "--rollout_batch_size=4", "--eval_max_samples=4",
                f"--rollout_engine.backend={ENGINE}", "--sampling.max_new_tokens=6", "--topk=4"]
         for _ in range(24):  # the dashboard agent registers a few seconds after `ray start`
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)

@@ -126,8 +126,8 @@ def test_object_store_sync_in_many_bf16_buckets(ray_local, model_dir, batch):
             assert b["flat"].numel() * 2 <= 2**18 or len({layer_key(n) for n, _ in b["items"]}) == 1
         want = ray.get(group.workers[0].weight_digests.remote(["model.embed_tokens.weight",
                                                               "model.layers.0.self_attn.q_proj.weight"], "bfloat16"))
-        got = ray.get(worker.weight_digests.remote(list(want)))
-        assert got == want and ray.get(worker.get_version.remote()) == 1
+        got = ray.get(worker.weight_digests.remote({n: shape for n, (_, shape) in want.items()}))
+        assert got == {n: d for n, (d, _) in want.items()} and ray.get(worker.get_version.remote()) == 1
     finally:
         ray.kill(worker)
         group.shutdown()
@@ -224,6 +224,7 @@ def test_opd_run_with_broadcast_sync(ray_local, tmp_path):
     save_random_model(tmp_path / "student", "tiny", tokenizer=tok, seed=2, initializer_range=0.2)
     cfg = load_config(OpdConfig, repo / "jobs/configs/opd_tiny.yaml", {
         "student": str(tmp_path / "student"), "teacher": str(tmp_path / "teacher"),
+        "train_manifest": str(repo / "assets/demo_corpus/train_sample.jsonl"),
         "output_dir": str(tmp_path / "run"), "steps": 2, "rollout_batch_size": 4, "eval_max_samples": 4,
         "save_every": 0, "topk": 4, "sampling": {"max_new_tokens": 6},
         "rollout_engine": {"backend": "vllm", "max_num_seqs": 8, "max_model_len": 512},
@@ -238,6 +239,7 @@ def test_opd_run_with_broadcast_sync(ray_local, tmp_path):
         assert ray.get(ctl.rollouts[0].get_version.remote()) == ctl.version >= 3   # 2 steps + the final sync
         assert ray.get(ctl.store.latest.remote())[1] == ctl.version                # published at the final save
         recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-        assert any(r["sync_s"] is not None for r in recs)                         # sync_s reaches metrics.jsonl
+        syncs = [r for r in recs if r["kind"] == "sync"]                          # every sync in metrics.jsonl
+        assert [r["version"] for r in syncs] == list(range(1, ctl.version + 1)) and all(r["sync_s"] > 0 for r in syncs)
     finally:
         ctl.shutdown()

@@ -97,26 +97,21 @@ def load_into_worker(worker, items: Iterable[tuple[str, object]], names: Sequenc
             items = _with_tied_head(items)
         reload(weights_iterator=iter(items), is_checkpoint_format=True)
         return len(names)
-    params = dict(runner.model.named_parameters())
-    want = {t: len(parts) for t, parts in _vllm_targets(dict.fromkeys(names)).items()}
-    pending: dict[str, list] = {}
+    # older vLLM (0.26): the model's own checkpoint loader, in place: it maps our checkpoint names,
+    # stacks q/k/v and gate/up, skips the tied head, and its weight loaders handle what a plain
+    # copy would not (the vocabulary padded to a multiple of 64, tensor-parallel shards)
+    n = 0
+
+    def counted():
+        nonlocal n
+        for item in items:
+            n += 1
+            yield item
+
     with torch.no_grad():
-        for name, t in items:
-            for target, parts in _vllm_targets({name: t}).items():
-                got = pending.setdefault(target, [])
-                got.extend(parts)
-                if len(got) < want[target]:
-                    continue
-                del pending[target]
-                if target not in params:
-                    raise KeyError(f"vLLM model has no parameter {target!r}")
-                value = torch.cat([torch.as_tensor(v) for _, v in sorted(got, key=lambda p: p[0])], dim=0)
-                p = params[target]
-                if p.shape != value.shape:
-                    raise ValueError(f"{target}: shape {tuple(value.shape)} != live {tuple(p.shape)}")
-                p.copy_(value.to(p.device, p.dtype))
-    if pending:
-        raise ValueError(f"incomplete fused parameters: {sorted(pending)}")
+        runner.model.load_weights(counted())
+    if n != len(names):
+        raise ValueError(f"{n} tensors arrived, {len(names)} were announced")
     return len(names)
 
 
@@ -184,43 +179,18 @@ def tensor_digest(t) -> str:
     return hashlib.sha1(raw.numpy().tobytes()).hexdigest()
 
 
-def _digests_on_worker(worker, names: list[str]) -> dict:
-    """Inside a vLLM worker: digests of unfused parameters named in checkpoint layout."""
+def _digests_on_worker(worker, shapes: dict) -> dict:
+    """Inside a vLLM worker: digests of unfused parameters named in checkpoint layout, cut to the
+    checkpoint `shapes` (vLLM pads the vocabulary to a multiple of 64)."""
     runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
     params = dict(runner.model.named_parameters())
     out = {}
-    for name in names:
+    for name, shape in shapes.items():
         if any(k in name for k in _FUSED):
             raise ValueError(f"{name} is fused in vLLM; pick an unfused parameter")
         (target, _), = _vllm_targets({name: None}).items()
-        out[name] = tensor_digest(params[target])
+        out[name] = tensor_digest(params[target][tuple(slice(0, d) for d in shape)])
     return out
-
-
-def memory_utilization(card_bytes: int, engines_per_gpu: int, card_fraction: float) -> float:
-    """vLLM's gpu_memory_utilization for one of `engines_per_gpu` engines on a card of `card_bytes`.
-
-    vLLM reads the value as a fraction of the whole card, so engines sharing it split
-    `card_fraction`; each also leaves 1 GiB per neighbour for that engine's CUDA context and
-    non-torch memory, which its own profiling does not see. One engine: `card_fraction`.
-    """
-    k = max(1, int(engines_per_gpu))
-    return round(card_fraction / k - (k - 1) * 2**30 / card_bytes, 4)
-
-
-def engine_memory_utilization(cfg: EngineConfig) -> float:
-    """`memory_utilization` for this engine: cfg.num_gpus = 1/k means k engines share the card."""
-    if not 0 < cfg.num_gpus < 1:
-        return cfg.gpu_memory_utilization
-    try:  # NVML: no CUDA context in this (front-end) process
-        from vllm.platforms import current_platform
-
-        card = int(current_platform.get_device_total_memory(0))
-    except Exception:  # noqa: BLE001 - a platform without the query
-        import torch
-
-        card = torch.cuda.get_device_properties(0).total_memory
-    return memory_utilization(card, round(1 / cfg.num_gpus), cfg.gpu_memory_utilization)
 
 
 class VllmEngine(Transcriber):
@@ -343,9 +313,9 @@ class VllmEngine(Transcriber):
         self.llm.collective_rpc(_load_ipc_on_worker, args=(payload,))
         self.reset_caches()
 
-    def weight_digests(self, names: list[str]) -> dict:
-        """sha1 of the named (unfused) parameters as worker 0 holds them."""
-        return self.llm.collective_rpc(_digests_on_worker, args=(list(names),))[0]
+    def weight_digests(self, shapes: dict) -> dict:
+        """sha1 of the named (unfused) parameters as worker 0 holds them, cut to `shapes`."""
+        return self.llm.collective_rpc(_digests_on_worker, args=({n: tuple(s) for n, s in shapes.items()},))[0]
 
     def reset_caches(self) -> None:
         """Drop what the old weights computed: cached encoder outputs (scheduler and workers)."""

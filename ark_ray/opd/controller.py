@@ -186,6 +186,7 @@ class OpdController:
         self.history: list[dict] = []
         self.pending: list = []         # rollout/teacher calls run_async left in flight (see drain)
         self.last_sync: Optional[dict] = None
+        self._synced = 0                # weight-sync records already written to metrics.jsonl
         self.metrics_f = open(self.out / "metrics.jsonl", "a")
         # console hooks (ark_ray.opd.console): on_step(rec) after each learner step, on_eval(step,
         # who, wer) after each evaluation; unset, a plain line is printed for each
@@ -218,10 +219,18 @@ class OpdController:
         self.weights.push(self.version)
 
     def _collect_sync(self, block: bool = False) -> None:
-        """A finished sync's record (its error raises here: the run stops with the worker's error)."""
-        rec = self.weights.wait() if block else self.weights.poll()
-        if rec is not None:
+        """Collect finished syncs (a failed one raises here: the run stops with the worker's error);
+        each goes to metrics.jsonl as a "sync" record and to Prometheus as stage "sync"."""
+        self.weights.wait() if block else self.weights.poll()
+        from ark_ray import metrics
+
+        for rec in self.weights.history[self._synced:]:
+            line = dict(kind="sync", step=self.step, time=time.time(), **rec)
+            self.metrics_f.write(json.dumps(line) + "\n")
+            metrics.record("ark_opd_stage_duration_seconds", rec["sync_s"], {"stage": "sync"})
             self.last_sync = rec
+        self._synced = len(self.weights.history)
+        self.metrics_f.flush()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -272,7 +281,7 @@ class OpdController:
         self.samples_trained += len(batch)
         rollout_wer = _wer(list(batch.reference_text), list(batch.pred_text)) if any(batch.reference_text) else None
         sync, self.last_sync = self.last_sync, None
-        rec = dict(step=self.step, version=self.version, time=time.time(), loss=stats["loss"], kl=stats["kl"],
+        rec = dict(kind="step", step=self.step, version=self.version, time=time.time(), loss=stats["loss"], kl=stats["kl"],
                    samples=len(batch),
                    union_size=stats.get("union_size"), teacher_mass=stats.get("teacher_mass"),
                    student_mass=stats.get("student_mass"), lr=stats["lr"],
@@ -293,7 +302,8 @@ class OpdController:
             print(f"step {self.step}/{self.cfg.steps} v{self.version} kl {rec['kl']:.4f} "
                   f"union {rec['union_size'] or 0:.1f} stale-dropped {self.dropped_stale}"
                   + (f" sync {sync['sync_s']:.2f}s" if sync else ""), flush=True)
-        if self.step % self.cfg.sync_every == 0:
+        # with grad_accum_steps > 1 the weights change only at optimizer steps
+        if stats.get("optimizer_step", True) and self.step % self.cfg.sync_every == 0:
             self.sync_weights()
         if self.cfg.save_every and self.step % self.cfg.save_every == 0:
             self.save()

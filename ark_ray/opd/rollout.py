@@ -96,13 +96,14 @@ class RolloutWorker:
             raise
         return self._done(version, "broadcast", t0)
 
-    def weight_digests(self, names: list[str]) -> dict:
-        """sha1 of named parameters as the engine holds them (bench/gpu_check.py)."""
+    def weight_digests(self, shapes: dict) -> dict:
+        """sha1 of named parameters as the engine holds them, cut to the checkpoint `shapes`
+        (bench/gpu_check.py compares them with the learner's)."""
         if getattr(self.engine, "llm", None) is not None:
-            return self.engine.weight_digests(names)
+            return self.engine.weight_digests(shapes)
         from ark_ray.engines.vllm_engine import tensor_digest
         params = dict(self.engine.model.named_parameters())
-        return {n: tensor_digest(params[n]) for n in names}
+        return {n: tensor_digest(params[n]) for n in shapes}
 
     def get_version(self) -> int:
         return self.version

@@ -318,13 +318,13 @@ class LearnerWorker:
                             ranks_per_target=ranks_per_target, zero3=zero3)
 
     def weight_digests(self, names: list[str], dtype: str) -> dict:
-        """sha1 of each named parameter cast to `dtype` (rank 0, no ZeRO-3): what an engine holding
-        these weights must report (bench/gpu_check.py)."""
-        from ark_ray.train.weight_sync import sync_params
+        """{name: (sha1 of the parameter cast to `dtype`, its shape)} (rank 0, no ZeRO-3): what an
+        engine holding these weights must report (bench/gpu_check.py)."""
         from ark_ray.engines.vllm_engine import tensor_digest
+        from ark_ray.train.weight_sync import sync_params
 
         params = dict(sync_params(self.engine.module))
-        return {n: tensor_digest(params[n].data.to(getattr(torch, dtype))) for n in names}
+        return {n: (tensor_digest(params[n].data.to(getattr(torch, dtype))), tuple(params[n].shape)) for n in names}
 
     def ping(self) -> int:
         return self.rank
