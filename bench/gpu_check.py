@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="folder with student/ and teacher/ (built there when missing; "
                     "default WORKDIR/models-PRESET)")
     ap.add_argument("--clips", type=int, default=96)
+    ap.add_argument("--bench_steps", type=int, default=0,
+                    help="then time this many async and sync steps on the same actors, syncs unchecked "
+                         "(bench/opd_throughput.py's figures without a second start-up)")
     ap.add_argument("--zero_parity", action="store_true",
                     help="only compare ZeRO-2 losses with 1 and 2 learner ranks (needs 2 GPUs)")
     args, extra = ap.parse_known_args(argv)
@@ -156,7 +159,8 @@ def main(argv=None) -> int:
         previous = want
 
     ctl.sync_weights = checked_sync
-    modes = {}
+    modes: dict = {}
+    bench: dict = {}
     try:
         for mode in ("async", "sync"):
             first, n0 = len(ctl.history), ctl.samples_trained
@@ -170,6 +174,17 @@ def main(argv=None) -> int:
                            "kl_last": recs[-1]["kl"] if recs else None,
                            "peak_mem_gb": max([r.get("peak_mem_gb") or 0 for r in recs] or [0])}
             print(f"{mode}: {json.dumps(modes[mode])}", flush=True)
+        if args.bench_steps:
+            from bench.opd_throughput import GpuBusy, run_mode
+
+            ctl.sync_weights = push
+            ctl.cfg.steps = ctl.step + 2 * args.bench_steps   # (the LR schedule only)
+            with GpuBusy() as sampler:
+                for mode in ("async", "sync"):
+                    bench[mode] = run_mode(ctl, mode, args.bench_steps, sampler)
+                    print(f"bench {mode}: {json.dumps(bench[mode])}", flush=True)
+            ctl.weights.wait()
+            bench["async_over_sync"] = round(bench["async"]["samples_per_s"] / bench["sync"]["samples_per_s"], 3)
     except Exception as e:
         failures.append(f"run failed: {type(e).__name__}: {e}")
         raise
@@ -180,7 +195,7 @@ def main(argv=None) -> int:
         result = {"layout": args.layout, "preset": args.preset, "startup_s": round(startup_s, 1),
                   "startup": {k: round(v, 1) for k, v in ctl.startup.items()},
                   "syncs": len(checks), "sync_s": syncs, "sync_s_median": sorted(syncs)[len(syncs) // 2] if syncs else None,
-                  "modes": modes, "ok": not failures and len(checks) >= 2 * args.steps, "failures": failures}
+                  "modes": modes, "bench": bench, "ok": not failures and len(checks) >= 2 * args.steps, "failures": failures}
         print("GPU_CHECK " + json.dumps(result), flush=True)
     return 0 if result["ok"] else 1
 
