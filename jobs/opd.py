@@ -1,14 +1,19 @@
 """Asynchronous on-policy distillation: python jobs/opd.py [--config F] [--key=value ...]
 
 With no arguments: the embedded demo (local Ray on this CPU, the bundled tiny teacher and student,
-the bundled speech). Under `ray job submit` it joins that cluster ($RAY_ADDRESS).
+unlabelled demo speech generated on first use). Under `ray job submit` it joins that cluster
+($RAY_ADDRESS). The terminal shows one progress bar, a line per evaluation and the closing table;
+vLLM, Ray, transformers and DeepSpeed output goes to <output_dir>/job.log.
 """
 import pathlib
 import sys
+import time
 
-from ark_ray.config import OpdConfig, parse_job_args
-from ark_ray.opd.controller import OpdController
-from ark_ray.runtime import init_ray
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:   # `python jobs/opd.py` from a clone, without an installed package
+    sys.path.insert(0, str(REPO))
+
+from ark_ray.opd.console import Console, cpu_env_defaults, table  # noqa: E402
 
 DEFAULT = pathlib.Path(__file__).parent / "configs" / "opd_tiny.yaml"
 
@@ -19,20 +24,99 @@ def fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def main(argv=None) -> dict:
-    cfg = parse_job_args(OpdConfig, sys.argv[1:] if argv is None else argv, default_config=DEFAULT)
-    init_ray(cfg.ray)
-    ctl = OpdController(cfg)
-    try:
-        s = ctl.run()
-    finally:
-        ctl.shutdown()
-    print("\n| metric | value |\n|---|---|")
-    for k in ("mode", "steps", "student_wer_before", "student_wer_after", "teacher_wer", "kl_first", "kl_last",
-              "union_size", "samples_per_s", "dropped_stale", "weight_sync", "sync_s_median", "startup_s",
+def _relative_cut(before, after):
+    return (before - after) / before if before and after is not None else None
+
+
+def closing_rows(s: dict) -> list[tuple[str, str]]:
+    before, after = s.get("student_wer_before"), s.get("student_wer_after")
+    cut = _relative_cut(before, after)
+    rows = [("student_wer_before", fmt(before)), ("student_wer_after", fmt(after)),
+            ("relative_wer_cut", f"{cut:.1%}" if cut is not None else "-"),
+            ("teacher_wer", fmt(s.get("teacher_wer")))]
+    for k in ("steps", "kl_first", "kl_last", "samples_per_s", "dropped_stale", "weight_sync", "startup_s",
               "train_s", "wall_s", "final_model"):
-        print(f"| {k} | {fmt(s.get(k))} |")
-    return s
+        rows.append((k, fmt(s.get(k))))
+    return rows
+
+
+def main(argv=None) -> dict:
+    cpu_env_defaults()   # before torch/vLLM/DeepSpeed read the environment (a plain shell has none of it)
+    from ark_ray.config import OpdConfig, parse_job_args
+    from ark_ray.demo import student as demo_student
+    from ark_ray.demo import unlabelled
+
+    cfg = parse_job_args(OpdConfig, sys.argv[1:] if argv is None else argv, default_config=DEFAULT)
+    student_spec = cfg.student
+    console = Console(cfg.output_dir)
+    console.total = cfg.steps
+    t0 = time.perf_counter()
+    try:
+        console.line(f"OPD: student {cfg.student} <- teacher {cfg.teacher}; {cfg.steps} steps x "
+                     f"{cfg.rollout_batch_size} clips of {cfg.train_manifest} (seed {cfg.seed})")
+        console.line(f"vLLM / Ray / transformers logs: {console.log_path}")
+        # demo:// inputs are made on first use and cached (ark_ray/demo); absolute paths, since
+        # actors may not share the driver's working directory
+        cfg.student = str(pathlib.Path(demo_student.resolve(cfg.student)).resolve())
+        if cfg.train_manifest.startswith("demo://"):
+            t = time.perf_counter()
+            cfg.train_manifest = unlabelled.resolve(cfg.train_manifest, progress=_gen_progress(console))
+            console.line(f"unlabelled audio: {cfg.train_manifest} ({time.perf_counter() - t:.0f} s)")
+        from ark_ray.opd.controller import OpdController
+        from ark_ray.runtime import init_ray
+
+        console.line("starting Ray, the rollout engine (vLLM), the teacher and the learner (DeepSpeed) ...")
+        init_ray(cfg.ray)
+        ctl = OpdController(cfg)
+        ctl.on_step, ctl.on_eval = console.on_step, console.on_eval
+        console.line(f"actors up in {ctl.startup.get('total_s', 0):.0f} s; held-out WER before training:")
+        try:
+            s = ctl.run()
+        finally:
+            console.close_bar()
+            ctl.shutdown()
+        plot = console.save_curves()
+        s["job_s"] = time.perf_counter() - t0
+        console.line()
+        console.line(table(closing_rows(s) + [("job_s", fmt(s["job_s"]))]))
+        for line in baseline_lines(student_spec, cfg):
+            console.line(line)
+        if plot:
+            console.line(f"curves: {plot}")
+        console.line(f"log: {console.log_path}")
+        return s
+    except BaseException:
+        console.restore()   # the traceback goes to the terminal
+        print(f"(full log: {console.log_path})", file=sys.stderr)
+        raise
+
+
+def _gen_progress(console: Console):
+    state = {"last": 0.0}
+
+    def report(done: int, n: int) -> None:
+        now = time.perf_counter()
+        if done == n or now - state["last"] > 10:
+            state["last"] = now
+            console.line(f"  generating unlabelled demo audio (first run only): {done}/{n}")
+    return report
+
+
+def baseline_lines(student_spec: str, cfg) -> list[str]:
+    """The demo's baselines as measured by bench/demo_opd.py (3 seeds each; docs/benchmarks.md),
+    shown when this run is the demo (same student and step budget)."""
+    import json
+
+    f = DEFAULT.with_suffix(".baselines.json")
+    if not f.exists():
+        return []
+    b = json.loads(f.read_text())
+    if b.get("student") != student_spec or b.get("steps") != cfg.steps:
+        return []
+    out = ["", f"baselines for this demo ({b['source']}; mean over seeds {b['seeds']}):"]
+    out += [f"  {name}: student WER {r['before']:.3f} -> {r['after']:.3f} ({r['cut']:.1%} cut)"
+            for name, r in b["rows"].items()]
+    return out
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   ($sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
     || echo "setup: could not install chromium; the browser test will be skipped" >&2
 fi
+# espeak-ng and flite speak the OPD demo's unlabelled audio (made on first use, ark_ray/demo/unlabelled.py).
+if ! { command -v espeak-ng && command -v flite; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  ($sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng flite) \
+    || echo "setup: could not install espeak-ng/flite; the OPD demo needs them" >&2
+fi
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip uv

@@ -1,0 +1,115 @@
+"""The OPD demo's parts: the cut student, the unlabelled audio, the console and its plot, the
+plain-shell environment. (The demo run itself is measured by bench/demo_opd.py, not here.)"""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def test_demo_student_is_the_teacher_cut_to_its_kept_layers(tmp_path):
+    from safetensors.torch import load_file
+
+    from ark_ray.demo import student
+    from ark_ray.model import ArkAsrForConditionalGeneration
+
+    d = student.cut_layers(student.TEACHER, tmp_path / "s", student.ENCODER_LAYERS, student.DECODER_LAYERS)
+    t, s = load_file(student.TEACHER / "model.safetensors"), load_file(d / "model.safetensors")
+    enc = "audio_encoder.whisper.layers"
+    for new, old in enumerate(student.ENCODER_LAYERS):
+        for name in [k for k in t if k.startswith(f"{enc}.{old}.")]:
+            assert (s[name.replace(f"{enc}.{old}.", f"{enc}.{new}.")] == t[name]).all()
+    assert not any(k.startswith(f"{enc}.{len(student.ENCODER_LAYERS)}.") for k in s)
+    assert (s["model.embed_tokens.weight"] == t["model.embed_tokens.weight"]).all()
+    m = ArkAsrForConditionalGeneration.from_pretrained(d)
+    assert m.config.whisper_config.encoder_layers == len(student.ENCODER_LAYERS)
+    assert m.config.num_hidden_layers == len(student.DECODER_LAYERS)
+    n_student = sum(p.numel() for p in m.parameters())
+    n_teacher = sum(p.numel() for p in ArkAsrForConditionalGeneration.from_pretrained(student.TEACHER).parameters())
+    assert n_student < n_teacher
+
+
+@pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("flite")), reason="espeak-ng/flite missing")
+def test_unlabelled_audio_is_deterministic_distinct_and_has_no_transcripts(tmp_path):
+    from ark_ray.data.manifest import read_manifest
+    from ark_ray.demo import unlabelled
+    from ark_ray.demo.corpus import texts_for
+
+    assert unlabelled.parse("demo://unlabelled") == unlabelled.DEFAULT_N
+    assert unlabelled.parse("demo://unlabelled-7") == 7 and unlabelled.parse("a.jsonl") is None
+    a = unlabelled.ensure(6, tmp_path / "a")
+    b = unlabelled.ensure(6, tmp_path / "b", workers=1)
+    rows = read_manifest(a, text_field=None)
+    assert len(rows) == 6 and all("text" not in r for r in rows)
+    assert len({r["id"] for r in rows}) == 6
+    for ra, rb in zip(a.read_text().splitlines(), b.read_text().splitlines()):
+        ja, jb = json.loads(ra), json.loads(rb)
+        assert ja == jb
+        assert (a.parent / ja["audio"]).read_bytes() == (b.parent / jb["audio"]).read_bytes()
+    # the texts spoken are train texts after the labelled split, never a held-out one
+    held = {json.loads(x)["text"] for s in ("test", "dev") for x in open(REPO / f"assets/demo_corpus/{s}.jsonl")}
+    assert not held & set(texts_for("train", unlabelled.FIRST + 6)[unlabelled.FIRST:])
+    mtime = a.stat().st_mtime
+    assert unlabelled.ensure(6, tmp_path / "a") == a and a.stat().st_mtime == mtime   # cached
+
+
+def test_console_shows_progress_and_evaluations_and_logs_the_rest(tmp_path):
+    script = textwrap.dedent(f"""
+        import logging, os, subprocess, sys, warnings
+        sys.path.insert(0, {str(REPO)!r})
+        from ark_ray.opd.console import Console, table
+        logging.basicConfig(level=logging.INFO)
+        c = Console({str(tmp_path / 'run')!r})
+        c.total = 3
+        c.line("visible line")
+        logging.getLogger("vllm").warning("Failed to load weights (noise)")
+        print("plain print noise")
+        warnings.warn("a library warning")
+        os.write(2, b"c-level noise\\n")
+        subprocess.run(["echo", "child noise"])
+        c.on_eval(0, "student", 0.9)
+        c.on_eval(0, "teacher", 0.35)
+        for s in (1, 2, 3):
+            c.on_step(dict(step=s, kl=1.0 / s, samples=16, dropped_stale=s - 1))
+        c.on_eval(3, "student", 0.6)
+        c.close_bar()
+        print(c.save_curves())
+        c.line(table([("student_wer_after", "0.6")]))
+    """)
+    r = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    term = r.stdout + r.stderr
+    assert "visible line" in term and "student held-out WER 0.900" in term and "teacher held-out WER 0.350" in term
+    assert "student held-out WER 0.600" in term and "| student_wer_after | 0.6 |" in term
+    assert "3/3" in term and "stale dropped 2" in term and "kl 0.333" in term
+    for noise in ("noise", "library warning"):
+        assert noise not in term
+    log = (tmp_path / "run/job.log").read_text()
+    for noise in ("Failed to load weights (noise)", "plain print noise", "a library warning", "c-level noise",
+                  "child noise"):
+        assert noise in log
+    png = tmp_path / "run/curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    img = Image.open(png)
+    assert img.size == (960, 420) and len(img.convert("RGB").getcolors(maxcolors=1 << 16)) > 3   # something was drawn
+    data = json.loads((tmp_path / "run/curves.json").read_text())
+    assert [e["wer"] for e in data["evals"] if e["who"] == "student"] == [0.9, 0.6] and data["teacher_wer"] == 0.35
+
+
+def test_cpu_env_defaults_fill_a_plain_shell_without_overriding(tmp_path):
+    code = (f"import sys, os, json; sys.path.insert(0, {str(REPO)!r}); from ark_ray.opd.console import "
+            "cpu_env_defaults; s = cpu_env_defaults(); print(json.dumps([s, dict(os.environ)]))")
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "VLLM_CPU_KVCACHE_SPACE": "3"}
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    set_now, environ = json.loads(r.stdout.splitlines()[-1])
+    assert environ["VLLM_CPU_KVCACHE_SPACE"] == "3" and "VLLM_CPU_KVCACHE_SPACE" not in set_now
+    assert environ["DS_ACCELERATOR"] == "cpu" and environ["HF_HUB_OFFLINE"] == "1"
