@@ -443,7 +443,27 @@ class SftConfig:
 class OpdConfig:
     """jobs/opd.py: asynchronous on-policy distillation (vLLM rollouts, teacher scorers, DeepSpeed learners)."""
     student: str = opt("assets/models/student", "Student model directory (HF format); the learner trains it.")
-    teacher: str = opt("assets/models/teacher", "Teacher model directory (ARK architecture, same text vocabulary).")
+    teacher: str = opt("assets/models/teacher", "Teacher model directory: an ARK-ASR checkpoint (teacher_backend "
+                       "ark) or a Qwen3-ASR one in transformers' layout, like Qwen/Qwen3-ASR-1.7B-hf (qwen3_asr).")
+    teacher_backend: Literal["ark", "qwen3_asr"] = opt(
+        "ark", "ark: an ARK-architecture teacher with the student's text vocabulary (refused otherwise). qwen3_asr: "
+        "the seed's Qwen3-ASR teacher; it reads the seed's prompt (chat template, audio, `language X<asr_text>`) "
+        "then the student's own tokens through an explicit token-string map; response positions whose token has "
+        "no teacher token are left out of the loss and counted (unmapped_positions).")
+    teacher_engine: Literal["hf", "vllm"] = opt(
+        "hf", "How the teacher scores: hf (transformers forward) or vllm (teacher forcing through prompt_logprobs, "
+        "qwen3_asr only; log-probs at temperature 1, so tau must be 1).")
+    teacher_language: Optional[str] = opt(
+        None, "qwen3_asr: the prompt language (code or name) for clips whose manifest row has no `language`; "
+        "None: guessed from the student's transcript by script, Latin text as English.")
+    teacher_logprobs_k: int = opt(
+        0, "qwen3_asr on vllm: teacher log-probs read per position (vLLM's prompt_logprobs); student top-k ids "
+        "outside them and the forced token fall into the tail bucket on both sides. 0: 2 x topk.")
+    teacher_gpu_memory_utilization: float = opt(0.3, "qwen3_asr on vllm: fraction of the GPU the teacher's vLLM "
+                                                "engine may take (the seed's 0.3).")
+    teacher_max_model_len: int = opt(1024, "qwen3_asr on vllm: longest prompt + forced response in tokens (30 s "
+                                     "of audio = 390 audio tokens).")
+    teacher_max_num_batched_tokens: int = opt(0, "qwen3_asr on vllm: tokens per engine step (0: vLLM's default).")
     train_manifest: str = opt("assets/demo_corpus/train_sample.jsonl", "Audio to distil on (transcripts not needed).")
     eval_manifest: Optional[str] = opt("assets/demo_corpus/test.jsonl", "Held-out manifest for student/teacher WER.")
     output_dir: str = opt("runs/opd", "Checkpoints, metrics.jsonl, summary.json and the final HF export.")

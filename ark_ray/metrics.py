@@ -94,6 +94,9 @@ _SPECS = (
                "WER of the student's rollout transcripts against the references, last batch."),
     MetricSpec("ark_opd_dropped_stale_samples_total", "counter",
                "Trajectory samples dropped for being more than max_staleness versions old."),
+    MetricSpec("ark_opd_unmapped_positions_total", "counter",
+               "Response tokens left out of the loss because the teacher's vocabulary has no such token "
+               "(qwen3_asr teacher; 0 with a shared vocabulary)."),
     # ---------------------------------------------------------------- batch transcription
     MetricSpec("ark_batch_files_total", "counter", "Input files written as output rows (errors included)."),
     MetricSpec("ark_batch_audio_seconds_total", "counter", "Seconds of audio transcribed."),
@@ -202,7 +205,7 @@ def record_opd_step(rec: Mapping[str, Any]) -> None:
 
     Keys read: step, version, kl, samples (required); loss (defaults to kl), union_size,
     teacher_mass, student_mass, lr, staleness, rollout_s, teacher_s, learner_s, sync_s, rollout_wer,
-    dropped_stale (cumulative), samples_per_s (optional; None values are skipped, since e.g. a
+    unmapped_positions (this step's), dropped_stale (cumulative), samples_per_s (optional; None values are skipped, since e.g. a
     batch without references has no WER). Without samples_per_s the rate is measured between
     consecutive calls in this process, so it appears from the second step on.
     """
@@ -223,6 +226,8 @@ def record_opd_step(rec: Mapping[str, Any]) -> None:
     for stage in ("rollout", "teacher", "learner"):   # stage "sync": one per weight sync, by the controller
         if rec.get(f"{stage}_s") is not None:
             record("ark_opd_stage_duration_seconds", rec[f"{stage}_s"], {"stage": stage})
+    if rec.get("unmapped_positions") is not None:
+        record("ark_opd_unmapped_positions_total", rec["unmapped_positions"])
     if rec.get("dropped_stale") is not None:
         total = int(rec["dropped_stale"])
         record("ark_opd_dropped_stale_samples_total", max(0, total - _opd.last_dropped))

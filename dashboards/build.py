@@ -93,6 +93,10 @@ OPD = Dashboard(
         Panel("Dropped stale samples", "Trajectory samples dropped for exceeding max_staleness.",
               [(f"sum(increase({m('ark_opd_dropped_stale_samples_total')}[{RATE}]))", "dropped"),
                (f"sum({m('ark_opd_dropped_stale_samples_total')})", "total")]),
+        Panel("Unmapped positions", "Response tokens out of the loss because the teacher's vocabulary has no "
+              "such token (qwen3_asr teacher through the token-string map; stays 0 with a shared vocabulary).",
+              [(f"sum(increase({m('ark_opd_unmapped_positions_total')}[{RATE}]))", "unmapped"),
+               (f"sum({m('ark_opd_unmapped_positions_total')})", "total")]),
         Panel("Pipeline queues", "Batches in flight or waiting per stage. A full rollout queue with an empty "
               "learner queue means the teacher is the bottleneck.",
               [(f"sum by (queue) ({m('ark_opd_queue_depth_batches')})", "{{queue}}")]),

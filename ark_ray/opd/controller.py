@@ -163,7 +163,13 @@ class OpdController:
         gate = [_all_done.remote(*rollout_ready)] if cfg.staged_startup else None
         self.teachers = [ray.remote(TeacherScorer).options(
             num_cpus=cfg.teacher_num_cpus, num_gpus=cfg.teacher_num_gpus, **actor_opts,
-        ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau, gpu_gate=gate) for _ in range(cfg.num_teacher_workers)]
+        ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau, gpu_gate=gate, backend=cfg.teacher_backend,
+                 engine=cfg.teacher_engine, language=cfg.teacher_language, manifest=cfg.train_manifest,
+                 logprobs_k=cfg.teacher_logprobs_k,
+                 engine_opts=dict(max_model_len=cfg.teacher_max_model_len,
+                                  gpu_memory_utilization=cfg.teacher_gpu_memory_utilization,
+                                  max_num_batched_tokens=cfg.teacher_max_num_batched_tokens))
+            for _ in range(cfg.num_teacher_workers)]
         teacher_ready = [t.ready.remote() for t in self.teachers]
         if cfg.staged_startup:
             ray.get(rollout_ready)
@@ -291,6 +297,7 @@ class OpdController:
                    sync_s=sync["sync_s"] if sync else None, sync_version=sync["version"] if sync else None,
                    epoch=self.data.low // self.data.n,
                    rollout_wer=rollout_wer, dropped_stale=self.dropped_stale,
+                   unmapped_positions=batch.unmapped_positions,
                    **{f"queue_{k}": v for k, v in (queues or {}).items()})
         self.history.append(rec)
         self.metrics_f.write(json.dumps(rec) + "\n")

@@ -1,10 +1,15 @@
-"""TeacherScorer actor: a frozen ARK-architecture teacher scores the student's own tokens.
+"""TeacherScorer actor: a frozen teacher scores the student's own tokens.
 
 Teacher forcing on (audio, student response) in one forward; at each response position t the
 union U_t = teacher top-k ∪ student top-k and the teacher's log-probs at U_t plus the log of the
 mass outside U_t (the tail bucket) go into the trajectory: log-probs, never raw logits.
-The teacher and the student must share the text vocabulary (checked at start-up), so ids need
-no mapping. Batches are grouped by duration so padding stays small.
+Batches are grouped by duration so padding stays small. Two teacher backends:
+* `ark` (HF): an ARK-architecture teacher that shares the student's text vocabulary (checked at
+  start-up), so ids need no mapping.
+* `qwen3_asr` (HF or vLLM): the seed's Qwen3-ASR teacher with its own vocabulary, through the
+  explicit string-based id map (ark_ray/opd/qwen3_teacher.py, ark_ray/opd/vocab_map.py). Response
+  positions it cannot score (a student token with no teacher token) are cleared in
+  `teacher_mask`: out of the loss, and counted as `unmapped_positions`.
 """
 from __future__ import annotations
 
@@ -27,14 +32,45 @@ def check_shared_vocabulary(teacher_tok, student_tok) -> None:
                          "vocabulary or an explicit, tested id map")
 
 
+def _manifest_languages(path: Optional[str]) -> dict:
+    """{row id: language} from a manifest's `language` column (rows without one are left out)."""
+    if not path:
+        return {}
+    from ark_ray.data.manifest import read_manifest
+
+    return {r["id"]: r["language"] for r in read_manifest(path, text_field=None) if r.get("language")}
+
+
 class TeacherScorer:
     def __init__(self, teacher_dir: str, student_dir: str, topk: int, tau: float = 1.0,
-                 device: str = "auto", dtype: str = "auto", max_batch: int = 16, gpu_gate: Optional[list] = None):
+                 device: str = "auto", dtype: str = "auto", max_batch: int = 16, gpu_gate: Optional[list] = None,
+                 backend: str = "ark", engine: str = "hf", language: Optional[str] = None,
+                 manifest: Optional[str] = None, logprobs_k: int = 0, engine_opts: Optional[dict] = None):
         """`gpu_gate`: [ObjectRef] to wait for before touching the GPU (the rollout engines' memory
-        profile, on a shared card); the model loads on the CPU meanwhile."""
+        profile, on a shared card); the model loads on the CPU meanwhile. `backend`/`engine`: see
+        the module docstring; `language`, `manifest` (its rows' `language` by id), `logprobs_k` and
+        `engine_opts` (vLLM: max_model_len, max_num_seqs, max_num_batched_tokens,
+        gpu_memory_utilization) only matter for qwen3_asr."""
         from ark_ray.model import ArkAsrForConditionalGeneration
         from ark_ray.model.processor import ArkAsrProcessor
 
+        self.backend = backend
+        self.qwen3 = None
+        if backend == "qwen3_asr":
+            from ark_ray.opd.qwen3_teacher import Qwen3AsrTeacher
+
+            self.processor = ArkAsrProcessor.from_pretrained(student_dir)   # the learner's features
+            allowed = self.processor.allowed_token_mask(len(self.processor.tokenizer)).numpy()
+            self.qwen3 = Qwen3AsrTeacher(teacher_dir, self.processor.tokenizer, allowed, topk, tau, engine=engine,
+                                         device=device, dtype=dtype, max_batch=max_batch, logprobs_k=logprobs_k,
+                                         language=language, languages=_manifest_languages(manifest),
+                                         engine_opts=engine_opts, gpu_gate=gpu_gate)
+            self.topk, self.tau, self.max_batch = topk, tau, max_batch
+            return
+        if backend != "ark":
+            raise ValueError(f"teacher backend must be 'ark' or 'qwen3_asr', got {backend!r}")
+        if engine != "hf":
+            raise ValueError("the ark teacher backend scores with HF only (teacher_engine: hf)")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
         dt = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
@@ -60,6 +96,8 @@ class TeacherScorer:
 
         t0 = time.perf_counter()
         waves = ray.get(list(audio_refs))
+        if self.qwen3 is not None:
+            return self._score_qwen3(batch, waves, t0)
         b, t_max = batch.response_ids.shape
         k = self.topk
         u = 2 * k
@@ -110,9 +148,21 @@ class TeacherScorer:
         batch.timings["teacher_s"] = time.perf_counter() - t0
         return batch
 
+    def _score_qwen3(self, batch: TrajectoryBatch, waves: list, t0: float) -> TrajectoryBatch:
+        """The Qwen3-ASR teacher on the mapped student ids (see ark_ray/opd/vocab_map.py)."""
+        (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail_logprob,
+         batch.teacher_mask) = self.qwen3.score_batch(batch, waves)
+        f = self.processor.featurize(waves)
+        batch.input_features = f["input_features"].numpy()
+        batch.feature_lengths = f["feature_lengths"].numpy()
+        batch.timings["teacher_s"] = time.perf_counter() - t0
+        return batch
+
     @torch.inference_mode()
     def transcribe_texts(self, audio_refs: list, max_new_tokens: int = 64) -> list[str]:
         """The teacher's own greedy transcripts (teacher WER on the eval set)."""
+        if self.qwen3 is not None:
+            return self.qwen3.transcribe(ray.get(list(audio_refs)), max_new_tokens)
         from ark_ray.config import SamplingConfig
         from ark_ray.engines.hf import HFEngine
 

@@ -17,6 +17,9 @@ Columns (one row per sample, T = longest response in the batch, k = top-k, U = 2
   teacher_ids          [B, T, U] int32 the union ids U_t (teacher top-k ∪ student top-k), -1 pad
   teacher_logprobs     [B, T, U] float32 teacher log-probs at teacher_ids (-inf at pads)
   teacher_tail_logprob [B, T]   float32 log of the teacher mass outside U_t
+  teacher_mask         [B, T]   bool   response positions the teacher scored (None: all); a teacher
+                                       with another vocabulary leaves unmapped tokens out (see
+                                       ark_ray/opd/vocab_map.py): masked out of the loss, counted
   policy_version       [B]      int64  student weights version that produced the rollout
   reference_text       [B]      str    manifest transcript ("" when unlabelled)
   pred_text            [B]      str    the student's cleaned transcript (for rollout WER)
@@ -46,6 +49,7 @@ class TrajectoryBatch:
     teacher_ids: Optional[np.ndarray] = None
     teacher_logprobs: Optional[np.ndarray] = None
     teacher_tail_logprob: Optional[np.ndarray] = None
+    teacher_mask: Optional[np.ndarray] = None
     input_features: Optional[np.ndarray] = None   # [B, 128, T] log-mel, attached by the teacher
     feature_lengths: Optional[np.ndarray] = None  # [B]
     timings: dict = field(default_factory=dict)
@@ -60,6 +64,13 @@ class TrajectoryBatch:
     @property
     def min_version(self) -> int:
         return int(self.policy_version.min()) if len(self) else 0
+
+    @property
+    def unmapped_positions(self) -> int:
+        """Response positions the teacher could not score (0 when it scored them all)."""
+        if self.teacher_mask is None:
+            return 0
+        return int((self.response_mask & ~self.teacher_mask).sum())
 
     def nbytes(self) -> int:
         total = 0
@@ -122,7 +133,9 @@ class TrajectoryBatch:
             "input_features": self.input_features, "feature_lengths": self.feature_lengths,
             "response_start": np.asarray([len(p) for p in self.prompt_ids], np.int64),
             "union_ids": self.teacher_ids.astype(np.int64), "teacher_logprobs": self.teacher_logprobs,
-            "teacher_tail_logprob": self.teacher_tail_logprob, "response_mask": self.response_mask,
+            "teacher_tail_logprob": self.teacher_tail_logprob,
+            # the loss mask: positions the teacher did not score stay in the sequence, out of the loss
+            "response_mask": self.response_mask if self.teacher_mask is None else self.response_mask & self.teacher_mask,
         }
 
     def select(self, keep: np.ndarray) -> "TrajectoryBatch":
