@@ -214,8 +214,9 @@ def test_opd_three_steps_with_qwen3_teacher(ray_local, repo_root, tmp_path):
     spec.loader.exec_module(job)
     out = tmp_path / "run"
     s = job.main(["--config", str(repo_root / "jobs" / "configs" / "opd_qwen3_tiny.yaml"), "--steps=3",
-                  f"--output_dir={out}", "--eval_manifest=null", "--save_every=0", "--rollout_batch_size=4"])
-    assert s["steps"] == 3
+                  f"--output_dir={out}", "--eval_max_samples=2", "--save_every=0", "--rollout_batch_size=4",
+                  "--sampling.max_new_tokens=8"])
+    assert s["steps"] == 3 and s["teacher_wer"] is not None     # the teacher's own transcripts ran too
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r.get("kind", "step") == "step" and "kl" in r]
     assert len(steps) == 3 and all(np.isfinite(r["kl"]) and r["union_size"] > 1 for r in steps)
