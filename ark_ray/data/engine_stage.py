@@ -139,6 +139,11 @@ class EngineStage:
         t0 = time.time()
         with gpu_start_lock():
             t_lock = time.time()
+            if engine.backend == "vllm" and 0 < engine.num_gpus < 1:   # k engines share each card
+                import dataclasses
+
+                from ark_ray.engines.vllm_engine import engine_memory_utilization
+                engine = dataclasses.replace(engine, gpu_memory_utilization=engine_memory_utilization(engine))
             self.engine = make_engine(model_dir, engine)
         self.sampling = sampling
         self.feeder: Optional[VllmFeeder] = None   # started by the first vLLM call

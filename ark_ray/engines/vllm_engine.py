@@ -193,6 +193,34 @@ def _digests_on_worker(worker, shapes: dict) -> dict:
     return out
 
 
+def memory_utilization(card_bytes: int, engines_per_gpu: int, card_fraction: float) -> float:
+    """vLLM's gpu_memory_utilization for one of `engines_per_gpu` engines on a card of `card_bytes`.
+
+    vLLM reads the value as a fraction of the whole card, so engines sharing it split
+    `card_fraction`; each also leaves 1 GiB per neighbour for that engine's CUDA context and
+    non-torch memory, which its own profiling does not see. One engine: `card_fraction`.
+    """
+    k = max(1, int(engines_per_gpu))
+    return round(card_fraction / k - (k - 1) * 2**30 / card_bytes, 4)
+
+
+def engine_memory_utilization(cfg: EngineConfig) -> float:
+    """`memory_utilization` for one of k batch engines sharing a card (cfg.num_gpus = 1/k). Only for
+    engines that share a card with engines like themselves (the batch job); other callers (an OPD
+    rollout engine beside its learner) set gpu_memory_utilization themselves."""
+    if not 0 < cfg.num_gpus < 1:
+        return cfg.gpu_memory_utilization
+    try:  # NVML: no CUDA context in this (front-end) process
+        from vllm.platforms import current_platform
+
+        card = int(current_platform.get_device_total_memory(0))
+    except Exception:  # noqa: BLE001 - a platform without the query
+        import torch
+
+        card = torch.cuda.get_device_properties(0).total_memory
+    return memory_utilization(card, round(1 / cfg.num_gpus), cfg.gpu_memory_utilization)
+
+
 class VllmEngine(Transcriber):
     def __init__(self, model_dir: str, cfg: Optional[EngineConfig] = None, *, max_logprobs: int = 64):
         import torch
@@ -214,7 +242,7 @@ class VllmEngine(Transcriber):
         # throughput knobs (step budget, encoder, processor cache): ark_ray/vllm_plugin/engine_args.py
         kwargs.update(engine_kwargs(cfg, on_gpu))
         if on_gpu:
-            kwargs["gpu_memory_utilization"] = engine_memory_utilization(cfg)
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         # collective_rpc with a function (weight updates) needs vLLM's pickle fallback; the
         # engine's own processes are the only peers, as in TRL/OpenRLHF weight sync.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
