@@ -151,6 +151,12 @@ class LearnerConfig:
             raise ConfigError(f"learner.micro_batch_size must be >= 0 (0: no split), got {self.micro_batch_size}")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"learner.zero_stage must be one of DeepSpeed's stages 0-3, got {self.zero_stage}")
+        if self.weight_sync_bucket_mb <= 0:
+            raise ConfigError(f"learner.weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
+        if self.weight_sync_retries < 0:
+            raise ConfigError(f"learner.weight_sync_retries must be >= 0, got {self.weight_sync_retries}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,6 +508,14 @@ class OpdConfig:
             # rollout_batch_size
             raise ConfigError(f"sampling.n={self.sampling.n}: OPD takes one rollout per clip (sampling.n=1); "
                               "raise rollout_batch_size for more samples per step")
+        for key, low in (("steps", 0), ("rollout_batch_size", 1), ("sync_every", 1), ("max_inflight", 1),
+                         ("max_staleness", 0), ("topk", 1), ("num_rollout_workers", 1), ("num_teacher_workers", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)}")
+        if self.sampling.logprobs_topk not in (0, self.topk):
+            # the rollout worker asks the engine for `topk` student log-probs; a second k would be ignored
+            raise ConfigError(f"sampling.logprobs_topk={self.sampling.logprobs_topk} differs from topk={self.topk}: "
+                              "OPD sets the student's top-k from `topk`; leave sampling.logprobs_topk at 0")
 
 
 @dataclass

@@ -69,3 +69,25 @@ def test_docs_are_current(repo_root):
     doc = repo_root / "docs" / "config.md"
     assert doc.read_text().strip() == C.render_markdown(classes).strip(), \
         "docs/config.md is stale: run `python -m ark_ray.config > docs/config.md`"
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("--sampling.n=2", "one rollout per clip"),
+    ("--sync_every=0", "sync_every must be >= 1"),
+    ("--max_inflight=0", "max_inflight must be >= 1"),
+    ("--rollout_batch_size=0", "rollout_batch_size must be >= 1"),
+    ("--max_staleness=-1", "max_staleness must be >= 0"),
+    ("--sampling.logprobs_topk=5", "leave sampling.logprobs_topk at 0"),
+    ("--learner.zero_stage=7", "stages 0-3"),
+    ("--learner.weight_sync_bucket_mb=0", "weight_sync_bucket_mb must be > 0"),
+    ("--learner.weight_sync_retries=-1", "weight_sync_retries must be >= 0"),
+    ("--learner.weight_sync=nccl", "not one of"),
+])
+def test_opd_config_refuses_bad_combinations(repo_root, override, msg):
+    with pytest.raises(C.ConfigError, match=msg):
+        C.load_config(C.OpdConfig, repo_root / "jobs/configs/opd_tiny.yaml", [override])
+
+
+def test_opd_configs_shipped_are_valid(repo_root):
+    for name in ("opd_tiny.yaml", "opd_ark06.yaml"):
+        C.load_config(C.OpdConfig, repo_root / "jobs/configs" / name)

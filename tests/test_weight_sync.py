@@ -25,7 +25,7 @@ from ark_ray.model.processor import ArkAsrProcessor  # noqa: E402
 from ark_ray.train.learner import LearnerGroup  # noqa: E402
 from ark_ray.opd.rollout import RolloutWorker
 from ark_ray.train.weight_sync import WeightStore  # noqa: E402
-from ark_ray.train.weight_sync import SyncFailed, bucket_plan, layer_key  # noqa: E402
+from ark_ray.train.weight_sync import SyncFailed, bucket_plan, layer_key, resolve_mode  # noqa: E402
 
 SP = SamplingConfig(max_new_tokens=8, logprobs_topk=4)
 ENGINE = {"backend": "vllm", "max_num_seqs": 8, "max_model_len": 256}
@@ -101,6 +101,20 @@ def test_bucket_plan_packs_by_dtype_and_size_and_never_splits_a_layer():
     plan = bucket_plan([("model.embed_tokens.weight", torch.zeros(20))] + layer, bucket_bytes=100)
     assert [[n for n, _ in b["items"]] for b in plan] == [["model.embed_tokens.weight"], [n for n, _ in layer]]
     assert layer_key("model.layers.12.mlp.up_proj.weight") == "model.layers.12"
+
+
+def test_auto_picks_ipc_on_a_shared_gpu_nccl_across_gpus_object_store_without():
+    learner = {"node": "n1", "gpus": ["0"]}
+    assert resolve_mode("auto", learner, {"node": "n1", "gpus": ["0"]}) == "ipc"
+    assert resolve_mode("auto", learner, {"node": "n1", "gpus": ["1"]}) == "broadcast"
+    assert resolve_mode("auto", learner, {"node": "n2", "gpus": ["0"]}) == "broadcast"   # another node
+    assert resolve_mode("auto", {"node": "n1", "gpus": []}, {"node": "n1", "gpus": []}) == "object_store"
+    assert resolve_mode("auto", learner, {"node": "n1", "gpus": []}) == "object_store"
+    with pytest.raises(ValueError, match="cannot use NCCL between processes on one GPU"):
+        resolve_mode("broadcast", learner, {"node": "n1", "gpus": ["0"]})
+    with pytest.raises(ValueError, match="needs the rollout engine on learner rank 0's GPU"):
+        resolve_mode("ipc", learner, {"node": "n1", "gpus": ["1"]})
+    assert resolve_mode("broadcast", {"node": "n1", "gpus": []}, {"node": "n1", "gpus": []}) == "broadcast"  # gloo
 
 
 def _learner(model_dir, **kw):
