@@ -83,18 +83,11 @@ def main(argv=None) -> int:
                     help="only compare ZeRO-2 losses with 1 and 2 learner ranks (needs 2 GPUs)")
     args, extra = ap.parse_known_args(argv)
 
-    import torch
+    from bench.opd_throughput import CONFIGS, bench_env, ensure_models, synthetic_manifest
 
-    gpu = torch.cuda.is_available()
-    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                 "RAY_USAGE_STATS_ENABLED": "0"}.items():
-        os.environ.setdefault(k, v)
-    if not gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    gpu = bench_env()
     import ray
 
-    from bench.opd_throughput import CONFIGS, ensure_models, synthetic_manifest
     from ark_ray.config import OpdConfig, load_config, parse_overrides
     from ark_ray.opd.controller import OpdController
     from ark_ray.runtime import init_ray

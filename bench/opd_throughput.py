@@ -170,6 +170,20 @@ def run_mode(ctl, mode: str, steps: int, gpu: GpuBusy) -> dict:
     }
 
 
+def bench_env() -> bool:
+    """The offline, quiet environment the benchmark's actors inherit; True when a GPU is visible."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                 "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(k, v)
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return gpu
+
+
 def machine(gpu: bool) -> str:
     import platform
 
@@ -203,15 +217,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="result JSON (default: WORKDIR/opd_throughput_PRESET.json)")
     args, overrides = ap.parse_known_args(argv)
 
-    import torch
-
-    gpu = torch.cuda.is_available()
-    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                 "RAY_USAGE_STATS_ENABLED": "0"}.items():
-        os.environ.setdefault(k, v)
-    if not gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    gpu = bench_env()
 
     import ray
 
