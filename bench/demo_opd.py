@@ -58,7 +58,7 @@ def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batc
         for line in out.with_suffix(".term").read_text().splitlines():
             if line.startswith("| dev_wer |"):
                 wer = float(line.split("|")[2])
-    return {"after": wer, "job_s": s, "model": str(out / "final")}
+    return {"after": wer, "job_s": s, "model": m.get("summary", {}).get("final_model") or str(out / "final")}
 
 
 def teacher_labels(unlabelled: str, n: int, out: pathlib.Path) -> pathlib.Path:
@@ -99,8 +99,8 @@ def main(argv=None) -> None:
     if path.exists():
         results = json.loads(path.read_text())
     before = None
-    for seed in a.seeds:
-        for v in a.variants:
+    for v in a.variants:          # variant by variant: the demo's own seeds first
+        for seed in a.seeds:
             key = f"{v}_s{seed}"
             t0 = time.perf_counter()
             if v == "opd":

@@ -14,26 +14,33 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def test_demo_student_is_the_teacher_cut_to_its_kept_layers(tmp_path):
+def test_demo_student_is_the_teacher_with_pruned_feed_forward_blocks(tmp_path):
     from safetensors.torch import load_file
 
     from ark_ray.demo import student
     from ark_ray.model import ArkAsrForConditionalGeneration
 
-    d = student.cut_layers(student.TEACHER, tmp_path / "s", student.ENCODER_LAYERS, student.DECODER_LAYERS)
+    d = student.prune_ffn(student.TEACHER, tmp_path / "s", student.DECODER_MLP, student.ENCODER_FFN)
     t, s = load_file(student.TEACHER / "model.safetensors"), load_file(d / "model.safetensors")
-    enc = "audio_encoder.whisper.layers"
-    for new, old in enumerate(student.ENCODER_LAYERS):
-        for name in [k for k in t if k.startswith(f"{enc}.{old}.")]:
-            assert (s[name.replace(f"{enc}.{old}.", f"{enc}.{new}.")] == t[name]).all()
-    assert not any(k.startswith(f"{enc}.{len(student.ENCODER_LAYERS)}.") for k in s)
-    assert (s["model.embed_tokens.weight"] == t["model.embed_tokens.weight"]).all()
+    assert set(s) == set(t)
+    for name in t:
+        if ".mlp." in name or ".fc1." in name or ".fc2." in name:
+            continue
+        assert (s[name] == t[name]).all(), name          # attention, embeddings, adapter: the teacher's
+    up, t_up = s["model.layers.0.mlp.up_proj.weight"], t["model.layers.0.mlp.up_proj.weight"]
+    assert up.shape == (student.DECODER_MLP, t_up.shape[1])
+    # each kept unit is one of the teacher's, whole: its up row and its down column travel together
+    rows = {tuple(r.tolist()): i for i, r in enumerate(t_up)}
+    kept = [rows[tuple(r.tolist())] for r in up]
+    assert kept == sorted(kept)
+    assert (s["model.layers.0.mlp.down_proj.weight"] == t["model.layers.0.mlp.down_proj.weight"][:, kept]).all()
+    assert s["audio_encoder.whisper.layers.1.fc2.weight"].shape[1] == student.ENCODER_FFN
     m = ArkAsrForConditionalGeneration.from_pretrained(d)
-    assert m.config.whisper_config.encoder_layers == len(student.ENCODER_LAYERS)
-    assert m.config.num_hidden_layers == len(student.DECODER_LAYERS)
+    assert m.config.intermediate_size == student.DECODER_MLP
+    assert m.config.whisper_config.encoder_ffn_dim == student.ENCODER_FFN
     n_student = sum(p.numel() for p in m.parameters())
     n_teacher = sum(p.numel() for p in ArkAsrForConditionalGeneration.from_pretrained(student.TEACHER).parameters())
-    assert n_student < n_teacher
+    assert n_student < 0.7 * n_teacher
 
 
 @pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("flite")), reason="espeak-ng/flite missing")

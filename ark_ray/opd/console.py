@@ -103,8 +103,8 @@ class Console:
         self.bar.update(rec["step"] - self.bar.n)
 
     def on_eval(self, step: int, who: str, wer: Optional[float]) -> None:
-        if wer is None:
-            return
+        if wer is None or any(e["step"] == step and e["who"] == who for e in self.evals):
+            return   # the last periodic evaluation and the final one can fall on the same step
         if who == "teacher":
             self.teacher_wer = wer
         self.evals.append({"step": step, "who": who, "wer": wer})
