@@ -546,7 +546,10 @@ class TranscribeConfig:
                             ".w64", ".m4a", ".aac", ".wma", ".webm"],
                            "File extensions listed as audio (case-insensitive); undecodable ones become error rows.")
     max_audio_s: float = opt(3600.0, "Longer inputs (after the segment cut) are `too_long` error rows.")
-    silence_dbfs: float = opt(-60.0, "Inputs whose peak is at or below this level are `silent` error rows.")
+    silence_dbfs: float = opt(-60.0, "Inputs whose peak is at or below this level are flagged `silent: true` "
+                              "(still transcribed: a quiet recording is data).")
+    silent_is_error: bool = opt(False, "The old behaviour: silent inputs become `silent` error rows instead of "
+                                "flagged transcripts.")
     num_engines: int = opt(0, "Engine actors. 0: engines_per_gpu per GPU of the cluster when engine.num_gpus > 0, "
                            "else 1.")
     engines_per_gpu: int = opt(1, "Engine actors sharing each GPU (with engine.num_gpus > 0): each gets "

@@ -85,9 +85,8 @@ BAD = {  # file -> expected error reason
     "song.m4a": "unsupported_format",
     "sub/extensible_unknown.wav": "unsupported_format",
     "long.wav": "too_long",
-    "silent.flac": "silent",
 }
-GOOD = ["ok1.wav", "sub/ok2.flac", "ok3.ogg"]
+GOOD = ["ok1.wav", "sub/ok2.flac", "ok3.ogg", "silent.flac"]   # silence: transcribed and flagged `silent`
 
 
 def make_corpus(root):
@@ -145,6 +144,7 @@ def test_every_input_one_row_bad_files_error_rows(first_run, corpus):
         assert r["error"] is None and r["error_detail"] is None, r
         assert isinstance(r["pred_text"], str) and isinstance(r["pred_text_raw"], str) and r["pred_text_raw"]
         assert (r["audio"], r["speaker"], r["text"]) == (str(corpus / rel), f"spk{i}", f"ref {i}")  # metadata kept
+    assert [by_key[str(corpus / rel)]["silent"] for rel in GOOD] == [False, False, False, True]
     assert by_key[str(corpus / "sub/ok2.flac")]["duration_s"] == pytest.approx(1.3, abs=1e-3)
     seg = by_key[str(corpus / "ok1.wav") + "#0.250-0.750"]
     assert seg["error"] is None and seg["duration_s"] == pytest.approx(0.5, abs=1e-3) and seg["begin_time"] == 0.25
@@ -152,7 +152,7 @@ def test_every_input_one_row_bad_files_error_rows(first_run, corpus):
     assert gone["error"] == "unreadable" and gone["text"] == "never there"
     assert summary["error_rows"] == len(BAD) + 1
     assert summary["errors_by_reason"] == dict(Counter(list(BAD.values()) + ["unreadable"]))
-    assert summary["audio_hours"] == pytest.approx((1.0 + 1.3 + 0.8 + 0.5) / 3600, rel=1e-3)
+    assert summary["audio_hours"] == pytest.approx((1.0 + 1.3 + 0.8 + 1.0 + 0.5) / 3600, rel=1e-3)
 
 
 def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, corpus, tmp_path):

@@ -7,7 +7,9 @@ bad audio, so callers catch exactly one thing.
 from __future__ import annotations
 
 REASONS = ("empty", "unreadable", "unsupported_format", "non_finite", "zero_length_segment",
-           "bad_segment", "too_long", "silent")
+           "bad_segment", "too_long", "silent", "bad_row")
+#: `bad_row`: a manifest line that cannot be used (not JSON, no `audio`, a value of the wrong type);
+#: `silent` is an error only where asked (TranscribeConfig.silent_is_error).
 
 
 class AudioError(ValueError):

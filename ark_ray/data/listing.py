@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import pyarrow.fs as pafs
 
 from ark_ray.config import S3Config
-from ark_ray.data.manifest import read_manifest
+from ark_ray.data.manifest import manifest_rows
 from ark_ray.data.s3 import is_s3, read_bytes, resolve, to_uri
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -66,7 +66,8 @@ def list_audio(uri: str, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
 
 
 def _fetch_manifest(uri: str, s3: Optional[S3Config]) -> list[dict]:
-    """read_manifest on an s3:// manifest: parsed from a temp copy, relative audio paths kept on S3."""
+    """manifest_rows on an s3:// manifest (good and bad rows): parsed from a temp copy, relative
+    audio paths kept on S3."""
     fs, path = resolve(uri, s3)
     try:
         data = read_bytes(fs, path)
@@ -77,15 +78,16 @@ def _fetch_manifest(uri: str, s3: Optional[S3Config]) -> list[dict]:
         local = os.path.join(tmp, posixpath.basename(path))
         with open(local, "wb") as f:
             f.write(data)
-        rows = read_manifest(local, text_field=None)
+        rows = manifest_rows(local, text_field=None)
         real_tmp = os.path.realpath(tmp)
         for r in rows:
             for prefix in (tmp, real_tmp):
                 if r["audio"].startswith(prefix + os.sep):
                     r["audio"] = base + "/" + r["audio"][len(prefix) + 1:]
                     break
-            if isinstance(r.get("id"), str) and r["id"].startswith(local + ":"):
-                r["id"] = uri + r["id"][len(local):]
+            for field in ("id", "_where"):
+                if isinstance(r.get(field), str) and r[field].startswith(local + ":"):
+                    r[field] = uri + r[field][len(local):]
     return rows
 
 
@@ -103,7 +105,9 @@ def load_inputs(uri: str, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
     """One row per input: `key`, `audio` (URI), `begin_time`, `end_time`, plus a manifest's other columns.
 
     A manifest that lists the same audio and segment twice yields two inputs (`#2` appended to
-    the second key), so every input row still gets exactly one output row.
+    the second key), so every input row still gets exactly one output row. A manifest row that
+    cannot be used keeps `_error`/`_error_detail` (the job writes it as an error row) and is keyed
+    by its place in the manifest (`<manifest>:<line>`).
     """
     uri = str(uri)
     if is_manifest(uri):
@@ -112,14 +116,18 @@ def load_inputs(uri: str, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
         else:
             if not os.path.isfile(uri):
                 raise InputError(f"manifest not found: {uri}")
-            rows = read_manifest(uri, text_field=None)
+            rows = manifest_rows(uri, text_field=None)
     else:
         if not is_s3(uri) and not os.path.exists(uri):
             raise InputError(f"input not found: {uri}")
         rows = [{"audio": a, "begin_time": None, "end_time": None} for a in list_audio(uri, extensions, s3)]
     seen: dict[str, int] = {}
     for r in rows:
-        key = item_key(r["audio"], r.get("begin_time"), r.get("end_time"))
+        if "_error" in r:
+            where = r.pop("_where")
+            key = where if is_s3(where) else os.path.abspath(where)
+        else:
+            key = item_key(r["audio"], r.get("begin_time"), r.get("end_time"))
         seen[key] = seen.get(key, 0) + 1
         r["key"] = key if seen[key] == 1 else f"{key}#{seen[key]}"
     return rows

@@ -1,19 +1,35 @@
 """Manifests in the seed's format: one row per utterance with `audio`, `text`, `begin_time`, `end_time`.
 
-`audio` may be absolute, relative to the manifest's folder, or an s3:// URI. Extra columns are kept
-(outputs carry them through). A malformed row is a ManifestError naming the file and line; a
-missing audio *file* is not a manifest error: it becomes an error row when the audio is loaded.
+The seed's conventions, exactly (../shared/reference/open-audio-opd.md §2, §4.2): a negative
+`begin_time` or `end_time` (the seed writes -1) means unset, and `end_time` is ignored when
+`begin_time < 0`; so `-1/-1` is the whole file. Rows come back with the unset values as None.
+`audio` may be absolute, relative to the manifest's folder, or an s3:// URI. Extra columns are
+kept (outputs carry them through).
+
+This is the one manifest reader. A row that cannot be used (not JSON, not an object, no `audio`,
+a value of the wrong type, a segment that ends before it begins) is a *bad row*:
+`parse_manifest` returns the bad rows beside the good ones (the batch job turns each into an
+error row), `read_manifest` refuses the manifest listing every bad line, or skips them with a
+count when asked. A missing audio *file* is not a manifest problem: it becomes an error row
+(or a skipped sample) when the audio is loaded.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import pathlib
 from typing import Optional
 
+log = logging.getLogger(__name__)
+
+#: Bad lines quoted in a ManifestError; the rest are counted.
+MAX_LISTED = 50
+
 
 class ManifestError(ValueError):
-    """A manifest row that cannot be used, with the file and line it came from."""
+    """A manifest that cannot be used, naming the file and every bad line."""
 
 
 def _resolve(audio: str, base: pathlib.Path) -> str:
@@ -22,54 +38,129 @@ def _resolve(audio: str, base: pathlib.Path) -> str:
     return str((base / audio).resolve())
 
 
-def _check(row: dict, where: str, text_field: Optional[str]) -> dict:
+def _number(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+
+def normalize_segment(begin, end) -> tuple[Optional[float], Optional[float]]:
+    """The seed's rule: negative means unset; `end` is ignored when `begin < 0`."""
+    if begin is not None and begin < 0:
+        return None, None
+    if end is not None and end < 0:
+        end = None
+    return (None if begin is None else float(begin)), (None if end is None else float(end))
+
+
+def check_row(row, text_field: Optional[str]) -> tuple[Optional[str], str]:
+    """(reason, detail) of why `row` cannot be used, or (None, "") when it can."""
     if not isinstance(row, dict):
-        raise ManifestError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        return "bad_row", f"a row must be a JSON object, got {type(row).__name__}"
     audio = row.get("audio")
     if not isinstance(audio, str) or not audio:
-        raise ManifestError(f"{where}: missing or empty 'audio' field")
-    if text_field is not None:
-        text = row.get(text_field)
-        if not isinstance(text, str):
-            raise ManifestError(f"{where}: missing text field {text_field!r}")
+        return "bad_row", "missing or empty 'audio' field"
+    if text_field is not None and not isinstance(row.get(text_field), str):
+        return "bad_row", f"missing text field {text_field!r}"
     for key in ("begin_time", "end_time"):
-        v = row.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ManifestError(f"{where}: {key} must be a number or null, got {v!r}")
-    b, e = row.get("begin_time"), row.get("end_time")
-    if b is not None and e is not None and e <= b:
-        raise ManifestError(f"{where}: begin_time {b} >= end_time {e}")
-    return row
+        if not _number(row.get(key)):
+            return "bad_row", f"{key} must be a number or null, got {row.get(key)!r}"
+    b, e = normalize_segment(row.get("begin_time"), row.get("end_time"))
+    if e is not None and e == (b or 0.0):
+        return "zero_length_segment", f"begin_time {b or 0.0:g} == end_time {e:g}"
+    if e is not None and e < (b or 0.0):
+        return "bad_segment", f"begin_time {b or 0.0:g} > end_time {e:g}"
+    return None, ""
 
 
-def read_manifest(path: str | os.PathLike, text_field: Optional[str] = "text") -> list[dict]:
-    """Rows with `audio` resolved to an absolute path/URI and a stable `id` (file:line if absent)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
-    base = path.parent
-    rows: list[dict] = []
+def _items(path: pathlib.Path) -> list[tuple[str, object]]:
+    """(where, parsed row) per non-blank line / Parquet row; an unparsable line is a _Unparsable."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        raw = pq.read_table(path).to_pylist()
-        items = [(f"{path}:row {i + 1}", r) for i, r in enumerate(raw)]
-    else:
-        items = []
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
+        return [(f"{path}:row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    items = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 items.append((f"{path}:{i}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    for where, row in items:
-        row = dict(_check(row, where, text_field))
-        row["audio"] = _resolve(row["audio"], base)
-        row.setdefault("id", where)
-        row.setdefault("begin_time", None)
-        row.setdefault("end_time", None)
-        rows.append(row)
+                items.append((f"{path}:{i}", _Unparsable(f"not valid JSON ({e.msg})")))
+    return items
+
+
+class _Unparsable:
+    def __init__(self, msg: str):
+        self.msg = msg
+
+
+def parse_manifest(path: str | os.PathLike, text_field: Optional[str] = "text") -> tuple[list[dict], list[dict]]:
+    """(good rows, bad rows), both in file order (see manifest_rows)."""
+    rows = manifest_rows(path, text_field)
+    return [r for r in rows if "_error" not in r], [r for r in rows if "_error" in r]
+
+
+def manifest_rows(path: str | os.PathLike, text_field: Optional[str] = "text") -> list[dict]:
+    """Every row in file order, the bad ones marked with `_error`.
+
+    Good rows: `audio` resolved to an absolute path/URI, a stable `id` (file:line if absent),
+    `begin_time`/`end_time` as floats or None (the seed's -1 is None). Bad rows: what could be
+    kept of the row (`audio` resolved when it is a string; wrong-typed segment values as None)
+    plus `id`, `_where` (file:line), `_error` (the reason) and `_error_detail`.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    base = path.parent
+    rows: list[dict] = []
+    for where, row in _items(path):
+        if isinstance(row, _Unparsable):
+            reason, detail = "bad_row", row.msg
+        else:
+            reason, detail = check_row(row, text_field)
+        if reason is None:
+            row = dict(row)
+            row["audio"] = _resolve(row["audio"], base)
+            row.setdefault("id", where)
+            row["begin_time"], row["end_time"] = normalize_segment(row.get("begin_time"), row.get("end_time"))
+            rows.append(row)
+            continue
+        kept = dict(row) if isinstance(row, dict) else {}
+        if isinstance(kept.get("audio"), str) and kept["audio"]:
+            kept["audio"] = _resolve(kept["audio"], base)
+        else:
+            kept["audio"] = ""
+        b, e = kept.get("begin_time"), kept.get("end_time")
+        kept["begin_time"], kept["end_time"] = normalize_segment(b, e) if _number(b) and _number(e) else (None, None)
+        kept.setdefault("id", where)
+        kept.update(_where=where, _error=reason, _error_detail=detail)
+        rows.append(kept)
     if not rows:
         raise ManifestError(f"{path}: no rows")
     return rows
+
+
+def describe_bad_rows(bad: list[dict]) -> str:
+    lines = [f"{r['_where']}: {r['_error']}: {r['_error_detail']}" for r in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"... and {len(bad) - MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+def read_manifest(path: str | os.PathLike, text_field: Optional[str] = "text",
+                  skip_bad_rows: bool = False) -> list[dict]:
+    """The good rows of a manifest (see parse_manifest), for jobs that need every row usable.
+
+    Bad rows refuse the whole manifest with one ManifestError listing every bad line; with
+    `skip_bad_rows` they are left out and counted in a warning instead.
+    """
+    good, bad = parse_manifest(path, text_field)
+    if bad and not skip_bad_rows:
+        raise ManifestError(f"{path}: {len(bad)} bad row(s) (skip_bad_rows=true skips them):\n"
+                            + describe_bad_rows(bad))
+    if bad:
+        log.warning("%s: skipped %d bad row(s) of %d:\n%s", path, len(bad), len(good) + len(bad),
+                    describe_bad_rows(bad))
+    if not good:
+        raise ManifestError(f"{path}: no usable rows")
+    return good

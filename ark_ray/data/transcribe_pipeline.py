@@ -6,8 +6,9 @@ while the inputs are listed and decoded; then every block moves on as soon as it
 done (no barrier between stages), the driver keeping each engine supplied with queued audio.
 The driver holds paths, object refs and per-block counts, never waveforms.
 
-Nothing is lost or doubled: every input row leaves exactly one output row (a bad file becomes
-an error row naming the reason), each block is written as one part file named by the hash of
+Nothing is lost or doubled: every input row leaves exactly one output row (a bad file or an
+unusable manifest row becomes an error row naming the reason; silent audio is transcribed and
+flagged `silent`), each block is written as one part file named by the hash of
 its input keys (a retried task rewrites the same file), and a rerun into the same output reads
 the keys already written and skips them (dropping any duplicate first).
 """
@@ -34,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from ark_ray import metrics
-from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_not_silent, load_audio
+from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_not_silent, is_silent, load_audio
 from ark_ray.config import ConfigError, EngineConfig, S3Config, SamplingConfig, TranscribeConfig
 from ark_ray.data.listing import InputError, load_inputs
 from ark_ray.data.s3 import is_s3, read_bytes, resolve, to_uri, write_bytes_atomic
@@ -42,7 +43,8 @@ from ark_ray.runtime import init_ray
 
 OUTPUT_FIELDS = [pa.field("key", pa.string()), pa.field("pred_text", pa.string()),
                  pa.field("pred_text_raw", pa.string()), pa.field("duration_s", pa.float64()),
-                 pa.field("error", pa.string()), pa.field("error_detail", pa.string())]
+                 pa.field("silent", pa.bool_()), pa.field("error", pa.string()),
+                 pa.field("error_detail", pa.string())]
 PART_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -83,8 +85,11 @@ def _head(src) -> bytes:
 
 
 def decode_one(audio: str, begin_time=None, end_time=None, *, s3: Optional[S3Config] = None,
-               max_audio_s: Optional[float] = None, silence_dbfs: float = -60.0) -> np.ndarray:
-    """One input to a waveform; raises AudioError (the reason becomes the error row's `error`)."""
+               max_audio_s: Optional[float] = None, silence_dbfs: float = -60.0,
+               silent_is_error: bool = False) -> np.ndarray:
+    """One input to a waveform; raises AudioError (the reason becomes the error row's `error`).
+
+    Silent input is returned like any other (decode_batch flags it) unless `silent_is_error`."""
     b, e = _opt_float(begin_time), _opt_float(end_time)
     if is_s3(audio):
         fs, path = resolve(audio, s3)
@@ -103,28 +108,35 @@ def decode_one(audio: str, begin_time=None, end_time=None, *, s3: Optional[S3Con
         raise
     if len(wave) < HOP_LENGTH:
         raise AudioError("empty", f"{len(wave)} samples: shorter than one 10 ms frame")
-    return check_not_silent(wave, silence_dbfs)
+    return check_not_silent(wave, silence_dbfs) if silent_is_error else wave
 
 
 def decode_batch(batch: dict, *, s3: Optional[S3Config] = None, max_audio_s: Optional[float] = None,
-                 silence_dbfs: float = -60.0) -> dict:
-    """map_batches fn (numpy format): adds `wave`, `duration_s`, `error` and `error_detail` ("" when fine)."""
+                 silence_dbfs: float = -60.0, silent_is_error: bool = False) -> dict:
+    """map_batches fn (numpy format): adds `wave`, `duration_s`, `silent`, `error` and `error_detail`
+    ("" when fine). A row whose manifest line was unusable (`row_error` set) keeps that error."""
     n = len(batch["key"])
     waves = np.empty(n, dtype=object)
     dur = np.zeros(n, np.float64)
+    silent = np.zeros(n, bool)
     err = np.full(n, "", dtype=object)        # "" = fine (Arrow keeps strings as strings;
     detail = np.full(n, "", dtype=object)     # an all-None column comes back as NaN)
+    row_err = batch.get("row_error", np.full(n, "", dtype=object))
     for i in range(n):
-        try:
-            w = decode_one(str(batch["audio"][i]), batch["begin_time"][i], batch["end_time"][i], s3=s3,
-                           max_audio_s=max_audio_s, silence_dbfs=silence_dbfs)
-            dur[i] = len(w) / SAMPLE_RATE
-        except AudioError as ex:
-            w = np.zeros(0, np.float32)
-            err[i], detail[i] = ex.reason, ex.message
+        w = np.zeros(0, np.float32)
+        if row_err[i]:
+            err[i], detail[i] = row_err[i], batch["row_error_detail"][i]
+        else:
+            try:
+                w = decode_one(str(batch["audio"][i]), batch["begin_time"][i], batch["end_time"][i], s3=s3,
+                               max_audio_s=max_audio_s, silence_dbfs=silence_dbfs, silent_is_error=silent_is_error)
+                dur[i] = len(w) / SAMPLE_RATE
+                silent[i] = is_silent(w, silence_dbfs)
+            except AudioError as ex:
+                err[i], detail[i] = ex.reason, ex.message
         waves[i] = w
     out = dict(batch)
-    out.update(wave=waves, duration_s=dur, error=err, error_detail=detail)
+    out.update(wave=waves, duration_s=dur, silent=silent, error=err, error_detail=detail)
     return out
 
 
@@ -145,7 +157,7 @@ def part_name(keys: Iterable[str], fmt: str) -> str:
 
 
 def output_rows(batch: dict, label_field: Optional[str] = None) -> list[dict]:
-    """Input metadata + key + pred_text, pred_text_raw, duration_s, error, error_detail."""
+    """Input metadata + key + pred_text, pred_text_raw, duration_s, silent, error, error_detail."""
     rows = []
     for i in range(len(batch["key"])):
         row = pickle.loads(batch["meta"][i])
@@ -154,6 +166,7 @@ def output_rows(batch: dict, label_field: Optional[str] = None) -> list[dict]:
                    pred_text=None if failed else str(batch["pred_text"][i]),
                    pred_text_raw=None if failed else str(batch["pred_text_raw"][i]),
                    duration_s=float(batch["duration_s"][i]),
+                   silent=None if failed else bool(batch["silent"][i]),
                    error=str(batch["error"][i]) if failed else None,
                    error_detail=str(batch["error_detail"][i]) if failed else None)
         if label_field:
@@ -266,7 +279,7 @@ def write_manifest(output: str, fmt: str, label_field: str, s3: Optional[S3Confi
     tables = [t.filter(pc.is_null(t.column("error"))) for t in (_read_part(fs, p) for p in _part_files(fs, root))
               if t.num_rows]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({label_field: []})
-    table = table.drop_columns([c for c in ("error", "error_detail") if c in table.column_names])
+    table = table.drop_columns([c for c in ("silent", "error", "error_detail") if c in table.column_names])
     path = posixpath.join(root, f"manifest{PART_SUFFIX[fmt]}")
     write_bytes_atomic(fs, path, encode_rows(table.to_pylist(), fmt, table.schema))
     return to_uri(fs, path), table.num_rows
@@ -322,12 +335,16 @@ def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[lis
     """
     metas, items = [], []
     for r in rows:
-        meta = {k: v for k, v in r.items() if k != "key"}
+        meta = {k: v for k, v in r.items() if k not in ("key", "_error", "_error_detail")}
         metas.append(meta)
         items.append({"key": r["key"], "audio": r["audio"],
                       "begin_time": float("nan") if r.get("begin_time") is None else float(r["begin_time"]),
                       "end_time": float("nan") if r.get("end_time") is None else float(r["end_time"]),
-                      "meta": pickle.dumps(meta)})
+                      "row_error": r.get("_error", ""), "row_error_detail": r.get("_error_detail", ""),
+                      "meta": meta})
+    _uniform_types(metas)
+    for it, meta in zip(items, metas):
+        it["meta"] = pickle.dumps(meta)
     out_names = {f.name for f in OUTPUT_FIELDS}
     fields = []
     for f in pa.Table.from_pylist(metas).schema:
@@ -340,6 +357,19 @@ def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[lis
     if label_field and label_field not in out_names:
         fields.append(pa.field(label_field, pa.string()))
     return items, pa.schema(fields)
+
+
+def _uniform_types(metas: list[dict]) -> None:
+    """A column whose values Arrow cannot hold in one type (a number here, a string there, as
+    hand-written manifests have) is written as JSON text, so one odd row cannot stop the job."""
+    names = {k for m in metas for k in m}
+    for name in names:
+        try:
+            pa.array([m.get(name) for m in metas])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            for m in metas:
+                if name in m and m[name] is not None and not isinstance(m[name], str):
+                    m[name] = json.dumps(m[name], ensure_ascii=False, default=str)
 
 
 def engine_plan(cfg: TranscribeConfig) -> tuple[int, EngineConfig]:
@@ -389,9 +419,10 @@ ENGINE_CALLS = 128
 
 
 def decode_block(block: dict, s3: Optional[S3Config], max_audio_s: Optional[float],
-                 silence_dbfs: float) -> tuple[dict, dict]:
+                 silence_dbfs: float, silent_is_error: bool = False) -> tuple[dict, dict]:
     """Remote task: (small info the driver reads, the decoded block that goes to an engine)."""
-    out = decode_batch(block, s3=s3, max_audio_s=max_audio_s, silence_dbfs=silence_dbfs)
+    out = decode_batch(block, s3=s3, max_audio_s=max_audio_s, silence_dbfs=silence_dbfs,
+                       silent_is_error=silent_is_error)
     return {"rows": len(block["key"]), "audio_s": float(np.sum(out["duration_s"]))}, out
 
 
@@ -400,6 +431,8 @@ def _block_of(items: list[dict]) -> dict:
             "audio": np.array([it["audio"] for it in items], dtype=object),
             "begin_time": np.array([it["begin_time"] for it in items], np.float64),
             "end_time": np.array([it["end_time"] for it in items], np.float64),
+            "row_error": np.array([it["row_error"] for it in items], dtype=object),
+            "row_error_detail": np.array([it["row_error_detail"] for it in items], dtype=object),
             "meta": np.array([it["meta"] for it in items], dtype=object)}
 
 
@@ -464,7 +497,8 @@ def stream(items: list[dict], engines: list, cfg: TranscribeConfig, schema: pa.S
 
     while blocks or decoding or decoded or at_engine or writing:
         while blocks and len(decoding) + len(decoded) < ahead:
-            info, block = decode.remote(_block_of(blocks.next()), cfg.s3, cfg.max_audio_s, cfg.silence_dbfs)
+            info, block = decode.remote(_block_of(blocks.next()), cfg.s3, cfg.max_audio_s, cfg.silence_dbfs,
+                                        cfg.silent_is_error)
             decoding[info] = block
         while decoded:
             i = min(range(len(engines)), key=load.__getitem__)

@@ -17,6 +17,8 @@ single unpadded clip the two are identical).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,32 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ark_ray.model.config import ArkAsrConfig
 
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU, "selu": nn.SELU}
+
+
+def _decoder_keywords() -> frozenset:
+    """Keywords Qwen2ForCausalLM.forward uses (its parameters and transformers' attention/loss
+    kwargs, which differ by transformers version): the only ones forward passes on."""
+    names = set(inspect.signature(Qwen2ForCausalLM.forward).parameters) - {"self", "kwargs"}
+    try:
+        from transformers.utils import TransformersKwargs
+        names |= set(TransformersKwargs.__required_keys__) | set(TransformersKwargs.__optional_keys__)
+    except ImportError:
+        pass
+    # what generate() and Trainer send across versions
+    names |= {"cache_position", "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch"}
+    return frozenset(names)
+
+
+_DECODER_KEYWORDS = _decoder_keywords()
+
+
+def _audio_alias(input_features, audios):
+    """The seed's remote code takes the log-mel as `audios=`; ours as `input_features=`."""
+    if audios is None:
+        return input_features
+    if input_features is not None:
+        raise TypeError("pass the log-mel as input_features= or as audios= (its alias), not both")
+    return audios
 
 
 def rope_cos_sin(positions: torch.Tensor, rot_dim: int, base: float = 10000.0,
@@ -219,8 +247,15 @@ class ArkAsrForConditionalGeneration(Qwen2ForCausalLM, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, input_features=None,
                 feature_lengths=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, audios=None,
                 **kwargs) -> CausalLMOutputWithPast:
+        """`audios` is an alias of `input_features` (the seed's keyword). A keyword the model does
+        not use is refused: swallowing it would compute logits without the audio it carried."""
+        unknown = sorted(set(kwargs) - _DECODER_KEYWORDS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword(s) {unknown}; the log-mel "
+                            "goes in input_features= (or audios=), its frame counts in feature_lengths=")
+        input_features = _audio_alias(input_features, audios)
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_audio(input_ids, input_features, feature_lengths)
         return super().forward(
@@ -230,7 +265,8 @@ class ArkAsrForConditionalGeneration(Qwen2ForCausalLM, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, input_features=None,
-                                      feature_lengths=None, **kwargs):
+                                      feature_lengths=None, audios=None, **kwargs):
+        input_features = _audio_alias(input_features, audios)
         inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, **kwargs)
