@@ -347,7 +347,8 @@ def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[lis
         it["meta"] = pickle.dumps(meta)
     out_names = {f.name for f in OUTPUT_FIELDS}
     fields = []
-    for f in pa.Table.from_pylist(metas).schema:
+    names = list(dict.fromkeys(k for m in metas for k in m))   # every row's columns (from_pylist: the first's)
+    for f in pa.Table.from_pydict({k: [m.get(k) for m in metas] for k in names}).schema:
         if f.name in out_names:
             continue
         if label_field and f.name == label_field:
