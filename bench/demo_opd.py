@@ -46,9 +46,8 @@ def opd(seed: int, out: pathlib.Path, extra: list[str] = ()) -> dict:
             "teacher": summ["teacher_wer"], "job_s": s, "train_s": summ["train_s"]}
 
 
-def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batch: int, lr: float,
-        text_field: str = "text") -> dict:
-    s = sh([PY, "jobs/sft.py", f"--init_model={init}", f"--train_manifest={manifest}", f"--text_field={text_field}",
+def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batch: int, lr: float) -> dict:
+    s = sh([PY, "jobs/sft.py", f"--init_model={init}", f"--train_manifest={manifest}",
             "--dev_manifest=assets/demo_corpus/test.jsonl", "--eval_max_samples=60", f"--max_steps={steps}",
             f"--batch_size={batch}", f"--learner.lr={lr}", f"--learner.seed={seed}", f"--output_dir={out}",
             "--export_dtype=float32", "--ray.num_cpus=4"], out.with_suffix(".term"))
@@ -62,7 +61,8 @@ def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batc
 
 
 def teacher_labels(unlabelled: str, n: int, out: pathlib.Path) -> pathlib.Path:
-    """The first n unlabelled clips with the teacher's greedy transcript as `pred_text`."""
+    """The first n unlabelled clips with the teacher's greedy transcript as their text (the
+    `text` field, so that jobs/sft.py reads the held-out set's references as usual)."""
     from ark_ray.audio import load_audio
     from ark_ray.config import SamplingConfig
     from ark_ray.data.manifest import read_manifest
@@ -73,7 +73,7 @@ def teacher_labels(unlabelled: str, n: int, out: pathlib.Path) -> pathlib.Path:
     hyps = [t.text for t in eng.transcribe([load_audio(r["audio"]) for r in rows], SamplingConfig(max_new_tokens=48))]
     out.mkdir(parents=True, exist_ok=True)
     m = out / "teacher_labelled.jsonl"
-    m.write_text("".join(json.dumps({"id": r["id"], "audio": r["audio"], "pred_text": h}) + "\n"
+    m.write_text("".join(json.dumps({"id": r["id"], "audio": r["audio"], "text": h}) + "\n"
                          for r, h in zip(rows, hyps) if h.strip()))
     return m
 
@@ -83,6 +83,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=["opd", "sft", "adapt_opd"])
     ap.add_argument("--write-baselines", action="store_true")
+    ap.add_argument("--results", default=str(OUT / "results.json"),
+                    help="this invocation's results; the table merges every runs/demo_bench/results*.json")
+    ap.add_argument("--table-only", action="store_true", help="print the table of the results so far")
     a = ap.parse_args(argv)
 
     from ark_ray.config import OpdConfig, load_config
@@ -95,11 +98,10 @@ def main(argv=None) -> None:
     init = str(student.ensure())
     unl = unlabelled.resolve(cfg.train_manifest)
     results: dict = {}
-    path = OUT / "results.json"
+    path = pathlib.Path(a.results)
     if path.exists():
         results = json.loads(path.read_text())
-    before = None
-    for v in a.variants:          # variant by variant: the demo's own seeds first
+    for v in ([] if a.table_only else a.variants):   # variant by variant: the demo's own seeds first
         for seed in a.seeds:
             key = f"{v}_s{seed}"
             t0 = time.perf_counter()
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
             else:
                 half = steps // 2
                 m = teacher_labels(unl, half * batch, OUT / key)
-                ad = sft(seed, OUT / key / "adapt", init, str(m), half, batch, lr, text_field="pred_text")
+                ad = sft(seed, OUT / key / "adapt", init, str(m), half, batch, lr)
                 r = opd(seed, OUT / key / "opd", [f"--student={ad['model']}", f"--steps={steps - half}"])
                 r["adapted"] = ad["after"]
             r["wall_s"] = time.perf_counter() - t0
@@ -118,6 +120,8 @@ def main(argv=None) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=1))
             print(json.dumps({key: r}), flush=True)
+    for f in sorted(OUT.glob("results*.json")):   # runs of other invocations (e.g. run side by side)
+        results = {**json.loads(f.read_text()), **results}
     # the student's WER before any training is the demo run's (greedy, deterministic)
     befores = [r["before"] for k, r in results.items() if k.startswith("opd_s") and r.get("before") is not None]
     before = befores[0] if befores else None
