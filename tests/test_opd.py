@@ -61,7 +61,8 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
     syncs = [r for r in recs if r["kind"] == "sync"]
     recs = [r for r in recs if r["kind"] == "step"]
     assert [r["step"] for r in recs] == [1, 2, 3]
-    assert [r["version"] for r in syncs] == list(range(1, len(syncs) + 1)) and syncs[-1]["version"] == ctl.version
+    versions = [r["version"] for r in syncs]      # pushes made while one was in flight coalesce into the newest
+    assert versions == sorted(set(versions)) and versions[-1] == ctl.version
     assert all(r["kl"] > 0 and 4 <= r["union_size"] <= 8 for r in recs)
     # tau 1: the loss is the raw KL; queue depths are bounded by max_inflight (the trained batch excluded)
     assert all(r["loss"] == pytest.approx(r["kl"]) for r in recs)

@@ -248,12 +248,13 @@ def test_opd_run_with_broadcast_sync(ray_local, tmp_path):
     try:
         s = ctl.run()
         assert s["steps"] == 2 and s["student_wer_after"] is not None and s["weight_sync"] == "broadcast"
-        assert [h["version"] for h in ctl.weights.history] == list(range(1, ctl.version + 1))
+        versions = [h["version"] for h in ctl.weights.history]   # pushes made while one was in flight coalesce
+        assert versions == sorted(set(versions)) and versions[-1] == ctl.version
         assert all(h["retries"] == 0 and h["sync_s"] > 0 for h in ctl.weights.history)
         assert ray.get(ctl.rollouts[0].get_version.remote()) == ctl.version >= 3   # 2 steps + the final sync
         assert ray.get(ctl.store.latest.remote())[1] == ctl.version                # published at the final save
         recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
         syncs = [r for r in recs if r["kind"] == "sync"]                          # every sync in metrics.jsonl
-        assert [r["version"] for r in syncs] == list(range(1, ctl.version + 1)) and all(r["sync_s"] > 0 for r in syncs)
+        assert [r["version"] for r in syncs] == versions and all(r["sync_s"] > 0 for r in syncs)
     finally:
         ctl.shutdown()
