@@ -220,7 +220,13 @@ def _read_part(fs: pafs.FileSystem, path: str) -> pa.Table:
         import pyarrow.parquet as pq
 
         return pq.read_table(io.BytesIO(data))
-    return pa.Table.from_pylist([json.loads(line) for line in data.decode().splitlines() if line.strip()])
+    return _table_of([json.loads(line) for line in data.decode().splitlines() if line.strip()])
+
+
+def _table_of(rows: list[dict]) -> pa.Table:
+    """Rows -> a table with every row's columns (pa.Table.from_pylist keeps only the first row's)."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in names})
 
 
 def read_output(output: str, s3: Optional[S3Config] = None) -> list[dict]:
@@ -347,8 +353,7 @@ def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[lis
         it["meta"] = pickle.dumps(meta)
     out_names = {f.name for f in OUTPUT_FIELDS}
     fields = []
-    names = list(dict.fromkeys(k for m in metas for k in m))   # every row's columns (from_pylist: the first's)
-    for f in pa.Table.from_pydict({k: [m.get(k) for m in metas] for k in names}).schema:
+    for f in _table_of(metas).schema:
         if f.name in out_names:
             continue
         if label_field and f.name == label_field:
