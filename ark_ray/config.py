@@ -441,6 +441,8 @@ class SftConfig:
     max_new_tokens: int = opt(48, "Generation limit for dev WER.")
     export_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the final HF export.")
     export_every_save: bool = opt(False, "Also write an HF snapshot (snapshots/step_N) at every checkpoint.")
+    skip_bad_rows: bool = opt(False, "Unusable manifest lines (bad JSON, no audio, impossible segments) stop the job "
+                              "at load time with every bad line listed; true: skip them and log how many.")
     learner: LearnerConfig = opt(LearnerConfig(), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
 
@@ -495,6 +497,8 @@ class OpdConfig:
                                "free while it profiles, so nothing else may allocate meanwhile. The teachers load on "
                                "the CPU concurrently and move to the GPU, and the learners start, once the rollout "
                                "engines are up. False: all three start at once.")
+    skip_bad_rows: bool = opt(False, "Unusable manifest lines (bad JSON, no audio, impossible segments) stop the job "
+                              "at load time with every bad line listed; true: skip them and log how many.")
     seed: int = opt(0, "Seed of the data order.")
     sampling: SamplingConfig = opt(SamplingConfig(max_new_tokens=48), "Student rollout sampling (greedy by default).")
     rollout_engine: EngineConfig = opt(EngineConfig(), "Inference engine of the rollout workers.")

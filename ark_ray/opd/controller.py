@@ -142,8 +142,9 @@ class OpdController:
         self.cfg = cfg
         self.out = pathlib.Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.rows = read_manifest(cfg.train_manifest, text_field=None)
-        self.eval_rows = read_manifest(cfg.eval_manifest) if cfg.eval_manifest else []
+        self.rows = read_manifest(cfg.train_manifest, text_field=None, skip_bad_rows=cfg.skip_bad_rows)
+        self.eval_rows = (read_manifest(cfg.eval_manifest, skip_bad_rows=cfg.skip_bad_rows)
+                          if cfg.eval_manifest else [])
         self.audio = AudioStore(self.rows, cfg.max_audio_s)
         self.eval_audio = AudioStore(self.eval_rows, cfg.max_audio_s)
         self.data = DataPositions(len(self.rows), cfg.seed)

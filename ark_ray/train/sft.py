@@ -71,8 +71,9 @@ def run_sft(cfg: SftConfig) -> dict:
     out_dir = pathlib.Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_init_model(cfg)
-    rows = read_manifest(cfg.train_manifest, text_field=cfg.text_field)
-    dev_rows = read_manifest(cfg.dev_manifest, text_field=cfg.text_field) if cfg.dev_manifest else []
+    rows = read_manifest(cfg.train_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
+    dev_rows = (read_manifest(cfg.dev_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
+                if cfg.dev_manifest else [])
     gas = cfg.learner.grad_accum_steps
     if gas > 1 and (cfg.max_steps % gas or (cfg.save_every and cfg.save_every % gas)):
         raise ValueError(f"learner.grad_accum_steps={gas} must divide max_steps ({cfg.max_steps}) and save_every "
