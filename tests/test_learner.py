@@ -226,7 +226,7 @@ def test_export_reloads_with_identical_logits(ray_local, model_dir, batch, tmp_p
     ('not json', "not valid JSON"),
     ('{"audio": "a.wav"}', "missing text field"),
     ('{"audio": "a.wav", "text": "x", "begin_time": "soon"}', "begin_time must be a number"),
-    ('{"audio": "a.wav", "text": "x", "begin_time": 2, "end_time": 1}', "begin_time 2 >= end_time 1"),
+    ('{"audio": "a.wav", "text": "x", "begin_time": 2, "end_time": 1}', "bad_segment: begin_time 2 > end_time 1"),
 ])
 def test_bad_manifest_rows(tmp_path, line, msg):
     p = tmp_path / "m.jsonl"
