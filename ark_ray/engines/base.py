@@ -61,8 +61,11 @@ class Transcriber(abc.ABC):
         """
 
     @abc.abstractmethod
-    def update_weights(self, weights: Mapping[str, "object"] | Iterable[tuple[str, "object"]]) -> None:
-        """Load new weights in place (real checkpoint key names), e.g. after an OPD step."""
+    def update_weights(self, weights: Mapping[str, "object"] | Iterable[tuple[str, "object"]],
+                       bucket_bytes: int = 1 << 30) -> None:
+        """Load new weights in place (real checkpoint key names), e.g. after an OPD step. `weights`
+        may be a stream; an engine that ships them to other processes sends at most
+        `bucket_bytes` per message."""
 
     def close(self) -> None:
         """Release the engine's memory and processes."""

@@ -117,7 +117,8 @@ class HFEngine(Transcriber):
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, weights: Mapping[str, object] | Iterable[tuple[str, object]]) -> None:
+    def update_weights(self, weights: Mapping[str, object] | Iterable[tuple[str, object]],
+                       bucket_bytes: int = 1 << 30) -> None:   # in-process: no messages to size
         items = weights.items() if isinstance(weights, Mapping) else weights
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))

@@ -43,10 +43,22 @@ def _vllm_targets(items: dict) -> dict[str, list]:
     return out
 
 
+def _runner(worker):
+    """The model runner of a vLLM worker (the worker itself, or its wrapper, holds it)."""
+    return getattr(worker, "model_runner", None) or worker.worker.model_runner
+
+
+def _reloads_in_place(runner) -> bool:
+    """vLLM >= 0.3x: the runner's `reload_weights` takes a weights iterator (0.26's does not)."""
+    import inspect
+
+    reload = getattr(runner, "reload_weights", None)
+    return reload is not None and "weights_iterator" in inspect.signature(reload).parameters
+
+
 def worker_device(worker):
     """The device of the model inside a vLLM worker process."""
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    return next(runner.model.parameters()).device
+    return next(_runner(worker).model.parameters()).device
 
 
 class _NoLoadWarningForUnweightedLayers:
@@ -77,16 +89,12 @@ def load_into_worker(worker, items: Iterable[tuple[str, object]], names: Sequenc
     Runs inside the worker process (called through collective_rpc). `items` may be a generator
     that produces tensors as they arrive (the collective weight broadcast); `names` lists every
     name it will yield. Newer vLLM reloads through its own in-place path; older vLLM (0.26 on
-    the GPU box) gets in-place copies into the live parameters, with q/k/v and gate/up
-    stacked once all parts of a fused parameter have arrived.
+    the GPU box) loads through the model's own `load_weights`, in place.
     """
-    import inspect
-
     import torch
 
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    reload = getattr(runner, "reload_weights", None)
-    if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
+    runner = _runner(worker)
+    if _reloads_in_place(runner):
         # vLLM >= 0.3x: in-place reload that re-runs the backend's weight post-processing
         # (the CPU backend repacks linear weights for oneDNN) and clears the encoder cache.
         _quiet_reload_warnings()
@@ -95,7 +103,7 @@ def load_into_worker(worker, items: Iterable[tuple[str, object]], names: Sequenc
             # the layer-wise reload puts back the old values of every layer it saw no weight
             # for; the tied head shares the embedding's storage, so it must be fed too
             items = _with_tied_head(items)
-        reload(weights_iterator=iter(items), is_checkpoint_format=True)
+        runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
         return len(names)
     # older vLLM (0.26): the model's own checkpoint loader, in place: it maps our checkpoint names,
     # stacks q/k/v and gate/up, skips the tied head, and its weight loaders handle what a plain
@@ -129,14 +137,6 @@ def _with_tied_head(items: Iterable[tuple[str, object]]) -> Iterable[tuple[str, 
 _STAGED: list = []
 
 
-def _reloads_in_place(worker) -> bool:
-    import inspect
-
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    reload = getattr(runner, "reload_weights", None)
-    return reload is not None and "weights_iterator" in inspect.signature(reload).parameters
-
-
 def _load_bucket_on_worker(worker, blob: bytes, final: bool):
     """Runs inside each vLLM worker process (collective_rpc): one bucket, torch.save'd (vLLM's RPC
     encoder would turn tuples of tensors into lists). The old in-place path loads it at once;
@@ -146,7 +146,7 @@ def _load_bucket_on_worker(worker, blob: bytes, final: bool):
     import torch
 
     items = list(torch.load(io.BytesIO(blob), map_location=worker_device(worker), weights_only=True).items())
-    if not _reloads_in_place(worker):
+    if not _reloads_in_place(_runner(worker)):
         return load_into_worker(worker, items, [n for n, _ in items])
     _STAGED.extend(items)
     if not final:
@@ -182,8 +182,7 @@ def tensor_digest(t) -> str:
 def _digests_on_worker(worker, shapes: dict) -> dict:
     """Inside a vLLM worker: digests of unfused parameters named in checkpoint layout, cut to the
     checkpoint `shapes` (vLLM pads the vocabulary to a multiple of 64)."""
-    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
-    params = dict(runner.model.named_parameters())
+    params = dict(_runner(worker).model.named_parameters())
     out = {}
     for name, shape in shapes.items():
         if any(k in name for k in _FUSED):

@@ -40,8 +40,8 @@ class RolloutWorker:
             store = ray.get_actor(store_name)
             refs, version = ray.get(store.latest.remote())
             if refs is not None:
-                from ark_ray.train.weight_sync import load_items, object_items
-                load_items(self.engine, object_items(refs), 1 << 30)
+                from ark_ray.train.weight_sync import object_items
+                self.engine.update_weights(object_items(refs))
                 self.version = version
 
     # ------------------------------------------------------------------ weights
@@ -66,7 +66,7 @@ class RolloutWorker:
     def load_weights(self, mode: str, export: dict, version: int) -> dict:
         """Load `version` from the learner's export: "ipc" (CUDA IPC buckets on this GPU) or
         "object_store" (bucket objects, streamed one at a time)."""
-        from ark_ray.train.weight_sync import ipc_items, load_items, object_items
+        from ark_ray.train.weight_sync import ipc_items, object_items
 
         t0 = time.perf_counter()
         if self.version >= version:  # a call Ray retried after a restart: the store had it already
@@ -79,7 +79,7 @@ class RolloutWorker:
                 self.engine.update_weights(ipc_items(export["payload"]))
                 torch.cuda.synchronize()
         elif mode == "object_store":
-            load_items(self.engine, object_items(export["refs"]), int(export.get("bucket_bytes", 1 << 30)))
+            self.engine.update_weights(object_items(export["refs"]), bucket_bytes=int(export["bucket_bytes"]))
         else:
             raise ValueError(f"unknown weight sync mode {mode!r}")
         return self._done(version, mode, t0)

@@ -351,7 +351,7 @@ class WeightSync:
             failed = sorted(errors) or sorted(a["targets"])
             if any(self.modes[i] == "broadcast" for i in failed):   # a broadcast is all or nothing
                 failed = sorted(set(failed) | {i for i, m in enumerate(self.modes) if m == "broadcast"})
-            kept = {i: r for i, r in results.items() if i not in failed}
+            kept = {**a.get("kept", {}), **{i: r for i, r in results.items() if i not in failed}}
             a = self._start(version, only=failed)
             a["kept"] = kept
         results.update(a.get("kept", {}))
@@ -387,14 +387,6 @@ class WeightSync:
         self._release(version)   # the store now holds the bucket refs; they live while it does
 
 
-def load_items(engine, items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
-    """Stream (name, tensor) pairs into any Transcriber engine."""
-    if getattr(engine, "llm", None) is not None:
-        engine.update_weights(items, bucket_bytes=bucket_bytes)
-    else:
-        engine.update_weights(items)
-
-
 __all__ = ["WeightStore", "WeightSync", "SyncFailed", "bucket_plan", "layer_key", "flat_buckets",
            "unflatten", "share_cuda", "open_cuda", "ipc_items", "object_items", "put_buckets",
-           "placement", "resolve_mode", "sync_params", "load_items"]
+           "placement", "resolve_mode", "sync_params"]
