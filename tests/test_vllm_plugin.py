@@ -218,7 +218,9 @@ def test_engine_kwargs_reach_vllm_and_the_encoder(model_dir):
     assert kw["max_num_batched_tokens"] == 4096 and kw["mm_processor_cache_gb"] == 0
     assert kw["hf_overrides"] == {"ark_encoder_attention": "sdpa", "ark_encoder_compile": False}
     assert "max_num_batched_tokens" not in engine_kwargs(EngineConfig(), on_gpu=True)
-    assert engine_kwargs(EngineConfig(), on_gpu=True)["hf_overrides"]["ark_encoder_compile"] is True
+    assert engine_kwargs(EngineConfig(), on_gpu=True)["hf_overrides"]["ark_encoder_compile"] is False
+    on = engine_kwargs(EngineConfig(encoder_compile=True), on_gpu=True)["hf_overrides"]
+    assert on["ark_encoder_compile"] is True          # compile is opt-in, and only on a GPU
     args = EngineArgs(model=model_dir, max_model_len=256, enable_prefix_caching=False, **kw)
     assert args.mm_processor_cache_gb == 0 and args.max_num_batched_tokens == 4096
 
