@@ -157,7 +157,7 @@ class EngineStage:
     # ---------------------------------------------------------------- one block
 
     def _vllm(self, waves: list[np.ndarray]) -> list:
-        from ark_ray.engines.chunking import join_chunks, split_long_audio
+        from ark_ray.engines.long_audio import join_chunks, split_long_audio
         from ark_ray.vllm_plugin import generation_prompt
 
         eng = self.engine

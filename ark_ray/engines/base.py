@@ -109,7 +109,7 @@ class AsyncTranscriber(abc.ABC):
         """Like `Transcriber.transcribe`: every window of every clip in flight at once."""
         import asyncio
 
-        from ark_ray.engines.chunking import join_chunks, split_long_audio
+        from ark_ray.engines.long_audio import join_chunks, split_long_audio
 
         sampling = sampling or SamplingConfig()
         pieces, owners = split_long_audio(audios, self.max_chunk_s)

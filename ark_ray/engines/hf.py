@@ -14,7 +14,7 @@ import torch
 
 from ark_ray.config import SamplingConfig
 from ark_ray.engines.base import Transcriber, Transcript
-from ark_ray.engines.chunking import split_long_audio, join_chunks
+from ark_ray.engines.long_audio import split_long_audio, join_chunks
 
 
 class _AllowedTokens:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ark_ray.config import EngineConfig, SamplingConfig
 from ark_ray.engines.base import Transcriber, Transcript
-from ark_ray.engines.chunking import join_chunks, split_long_audio
+from ark_ray.engines.long_audio import join_chunks, split_long_audio
 
 
 _FUSED = {".self_attn.q_proj.": (".self_attn.qkv_proj.", 0), ".self_attn.k_proj.": (".self_attn.qkv_proj.", 1),

@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ark_ray.audio import SAMPLE_RATE, AudioError, load_audio
-from ark_ray.engines.chunking import join_chunks, split_long_audio
+from ark_ray.engines.long_audio import join_chunks, split_long_audio
 from ark_ray.serve import formats
 from ark_ray.serve.page import render_page
 from ark_ray.serve.request_metrics import RequestMetrics
