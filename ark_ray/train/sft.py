@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from ark_ray.config import SftConfig, to_dict
-from ark_ray.data.features import featurize_rows, pad_mels
+from ark_ray.data.featurize import featurize_rows, pad_mels
 from ark_ray.data.manifest import read_manifest
 from ark_ray.train.learner import LearnerGroup
 
