@@ -93,6 +93,12 @@ class EngineConfig:
     max_chunk_s: float = opt(30.0, "Long audio is cut by the shared chunker into windows of at most this many seconds.")
     num_gpus: float = opt(0.0, "GPUs per engine actor (0 on CPU).")
     num_cpus: float = opt(1.0, "CPUs per engine actor.")
+    cpu_kv_cache_max_gb: float = opt(
+        4.0, "CPU vLLM engines: the most GiB of KV cache one asks for. Each sizes its cache for max_num_seqs "
+        "sequences of max_model_len tokens (decoder layers x KV heads x head_dim x 2 (K, V) x dtype bytes), at least "
+        "one full-length sequence, at most this (0: no cap), and its Ray actor asks for the model's bytes plus that "
+        "cache as `memory`, so Ray places it where it fits instead of vLLM reserving a share of the node. "
+        "VLLM_CPU_KVCACHE_SPACE (GiB), when set, overrides it.")
 
 
 @dataclass
