@@ -29,6 +29,40 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the typed schema."""
 
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# File extensions listed as audio when a job's input is a folder or an S3 prefix (the one list:
+# ark_ray.data.listing and TranscribeConfig.extensions both use it).
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aif", ".aiff", ".au", ".caf",
+                    ".w64", ".m4a", ".aac", ".wma", ".webm")
+
+
+class Validated:
+    """Base of every config class: `__post_init__` runs `validate()`, so a config is checked whenever
+    it is built (by `load_config`, `dataclasses.replace` or a test). `validate` holds the rules
+    that span keys; each error names the key, why, and what to set instead. Sections are built
+    (and checked) before the job that holds them; `_build` prefixes a section's errors with its
+    dotted path (`learner.zero_stage ...`)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+
+def need(ok: bool, key: str, why: str) -> None:
+    """A rule: when `ok` is false, raise `ConfigError("<key> <why>")`."""
+    if not ok:
+        raise ConfigError(f"{key} {why}")
+
+
+def at_least(cfg: Any, low: float, *keys: str) -> None:
+    for key in keys:
+        v = getattr(cfg, key)
+        need(v >= low, key, f"must be >= {low:g}, got {v}")
+
+
 def opt(default: Any, doc: str, **kw: Any) -> Any:
     """A documented config field. Mutable defaults are copied per instance."""
     if isinstance(default, (list, dict)):
@@ -46,7 +80,7 @@ def opt(default: Any, doc: str, **kw: Any) -> Any:
 
 
 @dataclass
-class RayConfig:
+class RayConfig(Validated):
     address: Optional[str] = opt(
         None, "Ray address to connect to. None: $RAY_ADDRESS if set (as under `ray job submit`), "
         "else start a local Ray.")
@@ -58,7 +92,7 @@ class RayConfig:
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(Validated):
     temperature: float = opt(0.0, "Sampling temperature; 0 means greedy.")
     top_p: float = opt(1.0, "Nucleus sampling mass (1.0 disables).")
     n: int = opt(1, "Samples per clip.")
@@ -68,7 +102,7 @@ class SamplingConfig:
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(Validated):
     backend: Literal["vllm", "hf"] = opt("vllm", "Inference engine: vLLM (default) or HF transformers.")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
     device: str = opt("auto", "HF engine device: auto, cpu, cuda.")
@@ -100,9 +134,17 @@ class EngineConfig:
         "cache as `memory`, so Ray places it where it fits instead of vLLM reserving a share of the node. "
         "VLLM_CPU_KVCACHE_SPACE (GiB), when set, overrides it.")
 
+    def check_installed(self) -> None:
+        """Fail in the driver with a clear message instead of in every engine actor."""
+        import importlib.util
+        if self.backend == "vllm" and (importlib.util.find_spec("vllm") is None
+                                       or importlib.util.find_spec("ark_ray.engines.vllm_engine") is None):
+            raise ConfigError("engine.backend=vllm but vLLM (or ark_ray.engines.vllm_engine) is not installed; "
+                              "install the gpu/cpu extra or pass --engine.backend=hf")
+
 
 @dataclass
-class LearnerConfig:
+class LearnerConfig(Validated):
     num_workers: int = opt(1, "Learner ranks (Ray actors, one torch.distributed rank each).")
     use_gpu: bool = opt(False, "One GPU per rank, NCCL, bf16 compute with fp32 master weights, fp32 optimizer "
                         "state and (ZeRO 1-3) fp32 gradient accumulation; else CPU, gloo, fp32.")
@@ -152,17 +194,17 @@ class LearnerConfig:
                                      "learner share one card with the rollout engine and teacher, as in the "
                                      "single-GPU OPD benchmark; ranks must still sit on different cards).")
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.micro_batch_size < 0:
-            raise ConfigError(f"learner.micro_batch_size must be >= 0 (0: no split), got {self.micro_batch_size}")
+            raise ConfigError(f"micro_batch_size must be >= 0 (0: no split), got {self.micro_batch_size}")
         if self.grad_accum_steps < 1:
-            raise ConfigError(f"learner.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+            raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"learner.zero_stage must be one of DeepSpeed's stages 0-3, got {self.zero_stage}")
+            raise ConfigError(f"zero_stage must be one of DeepSpeed's stages 0-3, got {self.zero_stage}")
         if self.weight_sync_bucket_mb <= 0:
-            raise ConfigError(f"learner.weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
+            raise ConfigError(f"weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
         if self.weight_sync_retries < 0:
-            raise ConfigError(f"learner.weight_sync_retries must be >= 0, got {self.weight_sync_retries}")
+            raise ConfigError(f"weight_sync_retries must be >= 0, got {self.weight_sync_retries}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +273,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k in getattr(cls, "removed_keys", {}):
+            raise ConfigError(f"{prefix}{k} was removed: {cls.removed_keys[k]}")
     unknown = [k for k in data if k not in names]
     if unknown:
         k = unknown[0]
@@ -242,6 +287,8 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{cls.__name__}: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -403,7 +450,7 @@ def job_config(cls: type[T]) -> type[T]:
 
 @job_config
 @dataclass
-class ServeConfig:
+class ServeConfig(Validated):
     """ark_ray.serve (`serve run serve_configs/*.yaml`): the OpenAI-compatible transcription endpoint."""
     model_dir: str = opt("assets/models/student", "HF-format ARK-ASR directory the replicas load; `$VAR`/`${VAR}` "
                          "are expanded from the environment of `serve run`, relative paths from its directory.")
@@ -426,7 +473,7 @@ class ServeConfig:
 
 @job_config
 @dataclass
-class SftConfig:
+class SftConfig(Validated):
     """jobs/sft.py: supervised fine-tuning on a JSONL/Parquet manifest (also teacher-data adaptation)."""
     init_model: str = opt("preset:tiny", "Model to start from: an HF-format ARK-ASR directory, or "
                           "`preset:NAME` for a random model of a preset with a tokenizer trained on the demo corpus.")
@@ -454,7 +501,7 @@ class SftConfig:
 
 @job_config
 @dataclass
-class OpdConfig:
+class OpdConfig(Validated):
     """jobs/opd.py: asynchronous on-policy distillation (vLLM rollouts, teacher scorers, DeepSpeed learners)."""
     student: str = opt("assets/models/student", "Student model directory (HF format); the learner trains it.")
     teacher: str = opt("assets/models/teacher", "Teacher model directory: an ARK-ASR checkpoint (teacher_backend "
@@ -511,7 +558,7 @@ class OpdConfig:
     learner: LearnerConfig = opt(LearnerConfig(lr=2e-4), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.sampling.n != 1:
             # the teacher scores one rollout per clip and each trajectory row is one clip's data
             # position (resume and staleness count positions): for more samples per step, raise
@@ -529,7 +576,7 @@ class OpdConfig:
 
 
 @dataclass
-class S3Config:
+class S3Config(Validated):
     """S3 access (used by jobs that read or write s3:// URIs)."""
     endpoint_url: Optional[str] = opt(None, "S3 endpoint (e.g. http://127.0.0.1:9000 for MinIO/moto). "
                                       "None: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS.")
@@ -543,7 +590,7 @@ class S3Config:
 
 @job_config
 @dataclass
-class TranscribeConfig:
+class TranscribeConfig(Validated):
     """jobs/transcribe.py: batch transcription of an S3 prefix, a folder or a manifest (decode -> engines -> parts)."""
     input: str = opt("assets/demo_corpus/test.jsonl", "What to transcribe: s3://bucket/prefix or a local folder "
                      "(audio files listed recursively by extension), or a .jsonl/.parquet manifest (local or s3://).")
@@ -552,8 +599,7 @@ class TranscribeConfig:
     format: Literal["jsonl", "parquet"] = opt("jsonl", "Output file format.")
     model: Optional[str] = opt(None, "HF-format ARK-ASR directory. None: the bundled demo model "
                                "(assets/models/teacher, else assets/models/student).")
-    extensions: list = opt([".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aif", ".aiff", ".au", ".caf",
-                            ".w64", ".m4a", ".aac", ".wma", ".webm"],
+    extensions: list = opt(list(AUDIO_EXTENSIONS),
                            "File extensions listed as audio (case-insensitive); undecodable ones become error rows.")
     max_audio_s: float = opt(3600.0, "Longer inputs (after the segment cut) are `too_long` error rows.")
     silence_dbfs: float = opt(-60.0, "Inputs whose peak is at or below this level are flagged `silent: true` "
@@ -578,7 +624,6 @@ class TranscribeConfig:
     label_field: Optional[str] = opt(None, "Also copy pred_text into this column (an existing one is kept as "
                                      "`reference_<name>`) and write manifest.<format>: the successful rows, "
                                      "a training manifest for jobs/sft.py.")
-    as_manifest: bool = opt(False, "Teacher labelling: the same as label_field=text.")
     overwrite: bool = opt(False, "Delete the output's part files first instead of skipping inputs already done.")
     retry_errors: bool = opt(False, "On a rerun, try inputs whose earlier row is an error again (that row is replaced).")
     progress: bool = opt(True, "Show a progress bar.")
@@ -586,6 +631,34 @@ class TranscribeConfig:
     engine: EngineConfig = opt(EngineConfig(), "Inference engine of each actor (num_gpus/num_cpus: per actor).")
     s3: S3Config = opt(S3Config(), "S3 endpoint and credentials (default: the standard AWS environment variables).")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
+
+    removed_keys = {"as_manifest": "it was the same as label_field=text; set --label_field=text"}
+
+    def validate(self) -> None:
+        at_least(self, 1, "files_per_block", "engines_per_gpu")
+        at_least(self, 0, "num_engines", "block_audio_s", "engine_queue_audio_s", "decode_ahead")
+        need(self.max_audio_s > 0, "max_audio_s", f"must be > 0, got {self.max_audio_s}")
+        need(bool(self.extensions) and all(isinstance(e, str) and e.strip(".") for e in self.extensions),
+             "extensions", f"must list at least one file extension like .wav, got {self.extensions!r}")
+        need(self.label_field is None or self.label_field.strip() != "", "label_field",
+             "is empty: set a column name (text for a training manifest) or leave it null")
+
+    def model_dir(self) -> str:
+        """`model`, or the bundled demo teacher/student; checked in the driver, not in a remote actor."""
+        return resolve_model(self.model)
+
+
+def resolve_model(model: Optional[str]) -> str:
+    """An HF-format model directory (absolute), or the bundled demo teacher/student when None."""
+    if model is None:
+        for name in ("teacher", "student"):
+            cand = REPO_ROOT / "assets" / "models" / name
+            if (cand / "config.json").is_file():
+                return str(cand)
+        raise ConfigError("model: none given and no bundled model under assets/models; pass --model=DIR")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ConfigError(f"model {model}: not an HF-format model directory (no config.json)")
+    return os.path.abspath(model)
 
 
 # <<< job configs <<<

@@ -144,7 +144,7 @@ def test_transcription_prompt_for_both_vllm_signatures(mm_processor, model_dir):
     from vllm.config import SpeechToTextConfig
 
     from ark_ray.model import ArkAsrProcessor
-    from ark_ray.vllm_plugin.model import ArkAsrForConditionalGeneration as M
+    from ark_ray.vllm_plugin.model import ArkAsrVllmModel as M
 
     mc = mm_processor.info.ctx.model_config
     wave = _clips()[2]

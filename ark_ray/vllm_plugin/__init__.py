@@ -9,9 +9,11 @@ vLLM process (API server, engine core, workers) call `register()`, so `vllm serv
 """
 from __future__ import annotations
 
-#: `architectures` values that load as ARK-ASR: ours, and the real checkpoint's spelling.
+#: `architectures` values that load as ARK-ASR: ours, and the real checkpoint's spelling. These are the
+#: registry names (what config.json says); the class behind them is `ArkAsrVllmModel`, named apart
+#: from the transformers model `ark_ray.model.ArkAsrForConditionalGeneration`.
 ARCHITECTURES = ("ArkAsrForConditionalGeneration", "ArkasrForConditionalGeneration")
-_MODEL = "ark_ray.vllm_plugin.model:ArkAsrForConditionalGeneration"
+_MODEL = "ark_ray.vllm_plugin.model:ArkAsrVllmModel"
 
 
 def register() -> None:

@@ -46,7 +46,7 @@ def _clips(waves: Any) -> list[torch.Tensor]:
 
 @MULTIMODAL_REGISTRY.register_processor(ArkAsrMultiModalProcessor, info=ArkAsrProcessingInfo,
                                         dummy_inputs=ArkAsrDummyInputsBuilder)
-class ArkAsrForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsTranscription):
+class ArkAsrVllmModel(nn.Module, SupportsMultiModal, SupportsPP, SupportsTranscription):
     # ARK-ASR is trained on Chinese and English and detects the language itself; vLLM warns
     # (and carries on) when a request names another Whisper language.
     supported_languages = {"en": "English", "zh": "Chinese"}
