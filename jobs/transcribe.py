@@ -1,6 +1,6 @@
 """Batch transcription: python jobs/transcribe.py --input {s3://bucket/prefix | dir | manifest} --output {s3://... | dir}
 
-    [--format jsonl|parquet] [--model DIR] [--as_manifest] [--config FILE] [--key=value ...]
+    [--format jsonl|parquet] [--model DIR] [--label_field=text] [--config FILE] [--key=value ...]
 
 Runs on the cluster in $RAY_ADDRESS (as under `ray job submit`) or a local Ray. Prints a
 progress bar and a closing summary; every key is in docs/config.md (TranscribeConfig).

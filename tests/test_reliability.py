@@ -66,7 +66,7 @@ def test_seed_manifest_one_row_per_line_with_reasons(ray_local, model_dir, seed_
     cfg = load_config(TranscribeConfig, None, [
         f"--input={seed_manifest}", f"--output={tmp_path / 'out'}", f"--model={model_dir}", "--engine.backend=hf",
         "--sampling.max_new_tokens=4", "--files_per_block=4", "--block_audio_s=0", "--progress=false",
-        "--as_manifest=true"])
+        "--label_field=text"])
     summary = run_transcribe(cfg)
     rows = read_output(str(tmp_path / "out"))
     assert len(rows) == len(CASES) == summary["rows_written"] == summary["inputs"]

@@ -1,4 +1,4 @@
-"""Teacher labelling: `jobs/transcribe.py --model TEACHER --as_manifest` writes a manifest that
+"""Teacher labelling: `jobs/transcribe.py --model TEACHER --label_field=text` writes a manifest that
 jobs/sft.py trains on directly (teacher-data adaptation), with the original reference kept."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def labelled(ray_local, repo_root, tmp_path_factory):
     out = tmp / "labels"
     transcribe = _load_job(repo_root, "transcribe")
     summary = transcribe.main([f"--input={tmp / 'unlabelled.jsonl'}", f"--output={out}", f"--model={teacher}",
-                               "--as_manifest", "--engine.backend=hf", "--sampling.max_new_tokens=6",
+                               "--label_field=text", "--engine.backend=hf", "--sampling.max_new_tokens=6",
                                "--progress=false"])
     return tmp, out, rows, summary
 
@@ -58,7 +58,7 @@ def test_rerun_skips_done_and_rewrites_the_same_manifest(labelled):
     before = (out / "manifest.jsonl").read_text()
     again = run_transcribe(load_config(TranscribeConfig, None, [
         f"--input={tmp / 'unlabelled.jsonl'}", f"--output={out}", f"--model={tmp / 'teacher'}",
-        "--as_manifest", "--engine.backend=hf", "--progress=false"]))
+        "--label_field=text", "--engine.backend=hf", "--progress=false"]))
     assert (again["skipped_done"], again["rows_written"], again["manifest_rows"]) == (5, 0, 4)
     assert (out / "manifest.jsonl").read_text() == before
 

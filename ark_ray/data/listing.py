@@ -13,13 +13,12 @@ from typing import Iterable, Optional, Sequence
 
 import pyarrow.fs as pafs
 
-from ark_ray.config import S3Config
+from ark_ray.config import AUDIO_EXTENSIONS, S3Config
 from ark_ray.data.manifest import manifest_rows
 from ark_ray.data.s3 import is_s3, read_bytes, resolve, to_uri
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
-DEFAULT_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".aif", ".aiff", ".au", ".caf",
-                      ".w64", ".m4a", ".aac", ".wma", ".webm")
+DEFAULT_EXTENSIONS = AUDIO_EXTENSIONS
 
 
 class InputError(ValueError):

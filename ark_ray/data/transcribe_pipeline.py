@@ -17,12 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import json
 import math
-import os
-import pathlib
 import pickle
 import posixpath
 import time
@@ -46,7 +43,6 @@ OUTPUT_FIELDS = [pa.field("key", pa.string()), pa.field("pred_text", pa.string()
                  pa.field("silent", pa.bool_()), pa.field("error", pa.string()),
                  pa.field("error_detail", pa.string())]
 PART_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,27 +308,6 @@ def prepare_output(output: str, s3: Optional[S3Config] = None, overwrite: bool =
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_model(model: Optional[str]) -> str:
-    """`model`, or the bundled demo teacher/student; checked here, not in a remote actor."""
-    if model is None:
-        for name in ("teacher", "student"):
-            cand = REPO_ROOT / "assets" / "models" / name
-            if (cand / "config.json").is_file():
-                return str(cand)
-        raise ConfigError("no model: pass --model DIR (no bundled model under assets/models)")
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        raise ConfigError(f"--model {model}: not an HF-format model directory (no config.json)")
-    return os.path.abspath(model)
-
-
-def check_backend(engine: EngineConfig) -> None:
-    """Fail in the driver with a clear message instead of in every engine actor."""
-    if engine.backend == "vllm" and (importlib.util.find_spec("vllm") is None
-                                     or importlib.util.find_spec("ark_ray.engines.vllm_engine") is None):
-        raise ConfigError("engine.backend=vllm but vLLM (or ark_ray.engines.vllm_engine) is not installed; "
-                          "install the gpu/cpu extra or pass --engine.backend=hf")
-
-
 def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[list[dict], pa.Schema]:
     """Pipeline items (key, audio, segment, pickled metadata) and the fixed output schema.
 
@@ -383,7 +358,7 @@ def engine_plan(cfg: TranscribeConfig) -> tuple[int, EngineConfig]:
     eng = cfg.engine
     if eng.num_gpus <= 0:
         return max(1, cfg.num_engines), eng
-    eng = dataclasses.replace(eng, num_gpus=eng.num_gpus / max(1, cfg.engines_per_gpu))
+    eng = dataclasses.replace(eng, num_gpus=eng.num_gpus / cfg.engines_per_gpu)
     if cfg.num_engines > 0:
         return cfg.num_engines, eng
     import ray
@@ -460,7 +435,7 @@ class _Blocks:
         return self.pos < len(self.items)
 
     def next(self) -> list[dict]:
-        n = max(1, self.cfg.files_per_block)
+        n = self.cfg.files_per_block
         if self.cfg.block_audio_s > 0 and self.audio_s > 0:
             n = max(1, int(round(self.cfg.block_audio_s / (self.audio_s / self.files))))
         out = self.items[self.pos:self.pos + n]
@@ -566,9 +541,9 @@ def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, floa
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    label_field = cfg.label_field or ("text" if cfg.as_manifest else None)
-    model_dir = resolve_model(cfg.model)
-    check_backend(cfg.engine)
+    label_field = cfg.label_field
+    model_dir = cfg.model_dir()
+    cfg.engine.check_installed()
     engines: list = []
     startup: dict = {}
     if not _is_rerun(cfg):            # a rerun lists first: it may have nothing left to do
