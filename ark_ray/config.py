@@ -124,6 +124,10 @@ class EngineConfig(Validated):
         False, "torch.compile the encoder's per-layer elementwise work (LayerNorm, RoPE, GELU, residuals) around "
         "the matmuls, on CUDA only; falls back to eager if compiling fails. Off by default: on the H200 it gave no "
         "gain over packed flash-attention (5236 vs 5363 audio-s/s) and added ~80 s to engine start-up.")
+    compilation_config: dict = opt(
+        {}, "Passed to vLLM's `compilation_config` as is (GPU only; empty: vLLM's default, torch.compile plus "
+        "piecewise CUDA graphs). E.g. {mode: 0, cudagraph_mode: FULL_DECODE_ONLY} skips torch.compile and keeps "
+        "CUDA graphs for decode steps: a faster start-up (bench/engine_startup.py measures each setting).")
     max_chunk_s: float = opt(30.0, "Long audio is cut by the shared chunker into windows of at most this many seconds.")
     num_gpus: float = opt(0.0, "GPUs per engine actor (0 on CPU).")
     num_cpus: float = opt(1.0, "CPUs per engine actor.")

@@ -38,7 +38,7 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SR = 16000
+from ark_ray.audio import SAMPLE_RATE as SR  # noqa: E402
 
 
 # ------------------------------------------------------------------ inputs

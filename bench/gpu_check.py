@@ -41,6 +41,7 @@ def zero_parity(model_dir: str, batch_size: int = 16, steps: int = 2) -> dict:
     batch (the second step's loss shows the first update agreed too)."""
     import numpy as np
 
+    from ark_ray.audio import SAMPLE_RATE
     from ark_ray.config import LearnerConfig
     from ark_ray.model.processor import ArkAsrProcessor
     from ark_ray.train.learner import LearnerGroup
@@ -48,7 +49,7 @@ def zero_parity(model_dir: str, batch_size: int = 16, steps: int = 2) -> dict:
     proc = ArkAsrProcessor.from_pretrained(model_dir)
     rng = np.random.default_rng(0)
     words = ["call", "alice", "play", "music", "move", "left", "open", "the", "door", "seven", "three"]
-    waves = [(0.1 * rng.standard_normal(int(rng.uniform(3, 12) * 16000))).astype(np.float32) for _ in range(batch_size)]
+    waves = [(0.1 * rng.standard_normal(int(rng.uniform(3, 12) * SAMPLE_RATE))).astype(np.float32) for _ in range(batch_size)]
     texts = [" ".join(rng.choice(words, size=int(rng.integers(4, 12)))) for _ in range(batch_size)]
     batch = {k: v.numpy() for k, v in proc(waves, texts=texts, padding_side="right").items()}
     losses = {}

@@ -31,12 +31,13 @@ VARIANTS = {  # name -> (micro_batch_size, gradient_checkpointing)
 def opd_batch(model_dir: str, batch: int, min_s: float, max_s: float, response: int, topk: int,
               seed: int = 0) -> dict:
     """One OPD learner batch (the layout of TrajectoryBatch.to_learner_batch), random content."""
+    from ark_ray.audio import SAMPLE_RATE
     from ark_ray.model.processor import ArkAsrProcessor
 
     proc = ArkAsrProcessor.from_pretrained(model_dir)
     vocab = len(proc.tokenizer)
     rng = np.random.default_rng(seed)
-    waves = [(0.1 * rng.standard_normal(int(16000 * rng.uniform(min_s, max_s)))).astype(np.float32)
+    waves = [(0.1 * rng.standard_normal(int(SAMPLE_RATE * rng.uniform(min_s, max_s)))).astype(np.float32)
              for _ in range(batch)]
     b = {k: v.numpy() for k, v in proc(waves, padding_side="right").items()}  # prompts only
     starts = b["attention_mask"].sum(1)

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from ark_ray.audio import SAMPLE_RATE  # noqa: E402
 
 # tolerances for the self-check: fp32 must agree to float noise, bf16/fp16 to a few ulps of the
 # activations after 32 layers (the HF padded batch itself differs from one clip alone that much)
@@ -38,7 +39,7 @@ TOL = {"float32": 2e-3, "bfloat16": 0.25, "float16": 0.1}
 
 def clips(n: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [(0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32) for _ in range(n)]
+    return [(0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32) for _ in range(n)]
 
 
 def out_dir() -> pathlib.Path:
@@ -102,7 +103,7 @@ def self_check(enc, cfg, device, dtype_name: str) -> dict:
 
     rng = np.random.default_rng(3)
     secs = [30.0, 0.3, 7.1, 12.34, 29.9, 3.0]
-    waves = [(0.1 * rng.standard_normal(int(s * 16000))).astype(np.float32) for s in secs]
+    waves = [(0.1 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32) for s in secs]
     res = {}
     with torch.inference_mode():
         mel, frames = log_mel(waves, device=device)

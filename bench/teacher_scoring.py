@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
 
 
 def make_batch(tok, n: int, min_s: float, max_s: float, tps: float, k: int, seed: int):
+    from ark_ray.audio import SAMPLE_RATE
     from ark_ray.opd.trajectory import TrajectoryBatch
 
     rng = np.random.default_rng(seed)
@@ -37,7 +38,7 @@ def make_batch(tok, n: int, min_s: float, max_s: float, tps: float, k: int, seed
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     resps = [list(rng.choice(text_ids, max(1, int(round(d * tps))))) + [eos] for d in secs]
     topk = [np.concatenate([np.asarray(r)[:, None], rng.choice(text_ids, (len(r), k - 1))], 1) for r in resps]
-    waves = [(rng.standard_normal(int(d * 16000)) * 0.05).astype(np.float32) for d in secs]
+    waves = [(rng.standard_normal(int(d * SAMPLE_RATE)) * 0.05).astype(np.float32) for d in secs]
     batch = TrajectoryBatch.from_rollouts(
         sample_ids=[f"c{i}" for i in range(n)], positions=list(range(n)), audio_refs=[""] * n,
         prompt_ids=[[0]] * n, responses=resps, student_topk=topk, policy_version=0,

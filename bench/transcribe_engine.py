@@ -21,11 +21,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from ark_ray.audio import SAMPLE_RATE  # noqa: E402
 
 
 def clips(n: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [(0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32) for _ in range(n)]
+    return [(0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32) for _ in range(n)]
 
 
 SHAPES = ("greedy", "rollout")
@@ -53,7 +54,7 @@ def parse_set(items: list[str]) -> dict:
 def timed(engine, audio, sampling) -> float:
     t0 = time.perf_counter()
     engine.transcribe(audio, sampling)
-    return sum(len(a) for a in audio) / 16000 / (time.perf_counter() - t0)
+    return sum(len(a) for a in audio) / SAMPLE_RATE / (time.perf_counter() - t0)
 
 
 def main() -> None:

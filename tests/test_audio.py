@@ -11,10 +11,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from ark_ray.audio import SAMPLE_RATE as SR
 from ark_ray.audio import (AudioError, chunk_audio, check_not_silent, check_waveform, load_audio, log_mel,
                            mel_filters, mel_frames)
-
-SR = 16000
 
 
 def tone(seconds=1.0, sr=SR, freq=440.0, channels=1):

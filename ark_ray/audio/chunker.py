@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from ark_ray.audio.decode import SAMPLE_RATE
 
 
 @dataclass

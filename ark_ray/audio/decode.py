@@ -11,6 +11,8 @@ import soxr
 
 from ark_ray.audio.errors import AudioError
 
+#: The one sample rate: every clip is decoded and resampled to it; the log-mel, the chunker and the
+#: model's audio-token count all assume it (import it from `ark_ray.audio`).
 SAMPLE_RATE = 16000
 AudioSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
 

@@ -14,7 +14,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
+from ark_ray.audio.decode import SAMPLE_RATE
+
 N_FFT = 400
 HOP_LENGTH = 160
 N_MELS = 128

@@ -5,7 +5,7 @@ from typing import Optional
 
 import numpy as np
 
-from ark_ray.audio import AudioError, load_audio, log_mel
+from ark_ray.audio import N_MELS, SAMPLE_RATE, AudioError, load_audio, log_mel
 
 
 def _opt_float(v) -> Optional[float]:
@@ -32,10 +32,10 @@ def featurize_rows(batch: dict, max_audio_s: Optional[float] = None) -> dict:
             mel, fr = log_mel([wave])
             mels.append(mel[0].numpy())
             frames.append(int(fr[0]))
-            durs.append(len(wave) / 16000)
+            durs.append(len(wave) / SAMPLE_RATE)
             errors.append("")
         except AudioError as err:
-            mels.append(np.zeros((128, 1), np.float32))
+            mels.append(np.zeros((N_MELS, 1), np.float32))
             frames.append(0)
             durs.append(0.0)
             errors.append(str(err))
@@ -51,7 +51,7 @@ def featurize_rows(batch: dict, max_audio_s: Optional[float] = None) -> dict:
 def pad_mels(mels, frames) -> tuple[np.ndarray, np.ndarray]:
     """Ragged [128, T_i] mels -> [B, 128, T_max] (zero padded) + frames [B]."""
     t = max(int(f) for f in frames)
-    out = np.zeros((len(mels), 128, max(1, t)), np.float32)
+    out = np.zeros((len(mels), N_MELS, max(1, t)), np.float32)
     for i, (m, f) in enumerate(zip(mels, frames)):
-        out[i, :, : int(f)] = np.asarray(m).reshape(128, -1)[:, : int(f)]
+        out[i, :, : int(f)] = np.asarray(m).reshape(N_MELS, -1)[:, : int(f)]
     return out, np.asarray(frames, np.int64)

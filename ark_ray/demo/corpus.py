@@ -142,22 +142,22 @@ AUDIO_FORMATS = {"flac": (".flac", "FLAC", "PCM_16"), "opus": (".opus", "OGG", "
 
 def synthesize(text: str, utt_id: str, out_path: pathlib.Path, lang: str = "en", fmt: str = "flac") -> float:
     """Speak `text` with the voice chosen by `utt_id`; write 16 kHz mono audio; return seconds."""
-    from ark_ray.audio import resample
+    from ark_ray.audio import SAMPLE_RATE, resample
 
     voice = VOICES[_rng("voice", utt_id).randrange(len(VOICES))] if lang == "en" else ("espeak", lang, 160, 50)
     with tempfile.TemporaryDirectory() as tmp:
         wav = os.path.join(tmp, "x.wav")
         _synth(text, voice, lang, wav)
         data, sr = sf.read(wav, dtype="float32", always_2d=True)
-    wave = resample(data.mean(axis=1), sr, 16000)
+    wave = resample(data.mean(axis=1), sr, SAMPLE_RATE)
     # trim leading/trailing digital silence beyond 0.1 s (the synthesizers add ~0.3 s)
     idx = np.nonzero(np.abs(wave) > 1e-3)[0]
     if len(idx):
         wave = wave[max(0, idx[0] - 1600): idx[-1] + 1600]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _, container, subtype = AUDIO_FORMATS[fmt]
-    sf.write(out_path, np.clip(wave, -1, 1), 16000, format=container, subtype=subtype)
-    return len(wave) / 16000
+    sf.write(out_path, np.clip(wave, -1, 1), SAMPLE_RATE, format=container, subtype=subtype)
+    return len(wave) / SAMPLE_RATE
 
 
 def _items(split: str, n: int, seed: int) -> Iterator[tuple[str, str, str]]:

@@ -180,9 +180,11 @@ class Qwen3AsrTeacher:
 
     def features(self, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Log-mel [128, frames] per clip, each clip on its own (no batch padding in its features)."""
+        from ark_ray.audio import SAMPLE_RATE
+
         out = []
         for w in waves:
-            f = self.fe(np.asarray(w, np.float32), sampling_rate=16000, padding="longest",
+            f = self.fe(np.asarray(w, np.float32), sampling_rate=SAMPLE_RATE, padding="longest",
                         return_attention_mask=True, return_tensors="np")
             n = int(f["attention_mask"][0].sum())
             out.append(np.ascontiguousarray(f["input_features"][0, :, :n], dtype=np.float32))

@@ -111,6 +111,8 @@ class RolloutWorker:
     # ------------------------------------------------------------------ rollouts
     def rollout(self, sample_ids: list[str], audio_refs: list, reference_texts: list[str],
                 positions: list[int]) -> TrajectoryBatch:
+        from ark_ray.audio import SAMPLE_RATE
+
         t0 = time.perf_counter()
         waves = ray.get(list(audio_refs))
         outs = self.engine.transcribe(waves, self.sampling)
@@ -128,7 +130,7 @@ class RolloutWorker:
             reference_texts=[reference_texts[t.clip_index] for t in outs],
             pred_texts=[t.text for t in outs], k=self.topk,
             timings={"rollout_s": time.perf_counter() - t0,
-                     "audio_s": float(sum(len(w) for w in waves) / 16000)},
+                     "audio_s": float(sum(len(w) for w in waves) / SAMPLE_RATE)},
         )
 
     def transcribe_texts(self, audio_refs: list) -> list[str]:

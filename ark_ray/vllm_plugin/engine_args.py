@@ -26,6 +26,8 @@ def engine_kwargs(cfg, on_gpu: bool) -> dict:
         "hf_overrides": {"ark_encoder_attention": cfg.encoder_attention,
                          "ark_encoder_compile": bool(cfg.encoder_compile and on_gpu)},
     }
+    if on_gpu and cfg.compilation_config:
+        kw["compilation_config"] = dict(cfg.compilation_config)
     if cfg.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = int(cfg.max_num_batched_tokens)
     return supported(kw)
