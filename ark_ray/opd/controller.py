@@ -40,6 +40,7 @@ from ark_ray.data.manifest import read_manifest
 from ark_ray.opd.loss import OpdLoss
 from ark_ray.opd.rollout import RolloutWorker
 from ark_ray.opd.teacher import TeacherScorer
+from ark_ray.runtime import engine_actor_options
 from ark_ray.train.learner import LearnerGroup
 from ark_ray.train.weight_sync import WeightStore
 
@@ -153,8 +154,8 @@ class OpdController:
         self.startup: dict[str, float] = {}
         actor_opts = dict(max_restarts=cfg.max_actor_restarts, max_task_retries=cfg.max_actor_restarts)
         engine_cfg = asdict(cfg.rollout_engine)
-        self.rollouts = [ray.remote(RolloutWorker).options(
-            num_cpus=cfg.rollout_engine.num_cpus, num_gpus=cfg.rollout_engine.num_gpus, **actor_opts,
+        self.rollouts = [ray.remote(RolloutWorker).options(   # on CPU: memory= model + sized KV cache
+            **engine_actor_options(cfg.student, cfg.rollout_engine), **actor_opts,
         ).remote(cfg.student, engine_cfg, asdict(cfg.sampling), cfg.topk, self.store_name)
             for _ in range(cfg.num_rollout_workers)]
         rollout_ready = [w.get_version.remote() for w in self.rollouts]

@@ -159,6 +159,11 @@ class Qwen3AsrTeacher:
         if on_gpu:
             kw["gpu_memory_utilization"] = float(opts.get("gpu_memory_utilization", 0.3))
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        else:  # a sized KV cache, not a share of the node (engines/cpu_memory.py)
+            from ark_ray.config import EngineConfig
+            from ark_ray.engines.cpu_memory import cpu_kv_kwargs
+            kw.update(cpu_kv_kwargs(self.teacher_dir, kw["max_num_seqs"], kw["max_model_len"], kw["dtype"],
+                                    EngineConfig.cpu_kv_cache_max_gb))
         return LLM(**supported(kw))
 
     def prompt_ids(self, language: str) -> list[int]:

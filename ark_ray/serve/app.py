@@ -23,6 +23,7 @@ from typing import Any, Optional
 from ray.serve import Application
 
 from ark_ray.config import ConfigError, ServeConfig, load_config, to_dict
+from ark_ray.runtime import engine_actor_options
 from ark_ray.serve.ingress import Ingress
 from ark_ray.serve.replica import TranscriberReplica
 
@@ -69,11 +70,15 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         # replica takes them, so a smaller queue would turn away one long clip on an idle server.
         raise ConfigError(f"max_queued_requests ({cfg.max_queued_requests}) must be >= {windows}, the most "
                           f"windows one {cfg.max_audio_s:g} s upload can have (or -1 for unbounded)")
+    model_dir = resolve_model_dir(cfg.model_dir)
+    # CPUs and GPUs; on CPU memory= the model plus its sized KV cache (the app's runtime env
+    # carries the environment)
+    options = {k: v for k, v in engine_actor_options(model_dir, cfg.engine).items() if k != "runtime_env"}
     replica = TranscriberReplica.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus},
-    ).bind(resolve_model_dir(cfg.model_dir), to_dict(cfg.engine), cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        ray_actor_options=options,
+    ).bind(model_dir, to_dict(cfg.engine), cfg.max_batch_size, cfg.batch_wait_timeout_s)
     return Ingress.options(max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
         replica, cfg.model_name, max_chunk_s=cfg.engine.max_chunk_s, max_new_tokens=cfg.max_new_tokens,
         max_upload_mb=cfg.max_upload_mb, max_audio_s=cfg.max_audio_s, api_key=resolve_api_key(cfg))
