@@ -13,21 +13,26 @@ from __future__ import annotations
 #: registry names (what config.json says); the class behind them is `ArkAsrVllmModel`, named apart
 #: from the transformers model `ark_ray.model.ArkAsrForConditionalGeneration`.
 ARCHITECTURES = ("ArkAsrForConditionalGeneration", "ArkasrForConditionalGeneration")
-_MODEL = "ark_ray.vllm_plugin.model:ArkAsrVllmModel"
 
 
 def register() -> None:
     """Teach transformers the `arkasr` config and vLLM the ARK-ASR architectures (idempotent).
 
-    The model class is registered lazily by name, so this stays cheap and CUDA-free.
+    The class itself is registered, not its "module:Class" name: vLLM inspects a class registered
+    by name in a fresh Python subprocess (to keep CUDA out of the caller), which re-imports vLLM
+    and cost 21-25 s of every engine's first start on a node (bench/engine_startup.py, 2-core
+    CPU). Importing the class initialises no CUDA, and every engine process imports it anyway.
     """
     import ark_ray.model  # noqa: F401  (registers model_type "arkasr" with AutoConfig)
     from vllm import ModelRegistry
 
     known = set(ModelRegistry.get_supported_archs())
-    for arch in ARCHITECTURES:
-        if arch not in known:
-            ModelRegistry.register_model(arch, _MODEL)
+    missing = [arch for arch in ARCHITECTURES if arch not in known]
+    if missing:
+        from ark_ray.vllm_plugin.model import ArkAsrVllmModel
+
+        for arch in missing:
+            ModelRegistry.register_model(arch, ArkAsrVllmModel)
 
 
 def generation_prompt(processor, wave) -> dict:
