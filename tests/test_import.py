@@ -1,0 +1,44 @@
+"""`import ark_ray` registers ARK-ASR with transformers' Auto classes, without importing the heavy
+stacks itself (ark_ray/auto_classes.py). Each case runs in a fresh interpreter: what a user types."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "transformers", "vllm", "ray", "deepspeed")
+
+
+def _python(code: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_import_ark_ray_loads_no_heavy_stack():
+    loaded = _python(f"import sys, json, ark_ray; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    assert loaded == []
+
+
+LOAD = """
+import json
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+d = {d!r}
+m, base = AutoModelForCausalLM.from_pretrained(d), AutoModel.from_pretrained(d)
+print(json.dumps([type(m).__module__ + "." + type(m).__name__, type(base).__name__,
+                  AutoConfig.from_pretrained(d).model_type, sum(p.numel() for p in m.parameters())]))
+"""
+
+
+@pytest.mark.parametrize("order", ["ark_ray first", "transformers first"])
+def test_auto_classes_load_a_checkpoint_after_import_ark_ray(repo_root, order):
+    d = str(repo_root / "assets" / "models" / "teacher")
+    first = "import ark_ray\n" if order == "ark_ray first" else "import transformers\nimport ark_ray\n"
+    got = _python(first + LOAD.format(d=d))
+    from ark_ray.model import ArkAsrForConditionalGeneration
+
+    want = ArkAsrForConditionalGeneration.from_pretrained(d)
+    assert got == ["ark_ray.model.modeling.ArkAsrForConditionalGeneration", "ArkAsrForConditionalGeneration",
+                   "arkasr", sum(p.numel() for p in want.parameters())]
