@@ -183,13 +183,16 @@ def engine_baseline(model_dir: str, engine_cfg, sampling, files: list[str]) -> d
     engine = make_engine(model_dir, engine_cfg)
     try:
         engine.transcribe(waves[:8], sampling)                  # warm-up
-        t = time.perf_counter()
-        engine.transcribe(waves, sampling)
-        dt = time.perf_counter() - t
+        with GpuSampler() as gpu:
+            t = time.perf_counter()
+            engine.transcribe(waves, sampling)
+            t1 = time.perf_counter()
     finally:
         engine.close()
+    dt = t1 - t
     audio_s = sum(len(w) for w in waves) / SR
-    return {"clips": len(waves), "audio_s": round(audio_s, 1), "wall_s": round(dt, 2), "x_rt": round(audio_s / dt, 1)}
+    return {"clips": len(waves), "audio_s": round(audio_s, 1), "wall_s": round(dt, 2), "x_rt": round(audio_s / dt, 1),
+            "gpu_busy_pct": _round(gpu.busy(t, t1))}
 
 
 def main(argv=None) -> dict:
@@ -207,6 +210,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--block_audio_s", type=float, default=240.0)
     ap.add_argument("--files_per_block", type=int, default=16)
     ap.add_argument("--engine_queue_audio_s", type=float, default=0.0, help="0: the job's default")
+    ap.add_argument("--engine", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more EngineConfig keys for the job and the baseline, e.g. enforce_eager=true")
     ap.add_argument("--format", default="parquet", choices=["jsonl", "parquet"])
     ap.add_argument("--workdir", default="/tmp/ark-bench-batch")
     ap.add_argument("--model_dir", default=None, help="an existing model directory (default: random weights of --preset)")
@@ -248,7 +253,7 @@ def main(argv=None) -> dict:
         f"--files_per_block={args.files_per_block}", f"--block_audio_s={args.block_audio_s}",
         f"--engine_queue_audio_s={args.engine_queue_audio_s}", f"--max_audio_s={max(3600.0, args.max_s)}",
         f"--engines_per_gpu={args.engines_per_gpu}",
-    ]
+    ] + [f"--engine.{kv}" for kv in args.engine]
     if gpu:
         overrides += ["--engine.num_gpus=1"]
     cfg = load_config(TranscribeConfig, None, overrides)

@@ -110,14 +110,19 @@ def child(args) -> dict:
     t2 = time.perf_counter()
     engine.transcribe(waves[:8], sampling)
     first_s = time.perf_counter() - t2
-    t3 = time.perf_counter()
-    engine.transcribe(waves, sampling)
-    run_s = time.perf_counter() - t3
+    from bench.batch_transcribe import GpuSampler
+
+    with GpuSampler() as gpu:
+        t3 = time.perf_counter()
+        engine.transcribe(waves, sampling)
+        t4 = time.perf_counter()
+    run_s = t4 - t3
+    busy = gpu.busy(t3, t4)
     audio_s = sum(len(w) for w in waves) / 16000
     engine.close()
     return {"import_vllm_s": round(import_s, 1), "build_s": round(build_s, 1), "first_call_s": round(first_s, 2),
             "x_rt": round(audio_s / run_s, 1), "clips": len(waves), "audio_s": round(audio_s, 1),
-            "run_s": round(run_s, 2), "top_frames": sampler.top(), "timeline": sampler.timeline[-60:],
+            "run_s": round(run_s, 2), "gpu_busy_pct": None if busy is None else round(busy, 1), "top_frames": sampler.top(), "timeline": sampler.timeline[-60:],
             "startup_x_rt_10h": round(36000 / (build_s + import_s + 36000 / (audio_s / run_s)), 1)}
 
 
@@ -177,7 +182,7 @@ def main(argv=None) -> list[dict]:
     for name in args.variants:
         r = run_variant(name, args)
         results.append(r)
-        brief = {k: r.get(k) for k in ("variant", "import_vllm_s", "build_s", "first_call_s", "x_rt",
+        brief = {k: r.get(k) for k in ("variant", "import_vllm_s", "build_s", "first_call_s", "x_rt", "gpu_busy_pct",
                                         "startup_x_rt_10h", "error")}
         print("VARIANT " + json.dumps(brief), flush=True)
         for sig, s in r.get("top_frames", [])[:8]:
