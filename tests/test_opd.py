@@ -4,7 +4,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import ray
 
 from ark_ray.config import OpdConfig, load_config
 from ark_ray.model.factory import make_tokenizer, save_random_model
+from ark_ray.net import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENGINE = os.environ.get("ARK_TEST_OPD_ENGINE", "vllm")
@@ -150,27 +150,21 @@ def test_killed_actor_is_restarted_and_work_redone(ray_local, pair, tmp_path, ro
     assert killed and s["steps"] == 3
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit(pair, tmp_path):
     """`ray job submit --working-dir . -- python jobs/opd.py ...` against a local `ray start --head`."""
     ray_bin = pathlib.Path(sys.executable).parent / "ray"
     tmp = pathlib.Path(f"/tmp/arkjob{os.getpid()}")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    gcs, dash = _port(), _port()
+    gcs, dash = free_port(), free_port()
     head = subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=6",
                            f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                            f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats",
                            # explicit ports: the defaults (agent 52365, ...) collide with the
                            # session's own local Ray, and then the job agent never registers
-                           f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
-                           f"--metrics-export-port={_port()}", f"--runtime-env-agent-port={_port()}",
-                           f"--ray-client-server-port={_port()}"],
+                           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                           f"--ray-client-server-port={free_port()}"],
                           env=env, capture_output=True, text=True, timeout=180)
     assert head.returncode == 0, head.stderr
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,21 +18,16 @@ from ark_ray.config import S3Config
 from ark_ray.data.listing import list_audio, load_inputs
 from ark_ray.data.s3 import StorageError, resolve, s3_options
 from ark_ray.model.factory import save_random_model
+from ark_ray.net import free_port
 
 BUCKET = "audio-in"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def moto_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

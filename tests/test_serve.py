@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import threading
 
 import numpy as np
@@ -17,6 +16,7 @@ import soundfile as sf
 from ark_ray.config import ConfigError, EngineConfig, SamplingConfig
 from ark_ray.engines import make_engine
 from ark_ray.model.factory import save_random_model
+from ark_ray.net import free_port
 from ark_ray.serve import build_app, formats
 from ark_ray.serve.app import resolve_model_dir
 from ark_ray.engines.base import Segment, Transcript
@@ -24,12 +24,6 @@ from ark_ray.engines.base import Segment, Transcript
 KEY = "test-key-123"
 MODEL = "ark-asr-test"
 MAX_NEW = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wav_bytes(seconds: float, seed: int = 0, gap_at: float | None = None, sr: int = 16000) -> bytes:

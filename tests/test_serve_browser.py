@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-import socket
 import subprocess
 import time
 
@@ -15,6 +14,7 @@ import requests
 import soundfile as sf
 
 from ark_ray.model.factory import save_random_model
+from ark_ray.net import free_port
 from ark_ray.serve import build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.skipif(
 
 MODEL = "ark-asr-page"
 DEADLINE_S = 120  # an upper bound for a stuck browser, not a timing assertion
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cdp:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import pathlib
-import socket
 import threading
 import time
 
@@ -21,15 +20,11 @@ import requests
 import soundfile as sf
 import yaml
 
+from ark_ray.net import free_port
+
 pytest.importorskip("vllm")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CONFIG = REPO / "serve_configs" / "local.yaml"

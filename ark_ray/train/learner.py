@@ -18,7 +18,6 @@ import math
 import os
 import random
 import resource
-import socket
 import sys
 import time
 from dataclasses import asdict
@@ -29,12 +28,8 @@ import ray
 import torch
 
 from ark_ray.config import LearnerConfig
+from ark_ray.net import free_port
 from ark_ray.train.losses import Loss, TokenCrossEntropy
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _skip_deepspeed_shm_build() -> None:
@@ -350,7 +345,7 @@ class LearnerGroup:
             self.pg = placement_group([{"GPU": gpus, "CPU": cfg.num_cpus_per_worker}] * world, strategy="PACK")
             ray.get(self.pg.ready())
             opts["num_gpus"] = gpus
-        port = _free_port()
+        port = free_port()
         actor_cls = ray.remote(LearnerWorker)
         self.workers = []
         for r in range(world):

@@ -17,7 +17,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,11 +24,7 @@ import urllib.request
 from importlib.metadata import PackageNotFoundError, version
 from typing import Iterator, Mapping, Optional, Sequence
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from ark_ray.net import free_port
 
 
 def serve_command(model_dir: str) -> list[str]:
@@ -136,4 +131,4 @@ def vllm_openai_server(model_dir: str, port: Optional[int] = None, extra_args: S
         server.stop()
 
 
-__all__ = ["VllmOpenAIServer", "vllm_openai_server", "serve_command", "stop_process_group", "free_port"]
+__all__ = ["VllmOpenAIServer", "vllm_openai_server", "serve_command", "stop_process_group"]
