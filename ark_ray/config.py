@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import pathlib
 import types
@@ -81,6 +82,7 @@ def opt(default: Any, doc: str, **kw: Any) -> Any:
 
 @dataclass
 class RayConfig(Validated):
+    """Ray connection (every job's `ray` section)."""
     address: Optional[str] = opt(
         None, "Ray address to connect to. None: $RAY_ADDRESS if set (as under `ray job submit`), "
         "else start a local Ray.")
@@ -90,9 +92,16 @@ class RayConfig(Validated):
     namespace: str = opt("ark-ray", "Ray namespace for the job's named actors.")
     temp_dir: Optional[str] = opt(None, "Temp dir for a local Ray's session files.")
 
+    def validate(self) -> None:
+        for key in ("num_cpus", "num_gpus"):
+            v = getattr(self, key)
+            need(v is None or v >= 0, key, f"must be >= 0 or null (Ray's default), got {v}")
+        need(bool(self.namespace), "namespace", "is empty: name a Ray namespace (default ark-ray)")
+
 
 @dataclass
 class SamplingConfig(Validated):
+    """Decoding settings for an inference engine."""
     temperature: float = opt(0.0, "Sampling temperature; 0 means greedy.")
     top_p: float = opt(1.0, "Nucleus sampling mass (1.0 disables).")
     n: int = opt(1, "Samples per clip.")
@@ -100,9 +109,19 @@ class SamplingConfig(Validated):
     logprobs_topk: int = opt(0, "If > 0, also return the top-k token ids and log-probs at every position.")
     seed: Optional[int] = opt(None, "Sampling seed (None: nondeterministic when temperature > 0).")
 
+    def validate(self) -> None:
+        need(self.temperature >= 0, "temperature", f"must be >= 0 (0: greedy), got {self.temperature}")
+        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (1.0 disables nucleus sampling), got {self.top_p}")
+        at_least(self, 1, "n", "max_new_tokens")
+        at_least(self, 0, "logprobs_topk")
+
+
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass
 class EngineConfig(Validated):
+    """One inference engine actor (vLLM or HF) and its resources."""
     backend: Literal["vllm", "hf"] = opt("vllm", "Inference engine: vLLM (default) or HF transformers.")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
     device: str = opt("auto", "HF engine device: auto, cpu, cuda.")
@@ -138,6 +157,21 @@ class EngineConfig(Validated):
         "cache as `memory`, so Ray places it where it fits instead of vLLM reserving a share of the node. "
         "VLLM_CPU_KVCACHE_SPACE (GiB), when set, overrides it.")
 
+    def validate(self) -> None:
+        need(self.dtype in ENGINE_DTYPES, "dtype", f"{self.dtype!r} is not one of {list(ENGINE_DTYPES)}")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+             f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        at_least(self, 1, "max_num_seqs", "max_model_len")
+        at_least(self, 0, "max_num_batched_tokens", "num_gpus", "num_cpus", "cpu_kv_cache_max_gb")
+        need(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+             f"is a fraction of the card: in (0, 1], got {self.gpu_memory_utilization}")
+        need(self.max_chunk_s > 0, "max_chunk_s", f"must be > 0, got {self.max_chunk_s}")
+        need(self.enable_chunked_prefill or self.max_num_batched_tokens == 0
+             or self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
+             f"={self.max_num_batched_tokens} < max_model_len={self.max_model_len} with enable_chunked_prefill "
+             "off: a whole prompt must fit one step; raise it, set it to 0 (vLLM's default) or turn chunked "
+             "prefill on")
+
     def check_installed(self) -> None:
         """Fail in the driver with a clear message instead of in every engine actor."""
         import importlib.util
@@ -149,6 +183,7 @@ class EngineConfig(Validated):
 
 @dataclass
 class LearnerConfig(Validated):
+    """The DeepSpeed learner group (SFT and OPD)."""
     num_workers: int = opt(1, "Learner ranks (Ray actors, one torch.distributed rank each).")
     use_gpu: bool = opt(False, "One GPU per rank, NCCL, bf16 compute with fp32 master weights, fp32 optimizer "
                         "state and (ZeRO 1-3) fp32 gradient accumulation; else CPU, gloo, fp32.")
@@ -176,7 +211,8 @@ class LearnerConfig(Validated):
         "non-reentrant). Less activation memory for about one more forward pass of compute; the conv stem, "
         "adapter and lm_head are not checkpointed.")
     grad_clip: float = opt(1.0, "Gradient norm clip (0 disables).")
-    seed: int = opt(0, "Seed for parameter init, dropout and data order.")
+    seed: int = opt(0, "Seed for parameter init (random preset models) and dropout. The data order has its "
+                    "own key: the job's top-level `seed`.")
     weight_sync: Literal["auto", "ipc", "broadcast", "object_store"] = opt(
         "auto", "How new weights reach the rollout engines (always in the engine's dtype, in buckets). ipc: the "
         "engine shares learner rank 0's GPU; it copies from the learner's GPU buckets through CUDA IPC handles. "
@@ -209,6 +245,20 @@ class LearnerConfig(Validated):
             raise ConfigError(f"weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
         if self.weight_sync_retries < 0:
             raise ConfigError(f"weight_sync_retries must be >= 0, got {self.weight_sync_retries}")
+        at_least(self, 1, "num_workers")
+        at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip", "num_cpus_per_worker")
+        need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"is a fraction of lr: in [0, 1], got {self.min_lr_ratio}")
+        need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+             "betas", f"must be two numbers in [0, 1) (AdamW's beta1, beta2), got {self.betas}")
+        for key in ("weight_sync_timeout_s", "weight_sync_collective_timeout_s"):
+            need(getattr(self, key) > 0, key, f"must be > 0 seconds, got {getattr(self, key)}")
+        if self.use_gpu:
+            need(0 < self.num_gpus_per_worker <= 1, "num_gpus_per_worker",
+                 f"must be in (0, 1] with use_gpu (one rank per card, a fraction to share it), "
+                 f"got {self.num_gpus_per_worker}")
+        need(self.weight_sync != "ipc" or self.use_gpu, "weight_sync",
+             "=ipc shares CUDA memory and needs use_gpu=true; on CPU set weight_sync=auto (object_store)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +316,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
+    if (tp is list or origin is list) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return [value]  # `--predictions x.jsonl`: one item
     if tp in (list, dict) or origin in (list, dict):
         want = origin or tp
         if not isinstance(value, want):
@@ -311,7 +363,8 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["--a.b=1", "--c", "x"]` -> `{"a": {"b": 1}, "c": "x"}` (values parsed as YAML scalars)."""
+    """`["--a.b=1", "--c", "x", "--d", "y", "z"]` -> `{"a": {"b": 1}, "c": "x", "d": ["y", "z"]}` (values
+    parsed as YAML scalars; `--key-name` is `--key_name`; a bare `--flag` is true)."""
     out: dict = {}
     i = 0
     while i < len(overrides):
@@ -328,6 +381,12 @@ def parse_overrides(overrides: list[str]) -> dict:
             key, raw = body, "true"  # a bare flag: --resume
         key = key.replace("-", "_")
         value = yaml.safe_load(raw) if raw != "" else ""
+        more = []
+        while "=" not in body and i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            more.append(overrides[i + 1])  # `--predictions a b c`: several values make a list
+            i += 1
+        if more:
+            value = [value] + [yaml.safe_load(m) if m != "" else "" for m in more]
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -420,7 +479,11 @@ def iter_keys(cls: type, prefix: str = ""):
 def render_markdown(classes: list[type]) -> str:
     lines = ["# Configuration keys", "",
              "Generated from `ark_ray/config.py` by `python -m ark_ray.config > docs/config.md`. "
-             "Jobs take `--config FILE.yaml` and `--key=value` overrides (dotted keys for sections).", ""]
+             "Jobs take `--config FILE.yaml` and `--key=value` overrides (dotted keys for sections). Every "
+             "config is checked when loaded (`validate()` of each class: rules that span keys, with the key, why, "
+             "and what to set instead). One name per idea across jobs: `model` (the model a job runs or starts "
+             "from; OPD names its two by role, `student` and `teacher`), `steps`, `eval_manifest`, `seed` (the "
+             "data order; `learner.seed`: parameter init and dropout). Renamed keys fail with the new name.", ""]
     for cls in classes:
         lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip().splitlines()[0], "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]
@@ -428,6 +491,10 @@ def render_markdown(classes: list[type]) -> str:
             d = "" if default == "(section)" else f"`{default!r}`"
             lines.append(f"| `{key}` | {tname} | {d} | {doc} |")
         lines.append("")
+        for old, why in getattr(cls, "removed_keys", {}).items():
+            lines.append(f"- `{old}` (removed; loading it is an error): {why}")
+        if getattr(cls, "removed_keys", None):
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -456,8 +523,8 @@ def job_config(cls: type[T]) -> type[T]:
 @dataclass
 class ServeConfig(Validated):
     """ark_ray.serve (`serve run serve_configs/*.yaml`): the OpenAI-compatible transcription endpoint."""
-    model_dir: str = opt("assets/models/student", "HF-format ARK-ASR directory the replicas load; `$VAR`/`${VAR}` "
-                         "are expanded from the environment of `serve run`, relative paths from its directory.")
+    model: str = opt("assets/models/student", "HF-format ARK-ASR directory the replicas load; `$VAR`/`${VAR}` "
+                     "are expanded from the environment of `serve run`, relative paths from its directory.")
     model_name: str = opt("ark-asr", "Model id clients pass as `model` and GET /v1/models lists.")
     engine: EngineConfig = opt(EngineConfig(), "Inference engine of each model replica (num_gpus/num_cpus: per replica).")
     max_new_tokens: int = opt(128, "Most transcript tokens per 30 s window.")
@@ -474,34 +541,82 @@ class ServeConfig(Validated):
     ingress_max_ongoing_requests: int = opt(1000, "Concurrent HTTP requests one ingress replica accepts "
                                             "(high: it only decodes audio and waits, so /health stays responsive).")
 
+    removed_keys = {"model_dir": "renamed to model (every job names the model it runs `model`)"}
+
+    def validate(self) -> None:
+        at_least(self, 1, "max_batch_size", "max_new_tokens", "max_ongoing_requests", "ingress_max_ongoing_requests")
+        at_least(self, 0, "batch_wait_timeout_s")
+        at_least(self, -1, "max_queued_requests")
+        need(self.max_ongoing_requests >= self.max_batch_size, "max_ongoing_requests",
+             f"({self.max_ongoing_requests}) must be >= max_batch_size ({self.max_batch_size}), or batches can "
+             "never fill")
+        for key in ("max_upload_mb", "max_audio_s"):
+            need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        windows = max_windows(self.max_audio_s, self.engine.max_chunk_s)
+        # All windows of a request are submitted at once and wait in the handle's queue until a
+        # replica takes them, so a smaller queue would turn away one long clip on an idle server.
+        need(not 0 <= self.max_queued_requests < windows, "max_queued_requests",
+             f"({self.max_queued_requests}) must be >= {windows}, the most windows one {self.max_audio_s:g} s "
+             "upload can have (or -1 for unbounded)")
+        need(self.api_key is None or self.api_key != "", "api_key", "is empty: set a key or leave it null")
+
+
+def max_windows(max_audio_s: float, max_chunk_s: float) -> int:
+    """Upper bound on windows per clip: the chunker never cuts a window shorter than half its max."""
+    return max(1, math.ceil(max_audio_s / (max_chunk_s / 2)))
+
 
 @job_config
 @dataclass
 class SftConfig(Validated):
     """jobs/sft.py: supervised fine-tuning on a JSONL/Parquet manifest (also teacher-data adaptation)."""
-    init_model: str = opt("preset:tiny", "Model to start from: an HF-format ARK-ASR directory, or "
-                          "`preset:NAME` for a random model of a preset with a tokenizer trained on the demo corpus.")
-    model_overrides: dict = opt({}, "ArkAsrConfig overrides when init_model is a preset (e.g. num_hidden_layers).")
+    model: str = opt("preset:tiny", "Model to start from: an HF-format ARK-ASR directory, or `preset:NAME` for a "
+                     "random model of a preset with a tokenizer trained on the demo corpus.")
+    model_overrides: dict = opt({}, "ArkAsrConfig overrides when model is a preset (e.g. num_hidden_layers).")
     train_manifest: str = opt("assets/demo_corpus/train_sample.jsonl", "Training manifest (JSONL or Parquet).")
-    dev_manifest: Optional[str] = opt("assets/demo_corpus/dev.jsonl", "Manifest for periodic WER (None: no eval).")
+    eval_manifest: Optional[str] = opt("assets/demo_corpus/dev.jsonl", "Held-out manifest for periodic WER "
+                                       "(None: no eval).")
     text_field: str = opt("text", "Manifest column holding the target text (`pred_text` for teacher labels).")
     output_dir: str = opt("runs/sft", "Where checkpoints, metrics.jsonl and the final HF export go.")
-    max_steps: int = opt(20, "Optimizer steps.")
+    steps: int = opt(20, "Learner steps (optimizer steps when learner.grad_accum_steps is 1).")
     batch_size: int = opt(8, "Utterances per optimizer step (split over learner ranks).")
-    eval_every: int = opt(0, "Steps between dev WER evaluations (0: only at the end).")
-    eval_max_samples: int = opt(64, "Most dev utterances scored per evaluation.")
+    eval_every: int = opt(0, "Steps between eval_manifest WER evaluations (0: only at the end).")
+    eval_max_samples: int = opt(64, "Most eval_manifest utterances scored per evaluation.")
     save_every: int = opt(0, "Steps between checkpoints (0: only at the end).")
     resume: bool = opt(False, "Continue from the checkpoint in output_dir (same data order, no repeats or skips).")
     max_audio_s: float = opt(30.0, "Clips longer than this are error rows.")
     featurize_workers: int = opt(1, "Ray Data actors decoding audio and computing log-mel for the learner "
                                  "(1 leaves a small CPU to the learner; raise it on a GPU machine).")
-    max_new_tokens: int = opt(48, "Generation limit for dev WER.")
+    max_new_tokens: int = opt(48, "Generation limit for the eval WER.")
     export_dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "dtype of the final HF export.")
     export_every_save: bool = opt(False, "Also write an HF snapshot (snapshots/step_N) at every checkpoint.")
     skip_bad_rows: bool = opt(False, "Unusable manifest lines (bad JSON, no audio, impossible segments) stop the job "
                               "at load time with every bad line listed; true: skip them and log how many.")
+    seed: int = opt(0, "Seed of the data order (the permutation of train_manifest, one per epoch); "
+                    "learner.seed seeds parameter init and dropout.")
     learner: LearnerConfig = opt(LearnerConfig(), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
+
+    removed_keys = {"init_model": "renamed to model (every job names the model it starts from `model`)",
+                    "dev_manifest": "renamed to eval_manifest (as in jobs/opd.py)",
+                    "max_steps": "renamed to steps (as in jobs/opd.py)"}
+
+    def validate(self) -> None:
+        at_least(self, 1, "steps", "batch_size", "featurize_workers", "max_new_tokens")
+        at_least(self, 0, "eval_every", "eval_max_samples", "save_every")
+        need(self.max_audio_s > 0, "max_audio_s", f"must be > 0, got {self.max_audio_s}")
+        need(bool(self.text_field), "text_field", "is empty: name the manifest column with the target text")
+        need(not self.model_overrides or self.model.startswith("preset:"), "model_overrides",
+             f"only apply to a `preset:NAME` model, not the checkpoint {self.model}; leave them empty")
+        need(self.batch_size >= self.learner.num_workers, "batch_size",
+             f"({self.batch_size}) must be >= learner.num_workers ({self.learner.num_workers}): every rank "
+             "takes at least one row of each batch")
+        gas = self.learner.grad_accum_steps
+        need(gas == 1 or (self.steps % gas == 0 and self.save_every % gas == 0), "learner.grad_accum_steps",
+             f"={gas} must divide steps ({self.steps}) and save_every ({self.save_every}): checkpoints hold no "
+             "accumulated gradients")
+        need(self.learner.weight_sync == "auto", "learner.weight_sync",
+             f"={self.learner.weight_sync} does nothing in SFT (no rollout engines); leave it at auto")
 
 @job_config
 @dataclass
@@ -556,7 +671,8 @@ class OpdConfig(Validated):
                                "engines are up. False: all three start at once.")
     skip_bad_rows: bool = opt(False, "Unusable manifest lines (bad JSON, no audio, impossible segments) stop the job "
                               "at load time with every bad line listed; true: skip them and log how many.")
-    seed: int = opt(0, "Seed of the data order.")
+    seed: int = opt(0, "Seed of the data order (the permutation of train_manifest, one per epoch); "
+                    "learner.seed seeds parameter init and dropout.")
     sampling: SamplingConfig = opt(SamplingConfig(max_new_tokens=48), "Student rollout sampling (greedy by default).")
     rollout_engine: EngineConfig = opt(EngineConfig(), "Inference engine of the rollout workers.")
     learner: LearnerConfig = opt(LearnerConfig(lr=2e-4), "Learner group (DeepSpeed) settings.")
@@ -577,6 +693,35 @@ class OpdConfig(Validated):
             # the rollout worker asks the engine for `topk` student log-probs; a second k would be ignored
             raise ConfigError(f"sampling.logprobs_topk={self.sampling.logprobs_topk} differs from topk={self.topk}: "
                               "OPD sets the student's top-k from `topk`; leave sampling.logprobs_topk at 0")
+        at_least(self, 0, "eval_every", "eval_max_samples", "save_every", "teacher_num_cpus", "teacher_num_gpus",
+                 "teacher_logprobs_k", "teacher_max_num_batched_tokens")
+        at_least(self, -1, "max_actor_restarts")
+        need(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        need(self.max_audio_s > 0, "max_audio_s", f"must be > 0, got {self.max_audio_s}")
+        need(0 < self.teacher_gpu_memory_utilization <= 1, "teacher_gpu_memory_utilization",
+             f"is a fraction of the card: in (0, 1], got {self.teacher_gpu_memory_utilization}")
+        if self.teacher_engine == "vllm":
+            need(self.teacher_backend == "qwen3_asr", "teacher_engine",
+                 "=vllm scores through a Qwen3-ASR vLLM engine: set teacher_backend=qwen3_asr, or teacher_engine=hf")
+            need(self.tau == 1.0, "tau", f"={self.tau:g} with teacher_engine=vllm: vLLM returns log-probs at "
+                 "temperature 1; set tau=1 or teacher_engine=hf")
+        else:
+            for key in ("teacher_logprobs_k", "teacher_max_num_batched_tokens"):
+                need(getattr(self, key) == 0, key, f"={getattr(self, key)} only applies with teacher_engine=vllm; "
+                     "leave it at 0 or set teacher_engine=vllm")
+        need(self.teacher_language is None or self.teacher_backend == "qwen3_asr", "teacher_language",
+             "only applies to the qwen3_asr teacher (an ark teacher takes no language prompt); leave it null")
+        lr = self.learner
+        gas = lr.grad_accum_steps
+        need(gas == 1 or (self.steps % gas == 0 and self.save_every % gas == 0), "learner.grad_accum_steps",
+             f"={gas} must divide steps ({self.steps}) and save_every ({self.save_every}): checkpoints hold no "
+             "accumulated gradients")
+        fractional = lr.use_gpu and (lr.num_gpus_per_worker < 1 or 0 < self.rollout_engine.num_gpus < 1)
+        need(not (lr.weight_sync == "broadcast" and fractional), "learner.weight_sync",
+             f"=broadcast needs learner rank 0 and every rollout engine on different GPUs (NCCL refuses two "
+             f"ranks on one card), but learner.num_gpus_per_worker={lr.num_gpus_per_worker:g} and "
+             f"rollout_engine.num_gpus={self.rollout_engine.num_gpus:g} let them share one: set "
+             "learner.weight_sync=auto (ipc on a shared GPU, broadcast across GPUs), or whole GPUs for both")
 
 
 @dataclass
@@ -590,6 +735,11 @@ class S3Config(Validated):
     secret_access_key: Optional[str] = opt(None, "Secret key. None: $AWS_SECRET_ACCESS_KEY.")
     session_token: Optional[str] = opt(None, "Session token for temporary credentials. None: $AWS_SESSION_TOKEN.")
     anonymous: bool = opt(False, "Unsigned requests (public buckets).")
+
+    def validate(self) -> None:
+        need(not (self.anonymous and (self.access_key_id or self.secret_access_key or self.session_token)),
+             "anonymous", "=true sends unsigned requests, so the given keys would be ignored: drop the keys "
+             "or set anonymous=false")
 
 
 @job_config
@@ -663,6 +813,36 @@ def resolve_model(model: Optional[str]) -> str:
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ConfigError(f"model {model}: not an HF-format model directory (no config.json)")
     return os.path.abspath(model)
+
+
+@job_config
+@dataclass
+class EvaluateConfig(Validated):
+    """jobs/evaluate.py: WER / CER / J/WER of prediction files (jobs/transcribe.py output or any JSONL/Parquet)."""
+    predictions: list = opt([], "Prediction files, or folders / URI prefixes (local, s3://, gs://) whose "
+                            ".jsonl/.json/.parquet shards form one dataset each: `--predictions a.jsonl out/ "
+                            "s3://b/p/` or `--predictions=[a.jsonl, out/]`.")
+    output: Optional[str] = opt(None, "Write the report (per dataset, total, error rows) as JSON here.")
+    normalizer: Literal["auto", "english", "basic", "chinese", "seed", "none"] = opt(
+        "auto", "Text normaliser for both sides (auto: Chinese for CJK references, else Whisper English).")
+    text_field: str = opt("text", "Column with the reference transcript.")
+    pred_field: str = opt("pred_text", "Column with the prediction.")
+    per_file: bool = opt(False, "One table row per file, also inside folders.")
+    scored_dir: Optional[str] = opt(None, "Write each dataset's rows with cleaned texts and edit counts here, "
+                                    "worst first (<NN>_<name>.scored.jsonl).")
+    max_listed_errors: int = opt(20, "Error rows listed per dataset.")
+
+    def validate(self) -> None:
+        need(all(p not in (None, "") and not isinstance(p, (list, dict, bool)) for p in self.predictions),
+             "predictions", f"must be paths or URIs, got {self.predictions!r}")
+        self.predictions = [str(p) for p in self.predictions]   # `--predictions 2024` is a path too
+        at_least(self, 0, "max_listed_errors")
+        need(bool(self.text_field) and bool(self.pred_field) and self.text_field != self.pred_field, "pred_field",
+             f"({self.pred_field!r}) and text_field ({self.text_field!r}) must name two different columns")
+
+    def check_ready(self) -> None:
+        """The one key that has no usable default (checked by the job, so `EvaluateConfig()` builds)."""
+        need(bool(self.predictions), "predictions", "is empty: pass --predictions FILE_OR_DIR [...]")
 
 
 # <<< job configs <<<

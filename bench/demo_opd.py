@@ -47,9 +47,10 @@ def opd(seed: int, out: pathlib.Path, extra: list[str] = ()) -> dict:
 
 
 def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batch: int, lr: float) -> dict:
-    s = sh([PY, "jobs/sft.py", f"--init_model={init}", f"--train_manifest={manifest}",
-            "--dev_manifest=assets/demo_corpus/test.jsonl", "--eval_max_samples=60", f"--max_steps={steps}",
-            f"--batch_size={batch}", f"--learner.lr={lr}", f"--learner.seed={seed}", f"--output_dir={out}",
+    s = sh([PY, "jobs/sft.py", f"--model={init}", f"--train_manifest={manifest}",
+            "--eval_manifest=assets/demo_corpus/test.jsonl", "--eval_max_samples=60", f"--steps={steps}",
+            f"--batch_size={batch}", f"--learner.lr={lr}", f"--learner.seed={seed}", f"--seed={seed}",
+            f"--output_dir={out}",
             "--export_dtype=float32", "--ray.num_cpus=4"], out.with_suffix(".term"))
     m = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     wer = m.get("dev_wer", m.get("summary", {}).get("dev_wer"))

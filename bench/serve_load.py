@@ -234,7 +234,7 @@ def serve_config(args, model_dir: str) -> dict:
     (app,) = cfg["applications"]
     app.update(name="bench", route_prefix="/")
     a = app["args"]
-    a.update(model_dir=model_dir, model_name=args.model_name, max_new_tokens=args.max_new_tokens, api_key_env=None)
+    a.update(model=model_dir, model_name=args.model_name, max_new_tokens=args.max_new_tokens, api_key_env=None)
     a["engine"]["max_num_seqs"] = args.max_num_seqs
     if args.gpu:
         a["engine"]["dtype"] = "bfloat16"

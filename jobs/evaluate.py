@@ -1,17 +1,16 @@
 """Score transcription output (WER, CER, J/WER):
 
     python jobs/evaluate.py --predictions out/dev.jsonl out/test/ s3://bucket/preds/ \\
-        [--output report.json] [--normalizer auto] [--scored-dir DIR]
+        [--output=report.json] [--normalizer=auto] [--scored_dir=DIR] [--config FILE] [--key=value ...]
 
 Each FILE is one table row; each DIR (or URI prefix) is one dataset whose .jsonl/.json/.parquet
 shards (as Ray Data or jobs/transcribe.py write them) are combined into one row, or one row per
-file with --per-file. Rows need the reference in `text` and the prediction in `pred_text`; rows
+file with --per_file. Rows need the reference in `text` and the prediction in `pred_text`; rows
 with a non-null `error` are counted as errors and left out of the rates. Ends with a table and a
-total row that combines edit counts (not rates).
+total row that combines edit counts (not rates). Every key is in docs/config.md (EvaluateConfig).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -21,26 +20,17 @@ from typing import Iterator
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ark_ray.eval import NORMALIZERS, EvalError, EvalReport, evaluate_rows, format_table, total
+from ark_ray.config import ConfigError, EvaluateConfig, parse_job_args
+from ark_ray.eval import EvalError, EvalReport, evaluate_rows, format_table, total
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--predictions", nargs="+", required=True, metavar="FILE_OR_DIR",
-                   help="prediction files, or folders/URI prefixes of shards (local, s3://, gs://)")
-    p.add_argument("--output", help="write the report (per file, total, error rows) as JSON here")
-    p.add_argument("--normalizer", default="auto", choices=sorted(NORMALIZERS),
-                   help="text normaliser for both sides (auto: Chinese for CJK references, else Whisper English)")
-    p.add_argument("--text-field", default="text", help="column with the reference transcript")
-    p.add_argument("--pred-field", default="pred_text", help="column with the prediction")
-    p.add_argument("--per-file", action="store_true", help="one row per file, also inside folders")
-    p.add_argument("--scored-dir", help="write each dataset's rows with cleaned texts and edit counts here, "
-                                        "worst first (<name>.scored.jsonl)")
-    p.add_argument("--max-listed-errors", type=int, default=20, help="error rows listed per dataset")
-    return p.parse_args(argv)
+def parse_args(argv: list[str] | None) -> EvaluateConfig:
+    """`[--config FILE] [--key=value ...]` (docs/config.md, EvaluateConfig); hyphens read as underscores."""
+    cfg = parse_job_args(EvaluateConfig, sys.argv[1:] if argv is None else argv)
+    cfg.check_ready()
+    return cfg
 
 
 def _filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
@@ -98,16 +88,16 @@ def read_rows(fs: pafs.FileSystem, path: str) -> Iterator[dict]:
             yield row
 
 
-def evaluate(args: argparse.Namespace) -> list[EvalReport]:
+def evaluate(cfg: EvaluateConfig) -> list[EvalReport]:
     """One report per dataset. (A `--model` mode would transcribe manifests into rows first.)"""
     reports = []
-    for name, fs, files in prediction_sources(args.predictions, args.per_file):
+    for name, fs, files in prediction_sources(cfg.predictions, cfg.per_file):
         rows = (row for f in files for row in read_rows(fs, f))
-        report, scored = evaluate_rows(rows, name, normalizer=args.normalizer, text_field=args.text_field,
-                                       pred_field=args.pred_field, max_listed=args.max_listed_errors)
+        report, scored = evaluate_rows(rows, name, normalizer=cfg.normalizer, text_field=cfg.text_field,
+                                       pred_field=cfg.pred_field, max_listed=cfg.max_listed_errors)
         reports.append(report)
-        if args.scored_dir:
-            _write_scored(args.scored_dir, len(reports), name, scored)
+        if cfg.scored_dir:
+            _write_scored(cfg.scored_dir, len(reports), name, scored)
     return reports
 
 
@@ -121,17 +111,17 @@ def _write_scored(folder: str, index: int, name: str, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    reports = evaluate(args)
-    result = {"normalizer": args.normalizer, "datasets": [r.to_dict() for r in reports],
+    cfg = parse_args(argv)
+    reports = evaluate(cfg)
+    result = {"normalizer": cfg.normalizer, "datasets": [r.to_dict() for r in reports],
               "total": total(reports).to_dict()}
     print(format_table(reports))
     for r in reports:
         for e in r.errors:
             where = f"row {e['row']}" + (f" ({e['id']})" if e.get("id") is not None else "")
             print(f"error row: {r.name} {where}: {e['error']}")
-    if args.output:
-        out = pathlib.Path(args.output)
+    if cfg.output:
+        out = pathlib.Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         print(f"report: {out}")
@@ -141,6 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except EvalError as e:
+    except (EvalError, ConfigError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         sys.exit(2)

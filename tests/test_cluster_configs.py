@@ -209,6 +209,6 @@ def test_rayservice_serves_the_gpu_serve_config(repo_root):
                 for a in cfg["applications"]]
 
     assert shape(ours) == shape(theirs)
-    assert ours["applications"][0]["args"]["model_dir"] == "${ARK_MODEL_DIR}"
+    assert ours["applications"][0]["args"]["model"] == "${ARK_MODEL_DIR}"
     head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "ARK_MODEL_DIR", "value": "/mnt/ark/models/ark-asr-0.6b"} in head["env"]

@@ -55,7 +55,7 @@ def server(ray_local, model_dir):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Capacity is deliberately small (2 windows running + 4 queued) so a burst overflows it.
-    app = build_app({"model_dir": model_dir, "model_name": MODEL, "api_key": KEY, "max_new_tokens": MAX_NEW,
+    app = build_app({"model": model_dir, "model_name": MODEL, "api_key": KEY, "max_new_tokens": MAX_NEW,
                      "engine": {"backend": "hf", "num_cpus": 1}, "max_batch_size": 2,
                      "max_ongoing_requests": 2, "max_queued_requests": 4, "max_upload_mb": 2.0,
                      "max_audio_s": 60.0, "ingress_max_ongoing_requests": 100})
@@ -282,11 +282,11 @@ def test_burst_beyond_capacity_gets_503_and_recovers(server, ray_metrics):
 # ----------------------------------------------------------------------------- config
 def test_build_app_validates_config(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="max_ongoing_requests"):
-        build_app({"model_dir": str(tmp_path), "max_batch_size": 8, "max_ongoing_requests": 4})
+        build_app({"model": str(tmp_path), "max_batch_size": 8, "max_ongoing_requests": 4})
     with pytest.raises(ConfigError, match="max_queued_requests"):
-        build_app({"model_dir": str(tmp_path), "max_audio_s": 600, "max_queued_requests": 16})
+        build_app({"model": str(tmp_path), "max_audio_s": 600, "max_queued_requests": 16})
     with pytest.raises(ConfigError, match="unknown config key"):
-        build_app({"model_dir": str(tmp_path), "max_batchsize": 8})
+        build_app({"model": str(tmp_path), "max_batchsize": 8})
     monkeypatch.delenv("ARK_TEST_MODEL", raising=False)
     with pytest.raises(ConfigError, match="ARK_TEST_MODEL"):
         resolve_model_dir("${ARK_TEST_MODEL}/student")

@@ -69,7 +69,7 @@ def server(ray_local, tmp_path_factory):
     save_random_model(d, "tiny", initializer_range=0.2, seed=5)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_dir": str(d), "model_name": MODEL, "max_new_tokens": 10, "api_key_env": None,
+    serve.run(build_app({"model": str(d), "model_name": MODEL, "max_new_tokens": 10, "api_key_env": None,
                          "engine": {"backend": "hf", "num_cpus": 1}, "max_batch_size": 4,
                          "max_ongoing_requests": 4}), name="ark-page", route_prefix="/")
     yield f"http://127.0.0.1:{port}"

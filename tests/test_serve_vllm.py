@@ -38,7 +38,7 @@ def local_config(port: int, autoscaling: dict | None = None) -> dict:
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["http_options"]["port"] = port
     (app,) = cfg["applications"]
-    app["args"]["model_dir"] = str(REPO / app["args"]["model_dir"])
+    app["args"]["model"] = str(REPO / app["args"]["model"])
     if autoscaling:
         (dep,) = [d for d in app["deployments"] if d["name"] == REPLICA]
         dep.pop("num_replicas", None)

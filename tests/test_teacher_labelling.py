@@ -66,8 +66,8 @@ def test_rerun_skips_done_and_rewrites_the_same_manifest(labelled):
 def test_sft_trains_one_step_on_the_teacher_labels(labelled, repo_root):
     tmp, out, _, _ = labelled
     sft = _load_job(repo_root, "sft")
-    s = sft.main([f"--init_model={tmp / 'teacher'}", f"--train_manifest={out / 'manifest.jsonl'}",
-                  "--dev_manifest=null", "--max_steps=1", "--batch_size=2", f"--output_dir={tmp / 'sft'}",
+    s = sft.main([f"--model={tmp / 'teacher'}", f"--train_manifest={out / 'manifest.jsonl'}",
+                  "--eval_manifest=null", "--steps=1", "--batch_size=2", f"--output_dir={tmp / 'sft'}",
                   "--export_dtype=float32"])
     assert s["steps"] == 1 and s["error_rows"] == 0
     assert s["first_loss"] == s["first_loss"] and s["first_loss"] > 0                   # finite, trained

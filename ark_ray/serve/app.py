@@ -15,7 +15,6 @@ batched with `@serve.batch`, and Serve's autoscaling and back-pressure apply to 
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Any, Optional
@@ -36,15 +35,10 @@ def resolve_model_dir(path: str) -> str:
     expanded = os.path.expandvars(path)
     missing = _UNSET_VAR.findall(expanded)
     if missing:
-        raise ConfigError(f"model_dir {path!r}: environment variable {missing[0]} is not set")
+        raise ConfigError(f"model {path!r}: environment variable {missing[0]} is not set")
     if not os.path.isabs(expanded) and os.path.exists(expanded):
         expanded = os.path.abspath(expanded)
     return expanded
-
-
-def max_windows(max_audio_s: float, max_chunk_s: float) -> int:
-    """Upper bound on windows per clip: the chunker never cuts a window shorter than half its max."""
-    return max(1, math.ceil(max_audio_s / (max_chunk_s / 2)))
 
 
 def resolve_api_key(cfg: ServeConfig) -> Optional[str]:
@@ -54,23 +48,10 @@ def resolve_api_key(cfg: ServeConfig) -> Optional[str]:
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:
-    """The ingress bound to one model deployment; `args` are ServeConfig keys (nested dicts)."""
+    """The ingress bound to one model deployment; `args` are ServeConfig keys (nested dicts), checked
+    by ServeConfig.validate when loaded."""
     cfg = args if isinstance(args, ServeConfig) else load_config(ServeConfig, overrides=dict(args or {}))
-    if cfg.max_ongoing_requests < cfg.max_batch_size:
-        raise ConfigError(f"max_ongoing_requests ({cfg.max_ongoing_requests}) must be >= max_batch_size "
-                          f"({cfg.max_batch_size}), or batches can never fill")
-    for key in ("max_batch_size", "max_new_tokens", "max_ongoing_requests", "ingress_max_ongoing_requests"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.max_upload_mb <= 0 or cfg.max_audio_s <= 0:
-        raise ConfigError("max_upload_mb and max_audio_s must be > 0")
-    windows = max_windows(cfg.max_audio_s, cfg.engine.max_chunk_s)
-    if 0 <= cfg.max_queued_requests < windows:
-        # All windows of a request are submitted at once and wait in the handle's queue until a
-        # replica takes them, so a smaller queue would turn away one long clip on an idle server.
-        raise ConfigError(f"max_queued_requests ({cfg.max_queued_requests}) must be >= {windows}, the most "
-                          f"windows one {cfg.max_audio_s:g} s upload can have (or -1 for unbounded)")
-    model_dir = resolve_model_dir(cfg.model_dir)
+    model_dir = resolve_model_dir(cfg.model)
     # CPUs and GPUs; on CPU memory= the model plus its sized KV cache (the app's runtime env
     # carries the environment)
     options = {k: v for k, v in engine_actor_options(model_dir, cfg.engine).items() if k != "runtime_env"}

@@ -88,9 +88,9 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
 @serve.deployment(name="ArkIngress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, transcriber: DeploymentHandle, model_name: str, max_chunk_s: float = 30.0,
-                 max_new_tokens: int = 128, max_upload_mb: float = 25.0, max_audio_s: float = 600.0,
-                 api_key: Optional[str] = None):
+    def __init__(self, transcriber: DeploymentHandle, model_name: str, *, max_chunk_s: float,
+                 max_new_tokens: int, max_upload_mb: float, max_audio_s: float, api_key: Optional[str]):
+        """Every limit comes from ServeConfig (build_app passes them; no second set of defaults here)."""
         self.transcriber = transcriber
         self.streamer = transcriber.options(stream=True)
         self.model_name = model_name

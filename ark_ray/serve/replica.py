@@ -33,8 +33,8 @@ def _sampling(item: dict) -> SamplingConfig:
 
 @serve.deployment(name="ArkTranscriber")
 class TranscriberReplica:
-    def __init__(self, model_dir: str, engine: dict, max_batch_size: int = 16,
-                 batch_wait_timeout_s: float = 0.01):
+    def __init__(self, model_dir: str, engine: dict, max_batch_size: int, batch_wait_timeout_s: float):
+        """Settings from ServeConfig (build_app passes them; no second set of defaults here)."""
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model_dir {model_dir!r} is not a directory on this node")
         self.engine_cfg = load_config(EngineConfig, overrides=dict(engine))
@@ -85,7 +85,7 @@ class TranscriberReplica:
                 }
         return out
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)   # placeholders: __init__ sets ServeConfig's
     async def _batched(self, items: list[dict]) -> list[dict]:
         """The engine runs in a worker thread so the event loop keeps accepting (and batching)
         windows; @serve.batch runs one batch at a time, so the engine sees one thread."""

@@ -23,13 +23,13 @@ from ark_ray.train.learner import LearnerGroup
 
 def prepare_init_model(cfg: SftConfig) -> str:
     """A model directory to start from (creates a random preset model when asked)."""
-    if not cfg.init_model.startswith("preset:"):
-        return cfg.init_model
+    if not cfg.model.startswith("preset:"):
+        return cfg.model
     from ark_ray.demo.corpus import vocabulary_texts
     from ark_ray.model.factory import save_random_model
     from ark_ray.model.tokenizer import build_tiny_tokenizer
 
-    preset = cfg.init_model.split(":", 1)[1]
+    preset = cfg.model.split(":", 1)[1]
     out = pathlib.Path(cfg.output_dir) / "init"
     if not (out / "model.safetensors").exists():
         tok = build_tiny_tokenizer(vocabulary_texts(), vocab_size=1024) if preset == "tiny" else None
@@ -72,19 +72,15 @@ def run_sft(cfg: SftConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_init_model(cfg)
     rows = read_manifest(cfg.train_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
-    dev_rows = (read_manifest(cfg.dev_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
-                if cfg.dev_manifest else [])
-    gas = cfg.learner.grad_accum_steps
-    if gas > 1 and (cfg.max_steps % gas or (cfg.save_every and cfg.save_every % gas)):
-        raise ValueError(f"learner.grad_accum_steps={gas} must divide max_steps ({cfg.max_steps}) and save_every "
-                         f"({cfg.save_every}): checkpoints hold no accumulated gradients")
+    dev_rows = (read_manifest(cfg.eval_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
+                if cfg.eval_manifest else [])
     ckpt = out_dir / "checkpoint"
-    group = LearnerGroup(model_dir, cfg.learner, total_steps=cfg.max_steps)  # loss: token cross-entropy
+    group = LearnerGroup(model_dir, cfg.learner, total_steps=cfg.steps)  # loss: token cross-entropy
     start_step = 0
     if cfg.resume and (ckpt / "latest").exists():
         start_step = int(group.load_checkpoint(str(ckpt))["data_step"])
         print(f"resumed from {ckpt} at step {start_step}")
-    order = data_order(len(rows), cfg.max_steps * cfg.batch_size, cfg.learner.seed)
+    order = data_order(len(rows), cfg.steps * cfg.batch_size, cfg.seed)
     todo = [dict(rows[i], _pos=k) for k, i in enumerate(order)][start_step * cfg.batch_size:]
     from ark_ray.model.processor import ArkAsrProcessor
     proc = ArkAsrProcessor.from_pretrained(model_dir)
@@ -126,14 +122,14 @@ def run_sft(cfg: SftConfig) -> dict:
             stats.update(dev_wer(group, model_dir, dev_rows, cfg))
         metrics_f.write(json.dumps(stats) + "\n")
         metrics_f.flush()
-        print(f"step {step}/{cfg.max_steps} loss {stats['loss']:.4f}"
+        print(f"step {step}/{cfg.steps} loss {stats['loss']:.4f}"
               + (f" dev_wer {stats['dev_wer']:.3f}" if "dev_wer" in stats else ""), flush=True)
         if cfg.save_every and step % cfg.save_every == 0:
             group.save_checkpoint(str(ckpt), {"data_step": step})
             if cfg.export_every_save:  # HF snapshots, e.g. to pick a less-trained demo student
                 group.export_hf(str(out_dir / "snapshots" / f"step_{step}"),
                                 dtype=getattr(__import__("torch"), cfg.export_dtype))
-        if step >= cfg.max_steps:
+        if step >= cfg.steps:
             break
         t_data = time.perf_counter()
     group.save_checkpoint(str(ckpt), {"data_step": step})
