@@ -106,7 +106,8 @@ class SamplingConfig(Validated):
     top_p: float = opt(1.0, "Nucleus sampling mass (1.0 disables).")
     n: int = opt(1, "Samples per clip.")
     max_new_tokens: int = opt(128, "Maximum transcript tokens per clip (per chunk for long audio).")
-    logprobs_topk: int = opt(0, "If > 0, also return the top-k token ids and log-probs at every position.")
+    logprobs_topk: int = opt(0, "If > 0, also return the top-k token ids and log-probs at every position. OPD "
+                             "sets it from its own `topk` (leave it at 0 there; another value is refused).")
     seed: Optional[int] = opt(None, "Sampling seed (None: nondeterministic when temperature > 0).")
 
     def validate(self) -> None:
@@ -716,12 +717,15 @@ class OpdConfig(Validated):
         need(gas == 1 or (self.steps % gas == 0 and self.save_every % gas == 0), "learner.grad_accum_steps",
              f"={gas} must divide steps ({self.steps}) and save_every ({self.save_every}): checkpoints hold no "
              "accumulated gradients")
-        fractional = lr.use_gpu and (lr.num_gpus_per_worker < 1 or 0 < self.rollout_engine.num_gpus < 1)
-        need(not (lr.weight_sync == "broadcast" and fractional), "learner.weight_sync",
+        # fractions that add up to at most one card let Ray place learner rank 0 and an engine on one GPU
+        may_share = lr.use_gpu and 0 < self.rollout_engine.num_gpus and \
+            lr.num_gpus_per_worker + self.rollout_engine.num_gpus <= 1
+        need(not (lr.weight_sync == "broadcast" and may_share), "learner.weight_sync",
              f"=broadcast needs learner rank 0 and every rollout engine on different GPUs (NCCL refuses two "
              f"ranks on one card), but learner.num_gpus_per_worker={lr.num_gpus_per_worker:g} and "
-             f"rollout_engine.num_gpus={self.rollout_engine.num_gpus:g} let them share one: set "
-             "learner.weight_sync=auto (ipc on a shared GPU, broadcast across GPUs), or whole GPUs for both")
+             f"rollout_engine.num_gpus={self.rollout_engine.num_gpus:g} fit on one card: set "
+             "learner.weight_sync=auto (ipc on a shared GPU, broadcast across GPUs) or ipc, or GPU shares that "
+             "add up to more than one card")
 
 
 @dataclass

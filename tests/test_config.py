@@ -96,10 +96,9 @@ RULES = [
     (C.OpdConfig, ["--teacher_logprobs_k=8"], "only applies with teacher_engine=vllm"),
     (C.OpdConfig, ["--teacher_language=en"], "only applies to the qwen3_asr teacher"),
     (C.OpdConfig, ["--learner.grad_accum_steps=5"], "must divide steps"),
-    (C.OpdConfig, ["--learner.use_gpu=true", "--learner.weight_sync=broadcast", "--learner.num_gpus_per_worker=0.5"],
-     "=broadcast needs learner rank 0 and every rollout engine on different GPUs"),
-    (C.OpdConfig, ["--learner.use_gpu=true", "--learner.weight_sync=broadcast", "--rollout_engine.num_gpus=0.3"],
-     "set learner.weight_sync=auto"),
+    (C.OpdConfig, ["--learner.use_gpu=true", "--learner.weight_sync=broadcast", "--learner.num_gpus_per_worker=0.4",
+                   "--rollout_engine.num_gpus=0.3"], "=broadcast needs learner rank 0 and every rollout engine on "
+                                                     "different GPUs"),
     # learner section (errors carry the section's path)
     (C.OpdConfig, ["--learner.zero_stage=7"], "learner.zero_stage must be one of DeepSpeed's stages 0-3"),
     (C.OpdConfig, ["--learner.weight_sync_bucket_mb=0"], "learner.weight_sync_bucket_mb must be > 0"),
@@ -186,6 +185,17 @@ def test_every_rule_refuses_its_case(repo_root, cls, overrides, msg):
 def test_removed_keys_name_their_replacement(cls, old, new):
     with pytest.raises(C.ConfigError, match=f"{old[2:].split('=')[0]} was removed: .*{new}"):
         C.load_config(cls, None, [old])
+
+
+def test_broadcast_is_refused_only_where_fractions_can_share_a_card(repo_root):
+    path = repo_root / "jobs/configs/opd_tiny.yaml"
+    gpu = ["--learner.use_gpu=true", "--learner.weight_sync=broadcast"]
+    for ok in (["--learner.num_gpus_per_worker=1", "--rollout_engine.num_gpus=0.6"],    # learner has its own card
+               ["--learner.num_gpus_per_worker=0.5", "--rollout_engine.num_gpus=0.6"],  # cannot fit on one
+               ["--learner.num_gpus_per_worker=0.5", "--rollout_engine.num_gpus=0"]):   # CPU engine
+        C.load_config(C.OpdConfig, path, gpu + ok)
+    C.load_config(C.OpdConfig, path, ["--learner.num_gpus_per_worker=0.4", "--rollout_engine.num_gpus=0.3",
+                                      "--learner.weight_sync=broadcast"])             # CPU learner: gloo
 
 
 def test_shipped_configs_are_valid(repo_root):
