@@ -239,3 +239,12 @@ def test_evaluate_cli_style_and_normalizers():
     assert C.parse_job_args(C.EvaluateConfig, ["--predictions=2024"]).predictions == ["2024"]
     with pytest.raises(C.ConfigError, match="expected an integer"):
         C.parse_job_args(C.EvaluateConfig, ["--max_listed_errors", "1", "2"])
+    with pytest.raises(C.ConfigError, match="predictions is empty"):
+        C.EvaluateConfig().check_ready()
+
+
+def test_evaluate_reads_yaml(tmp_path):
+    f = tmp_path / "eval.yaml"
+    f.write_text("predictions: [runs/a.jsonl, s3://b/preds/]\nnormalizer: chinese\n")
+    cfg = C.parse_job_args(C.EvaluateConfig, ["--config", str(f), "--per_file=true"])
+    assert (cfg.predictions, cfg.normalizer, cfg.per_file) == (["runs/a.jsonl", "s3://b/preds/"], "chinese", True)
