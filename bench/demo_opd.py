@@ -40,6 +40,8 @@ def sh(cmd: list[str], log: pathlib.Path) -> float:
 
 
 def opd(seed: int, out: pathlib.Path, extra: list[str] = ()) -> dict:
+    if out.exists() and not (out / "summary.json").exists():   # a stopped run's leftovers: not appended to
+        out.rename(out.with_name(f"{out.name}.stopped-{int(time.time())}"))
     s = sh([PY, "jobs/opd.py", f"--seed={seed}", f"--output_dir={out}", *extra], out.with_suffix(".term"))
     summ = json.loads((out / "summary.json").read_text())["summary"]
     return {"before": summ["student_wer_before"], "after": summ["student_wer_after"],
@@ -59,6 +61,15 @@ def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batc
             if line.startswith("| dev_wer |"):
                 wer = float(line.split("|")[2])
     return {"after": wer, "job_s": s, "model": m.get("summary", {}).get("final_model") or str(out / "final")}
+
+
+def finished_sft(out: pathlib.Path) -> dict | None:
+    """A finished SFT run's result (its summary and exported model), or None."""
+    f = out / "summary.json"
+    s = json.loads(f.read_text()).get("summary", {}) if f.exists() else {}
+    if s.get("dev_wer") is None or not pathlib.Path(s.get("final_model") or "/nonexistent").exists():
+        return None
+    return {"after": s["dev_wer"], "job_s": s.get("wall_s"), "model": s["final_model"]}
 
 
 def teacher_labels(unlabelled: str, n: int, out: pathlib.Path) -> pathlib.Path:
@@ -112,8 +123,11 @@ def main(argv=None) -> None:
                 r = sft(seed, OUT / key, init, "assets/demo_corpus/train_sample.jsonl", steps, batch, lr)
             else:
                 half = steps // 2
-                m = teacher_labels(unl, half * batch, OUT / key)
-                ad = sft(seed, OUT / key / "adapt", init, str(m), half, batch, lr)
+                # a finished adaptation half is kept (a run stopped in its OPD half resumes there)
+                ad = finished_sft(OUT / key / "adapt")
+                if ad is None:
+                    m = teacher_labels(unl, half * batch, OUT / key)
+                    ad = sft(seed, OUT / key / "adapt", init, str(m), half, batch, lr)
                 r = opd(seed, OUT / key / "opd", [f"--student={ad['model']}", f"--steps={steps - half}"])
                 r["adapted"] = ad["after"]
             r["wall_s"] = time.perf_counter() - t0
