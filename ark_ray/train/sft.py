@@ -21,7 +21,7 @@ from ark_ray.data.manifest import read_manifest
 from ark_ray.train.learner import LearnerGroup
 
 
-def prepare_init_model(cfg: SftConfig) -> str:
+def prepare_model(cfg: SftConfig) -> str:
     """A model directory to start from (creates a random preset model when asked)."""
     if not cfg.model.startswith("preset:"):
         return cfg.model
@@ -70,7 +70,7 @@ def dev_wer(group: LearnerGroup, model_dir: str, rows: list[dict], cfg: SftConfi
 def run_sft(cfg: SftConfig) -> dict:
     out_dir = pathlib.Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = prepare_init_model(cfg)
+    model_dir = prepare_model(cfg)
     rows = read_manifest(cfg.train_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
     dev_rows = (read_manifest(cfg.eval_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
                 if cfg.eval_manifest else [])
