@@ -18,12 +18,11 @@ import sys
 from typing import Iterator
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from ark_ray.config import ConfigError, EvaluateConfig, parse_job_args
+from ark_ray.data import row_files
+from ark_ray.data.row_files import SUFFIXES, RowFileError
 from ark_ray.eval import EvalError, EvalReport, evaluate_rows, format_table, total
-
-SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
 def parse_args(argv: list[str] | None) -> EvaluateConfig:
@@ -68,24 +67,11 @@ def prediction_sources(specs: list[str], per_file: bool = False) -> list[tuple[s
 
 
 def read_rows(fs: pafs.FileSystem, path: str) -> Iterator[dict]:
-    """Rows of one JSON-lines or Parquet file."""
-    if path.endswith(".parquet"):
-        try:
-            yield from pq.read_table(path, filesystem=fs).to_pylist()
-        except Exception as e:
-            raise EvalError(f"{path}: unreadable Parquet ({e})") from None
-        return
-    with fs.open_input_stream(path, compression="detect") as f:
-        text = f.read().decode("utf-8")
-    for i, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise EvalError(f"{path}:{i}: a row must be a JSON object")
-            yield row
+    """Rows of one JSON-lines or Parquet file (the shared reader, ark_ray.data.row_files)."""
+    try:
+        yield from row_files.read_rows(path, fs)
+    except RowFileError as e:
+        raise EvalError(str(e)) from None
 
 
 def evaluate(cfg: EvaluateConfig) -> list[EvalReport]:

@@ -6,8 +6,9 @@ The seed's conventions, exactly (../shared/reference/open-audio-opd.md §2, §4.
 `audio` may be absolute, relative to the manifest's folder, or an s3:// URI. Extra columns are
 kept (outputs carry them through).
 
-This is the one manifest reader. A row that cannot be used (not JSON, not an object, no `audio`,
-a value of the wrong type, a segment that ends before it begins) is a *bad row*:
+This is the one manifest reader (lines and Parquet rows come from `ark_ray.data.row_files`, the
+reader of every row file). A row that cannot be used (not JSON, not an object, no `audio`, a
+value of the wrong type, a segment that ends before it begins) is a *bad row*:
 `parse_manifest` returns the bad rows beside the good ones (the batch job turns each into an
 error row), `read_manifest` refuses the manifest listing every bad line, or skips them with a
 count when asked. A missing audio *file* is not a manifest problem: it becomes an error row
@@ -15,12 +16,13 @@ count when asked. A missing audio *file* is not a manifest problem: it becomes a
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import pathlib
 from typing import Optional
+
+from ark_ray.data.row_files import BadLine, RowFileError, iter_rows
 
 log = logging.getLogger(__name__)
 
@@ -71,29 +73,6 @@ def check_row(row, text_field: Optional[str]) -> tuple[Optional[str], str]:
     return None, ""
 
 
-def _items(path: pathlib.Path) -> list[tuple[str, object]]:
-    """(where, parsed row) per non-blank line / Parquet row; an unparsable line is a _Unparsable."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [(f"{path}:row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    items = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"{path}:{i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                items.append((f"{path}:{i}", _Unparsable(f"not valid JSON ({e.msg})")))
-    return items
-
-
-class _Unparsable:
-    def __init__(self, msg: str):
-        self.msg = msg
-
-
 def parse_manifest(path: str | os.PathLike, text_field: Optional[str] = "text") -> tuple[list[dict], list[dict]]:
     """(good rows, bad rows), both in file order (see manifest_rows)."""
     rows = manifest_rows(path, text_field)
@@ -113,8 +92,12 @@ def manifest_rows(path: str | os.PathLike, text_field: Optional[str] = "text") -
         raise ManifestError(f"manifest not found: {path}")
     base = path.parent
     rows: list[dict] = []
-    for where, row in _items(path):
-        if isinstance(row, _Unparsable):
+    try:
+        items = list(iter_rows(path))
+    except RowFileError as e:   # an unreadable Parquet file
+        raise ManifestError(str(e)) from None
+    for where, row in items:
+        if isinstance(row, BadLine):
             reason, detail = "bad_row", row.msg
         else:
             reason, detail = check_row(row, text_field)

@@ -35,6 +35,7 @@ from ark_ray import metrics
 from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_not_silent, is_silent, load_audio
 from ark_ray.config import ConfigError, EngineConfig, S3Config, SamplingConfig, TranscribeConfig
 from ark_ray.data.listing import InputError, load_inputs
+from ark_ray.data.row_files import read_table, table_of
 from ark_ray.data.s3 import is_s3, read_bytes, resolve, to_uri, write_bytes_atomic
 from ark_ray.runtime import engine_actor_options, init_ray
 
@@ -210,35 +211,15 @@ def _part_files(fs: pafs.FileSystem, root: str) -> list[str]:
                   and fi.path.endswith(tuple(PART_SUFFIX.values())))
 
 
-def _read_part(fs: pafs.FileSystem, path: str) -> pa.Table:
-    data = read_bytes(fs, path)
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data))
-    return _table_of([json.loads(line) for line in data.decode().splitlines() if line.strip()])
-
-
-def _table_of(rows: list[dict]) -> pa.Table:
-    """Rows -> a table with every row's columns (pa.Table.from_pylist keeps only the first row's)."""
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    return pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in names})
-
-
 def read_output(output: str, s3: Optional[S3Config] = None) -> list[dict]:
     """Every row of a transcribe output (tests, small outputs; large ones: ray.data.read_*)."""
     fs, root = resolve(output, s3)
-    return [r for p in _part_files(fs, root) for r in _read_part(fs, p).to_pylist()]
+    return [r for p in _part_files(fs, root) for r in read_table(p, fs).to_pylist()]
 
 
 def _part_keys(fs: pafs.FileSystem, path: str) -> tuple[list[str], list[bool]]:
     """(keys, is_error) of one part file; Parquet reads only those two columns."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(io.BytesIO(read_bytes(fs, path)), columns=["key", "error"])
-    else:
-        t = _read_part(fs, path)
+    t = read_table(path, fs, columns=["key", "error"])
     if not t.num_rows:
         return [], []
     return t.column("key").to_pylist(), [e is not None for e in t.column("error").to_pylist()]
@@ -266,7 +247,7 @@ def done_keys(output: str, s3: Optional[S3Config] = None, retry_errors: bool = F
             fs.delete_file(path)
             continue
         fmt = "parquet" if path.endswith(".parquet") else "jsonl"
-        kept = _read_part(fs, path).take(keep)
+        kept = read_table(path, fs).take(keep)
         write_bytes_atomic(fs, path, encode_rows(kept.to_pylist(), fmt, kept.schema))
     return seen
 
@@ -278,7 +259,7 @@ def write_manifest(output: str, fmt: str, label_field: str, s3: Optional[S3Confi
     should learn from, in the one file jobs/sft.py reads (teacher labelling).
     """
     fs, root = resolve(output, s3)
-    tables = [t.filter(pc.is_null(t.column("error"))) for t in (_read_part(fs, p) for p in _part_files(fs, root))
+    tables = [t.filter(pc.is_null(t.column("error"))) for t in (read_table(p, fs) for p in _part_files(fs, root))
               if t.num_rows]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({label_field: []})
     table = table.drop_columns([c for c in ("silent", "error", "error_detail") if c in table.column_names])
@@ -328,7 +309,7 @@ def _items_and_schema(rows: list[dict], label_field: Optional[str]) -> tuple[lis
         it["meta"] = pickle.dumps(meta)
     out_names = {f.name for f in OUTPUT_FIELDS}
     fields = []
-    for f in _table_of(metas).schema:
+    for f in table_of(metas).schema:
         if f.name in out_names:
             continue
         if label_field and f.name == label_field:
