@@ -7,7 +7,10 @@ way, and every key carries its own documentation (`docs/config.md` is generated 
     cfg = parse_job_args(OpdConfig, sys.argv[1:], default_config="jobs/configs/opd_tiny.yaml")
 
 Precedence: dataclass defaults < `--config FILE` (YAML) < `--a.b=value` overrides. Nested
-sections use dotted keys (`--learner.zero_stage=3`). Unknown keys are errors, with a suggestion.
+sections use dotted keys (`--learner.zero_stage=3`). Unknown keys are errors, with a suggestion;
+a removed or renamed key (a class's `removed_keys`) is an error that names its replacement.
+Every class checks itself when built (`validate()`): rules that span keys fail at load time with
+the key, why, and what to set instead, not later inside an actor.
 """
 from __future__ import annotations
 
@@ -401,7 +404,8 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None,
                 overrides: list[str] | dict | None = None) -> T:
-    """Defaults < YAML file at `path` < overrides (CLI strings or a nested dict)."""
+    """Defaults < YAML file at `path` < overrides (CLI strings or a nested dict). Building each
+    section and the job runs its `validate()` (Validated), so what this returns passed every rule."""
     data: dict = {}
     if path is not None:
         p = pathlib.Path(path)
