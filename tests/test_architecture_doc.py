@@ -13,3 +13,11 @@ def test_every_named_file_exists(repo_root):
     assert len(named) > 50
     assert sorted(p for p in named if not (repo_root / p).exists()) == []
 
+
+def test_every_file_in_the_diagrams_exists(repo_root):
+    """The diagrams name package files relative to ark_ray/ (`opd/rollout.py`)."""
+    named = set(re.findall(r"(?<![\w/])((?:audio|data|engines|eval|model|opd|serve|train|vllm_plugin)/\w+\.py)",
+                           _doc(repo_root)))
+    assert len(named) > 20
+    assert sorted(p for p in named if not (repo_root / "ark_ray" / p).exists()) == []
+
