@@ -212,7 +212,8 @@ def main(argv=None) -> dict:
                          '\'{"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, '
                          '"num_attention_heads": 16, "num_key_value_heads": 8}\'')
     ap.add_argument("--seed_row", action="store_true",
-                    help="also time the seed's shape: HF generate rollouts, HF teacher, sync mode (new actors)")
+                    help="also time the shape of open-audio-opd's OPD training script: HF generate rollouts, "
+                         "HF teacher, one stage at a time (sync mode, new actors)")
     ap.add_argument("--workdir", default="/tmp/ark-bench-opd")
     ap.add_argument("--out", default=None, help="result JSON (default: WORKDIR/opd_throughput_PRESET.json)")
     args, overrides = ap.parse_known_args(argv)
@@ -265,7 +266,7 @@ def main(argv=None) -> dict:
             summary_startup = dict(ctl.startup)
         finally:
             ctl.shutdown()
-        if args.seed_row:   # the seed's shape on the same models and data: HF rollouts, sync
+        if args.seed_row:   # open-audio-opd's shape on the same models and data: HF rollouts, sync
             seed_cfg = load_config(OpdConfig, args.config or CONFIGS[args.preset],
                                    {**over, **user, "output_dir": over["output_dir"] + "-seed",
                                     "rollout_engine": {**user.get("rollout_engine", {}), "backend": "hf"},

@@ -1,4 +1,5 @@
-"""Engine benchmark: VllmEngine vs HFEngine (the seed's path: batch 40, fp16) in one run.
+"""Engine benchmark: VllmEngine vs HFEngine (the path of open-audio-opd's inference
+script, scripts/infer/ark_asr_transformers.py: HF generate, batch 40, fp16) in one run.
 
     python bench/transcribe_engine.py --model_dir /tmp/m06 --seconds 10 30 [--clips 512] [--set KEY=VALUE ...]
 

@@ -1,1 +1,1 @@
-"""Data: manifests (JSONL/Parquet in the seed's format), listing of local/S3 audio, Ray Data stages."""
+"""Data: manifests (JSONL/Parquet in open-audio-opd's manifest format), listing of local/S3 audio, Ray Data stages."""

@@ -12,7 +12,7 @@ utterance by a hash of its id (no global random state), resampled to 16 kHz mono
 `--format opus` (Ogg Opus, ~7 KB per utterance instead of ~32 KB) is for shipping the train set
 to another machine, e.g. the GPU box, whose whole upload is capped at 64 MiB.
 
-Manifests are JSONL in the seed's format: id, audio (relative to the manifest's folder), text,
+Manifests are JSONL in open-audio-opd's manifest format: id, audio (relative to the manifest's folder), text,
 language, duration, begin_time, end_time.
 """
 from __future__ import annotations

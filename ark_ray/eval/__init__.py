@@ -1,4 +1,4 @@
-"""Evaluation: text normalisers, WER / CER / the seed's J/WER as combinable edit counts, reports.
+"""Evaluation: text normalisers, WER / CER / open-audio-opd's J/WER as combinable edit counts, reports.
 
     from ark_ray.eval import wer, jwer, score
     wer(["the cat sat"], ["the cat sat down"])                  # 1/3

@@ -1,16 +1,19 @@
-"""WER, CER and the seed's mixed J/WER, as edit *counts* so shards and files combine exactly.
+"""WER, CER and open-audio-opd's mixed J/WER, as edit *counts* so shards and files combine exactly.
+
+The J/WER is that of open-audio-opd's eval script (scripts/eval/eval_jwer_ark_asr_transformers.py:
+normalise, strip punctuation, then CER for references with CJK/kana/Hangul and WER for the rest).
 
 Corpus-level rates: total edits / total reference units (not a mean of per-utterance rates), so
 `wer_counts(a) + wer_counts(b) == wer_counts(a + b)` and a job can score shards in parallel.
 Edits come from jiwer's alignment (substitutions, deletions, insertions).
 
 - WER: whitespace-separated words.
-- CER: characters with all whitespace removed on both sides (the seed's intent; its jiwer path
+- CER: characters with all whitespace removed on both sides (that script's intent; its jiwer path
   mixed a with-spaces edit count with a without-spaces length, which this does not copy).
-- J/WER (the seed's "Final WER"): per utterance, CER if the *raw* reference holds CJK/kana/Hangul
+- J/WER (that script's "Final WER"): per utterance, CER if the *raw* reference holds CJK/kana/Hangul
   characters, else WER; edits and units are summed across utterances.
 
-Utterances whose reference is empty after normalisation are left out of every rate (as in the seed:
+Utterances whose reference is empty after normalisation are left out of every rate (as in that script:
 there is nothing to divide by) and counted in `empty_refs`; what was hypothesised for them is in
 `empty_ref_insertions` (hallucination on silence), reported but outside the rate. Text is scored
 as given unless a `normalizer` is passed (a name from `normalizers.NORMALIZERS`, an instance or a callable).
@@ -201,5 +204,5 @@ def cer(refs: Texts, hyps: Texts, *, normalizer: NormalizerLike = None) -> float
 
 
 def jwer(refs: Texts, hyps: Texts, *, normalizer: NormalizerLike = None) -> float:
-    """The seed's mixed rate: CER for utterances whose raw reference has CJK, WER otherwise."""
+    """open-audio-opd's mixed rate: CER for utterances whose raw reference has CJK, WER otherwise."""
     return jwer_counts(refs, hyps, normalizer=normalizer).rate

@@ -20,14 +20,16 @@ import regex
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
-# The seed's CJK test (Han, kana, Hangul), applied to the raw reference; see metrics.jwer.
+# open-audio-opd's CJK test (Han, kana, Hangul: its eval script,
+# scripts/eval/eval_jwer_ark_asr_transformers.py, scores such references by CER), applied to the
+# raw reference; see metrics.jwer.
 CJK_RE = re.compile(r"[\u4e00-\u9fff\u3040-\u30ff\uac00-\ud7af]")
 
 _WS_RE = re.compile(r"\s+")
 # Punctuation (P*) and symbols (S*), ASCII and CJK alike (，。、《》【】…％ are all P or S).
 _PUNCT_RE = regex.compile(r"[\p{P}\p{S}]+")
 
-# The seed's own cleanup (eval_jwer_ark_asr_transformers.py): a fixed punctuation class and a
+# That eval script's own cleanup: a fixed punctuation class and a
 # full-width -> ASCII map for digits and a few operators.
 _SEED_PUNCT_RE = re.compile(r"""[，。！？、,.!?;:"'（）()【】\[\]<>《》{}…—\-~·`@#$%^&*_+=|\\/]""")
 _SEED_FULLWIDTH = str.maketrans({**{chr(0xFF10 + i): str(i) for i in range(10)},
@@ -39,7 +41,7 @@ class NormalizerError(ValueError):
 
 
 def has_cjk(text: str) -> bool:
-    """True if `text` holds a Han, kana or Hangul character (the seed's J/WER switch)."""
+    """True if `text` holds a Han, kana or Hangul character (open-audio-opd's J/WER switch)."""
     return bool(CJK_RE.search(text))
 
 
@@ -104,9 +106,10 @@ class ChineseNormalizer(TextNormalizer):
 
 
 class SeedNormalizer(TextNormalizer):
-    """The seed eval's cleanup, for reproducing its numbers: full-width digits/operators -> ASCII,
-    lower-case, its punctuation class removed, whitespace collapsed. (The seed also ran a private
-    `text_process` normaliser first; without it, it fell back to identity, as this does.)"""
+    """open-audio-opd's eval-script cleanup, for reproducing its numbers: full-width
+    digits/operators -> ASCII, lower-case, its punctuation class removed, whitespace collapsed.
+    (That script also ran a private `text_process` normaliser first; without it, it fell back to
+    identity, as this does.)"""
 
     name = "seed"
 

@@ -51,7 +51,7 @@ def evaluate_rows(rows: Iterable[dict], name: str, *, normalizer: NormalizerLike
 
     A row with a non-null `error`, or with no prediction, is an error row: counted, listed, not
     scored. Returns the report and the rows with their cleaned texts and edit counts added,
-    worst (most J/WER edits) first, as the seed wrote them."""
+    worst (most J/WER edits) first, as open-audio-opd's eval script writes them."""
     norm = get_normalizer(normalizer)
     report, scored = EvalReport(name), []
     for i, row in enumerate(rows):

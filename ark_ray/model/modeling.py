@@ -49,7 +49,8 @@ _DECODER_KEYWORDS = _decoder_keywords()
 
 
 def _audio_alias(input_features, audios):
-    """The seed's remote code takes the log-mel as `audios=`; ours as `input_features=`."""
+    """open-audio-opd's training and inference scripts pass the log-mel to the checkpoint's remote code
+    as `audios=`; ours takes `input_features=` (docs/architecture.md, "The reference")."""
     if audios is None:
         return input_features
     if input_features is not None:
@@ -249,8 +250,9 @@ class ArkAsrForConditionalGeneration(Qwen2ForCausalLM, GenerationMixin):
                 feature_lengths=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, audios=None,
                 **kwargs) -> CausalLMOutputWithPast:
-        """`audios` is an alias of `input_features` (the seed's keyword). A keyword the model does
-        not use is refused: swallowing it would compute logits without the audio it carried."""
+        """`audios` is an alias of `input_features` (the keyword open-audio-opd's scripts use). A
+        keyword the model does not use is refused: swallowing it would compute logits without the
+        audio it carried."""
         unknown = sorted(set(kwargs) - _DECODER_KEYWORDS)
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword(s) {unknown}; the log-mel "

@@ -31,7 +31,7 @@ _LEADING_NOISE = re.compile(r"^[\s,.;:!?-]+")
 
 
 def clean_text(raw: str, specials: Sequence[str] = ()) -> str:
-    """The seed's `normalize_prediction_text`: raw decoded text -> transcript.
+    """open-audio-opd's `normalize_prediction_text` (its inference script's cleanup): raw decoded text -> transcript.
 
     Cut at the first turn/stop marker, keep only what follows a `<|text|>` tag, drop every other
     `<|...|>` token (and any of `specials`, e.g. `<tool_call>`), collapse whitespace, strip

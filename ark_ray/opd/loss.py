@@ -20,16 +20,17 @@ in float32 is rounding noise; summing the complement directly is exact to float 
 exactly -inf (zero mass) when U_t covers every id with nonzero probability, so the tail bucket drops
 out of both sides instead of producing a huge spurious term.
 
-How this differs from the seed (open-audio-opd `compute_union_topk_logprob_opd_loss`), and why:
-* the seed mixes the teacher's raw top-k *logits* with teacher *log-probs* at student-only ids and
+How this differs from open-audio-opd's OPD training script (`compute_union_topk_logprob_opd_loss` in
+scripts/train/train_ark_asr_opd_fsdp2_resume.py; docs/architecture.md, "The reference"), and why:
+* that script mixes the teacher's raw top-k *logits* with teacher *log-probs* at student-only ids and
   softmaxes the mixture: two scales in one distribution, so student-only ids get almost no teacher
   mass and the target is wrong wherever the union has them. We use log-probs everywhere, and
   `opd_kl_loss` rejects teacher inputs whose buckets do not sum to 1 (which raw logits never do);
-* the seed renormalises both sides on U_t alone, so mass a student puts on ids neither model ranks
+* it renormalises both sides on U_t alone, so mass a student puts on ids neither model ranks
   highly is invisible to the loss; the tail bucket keeps it in, as TRL's `loss_add_tail` does;
-* the seed re-scores the student on the teacher's re-tokenisation of its decoded text, so it can
+* it re-scores the student on the teacher's re-tokenisation of its decoded text, so it can
   train on tokens it never generated; here the student is scored on exactly its rollout ids;
-* the seed trains bf16 parameters with no fp32 master copy, so small AdamW updates round away; we
+* it trains bf16 parameters with no fp32 master copy, so small AdamW updates round away; we
   compute this loss in float32 (bf16 logits are upcast) and the learner keeps fp32 master weights.
 """
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""Qwen3-ASR as the OPD teacher (the seed's production teacher), scored on vLLM or HF transformers.
+"""Qwen3-ASR as the OPD teacher, scored on vLLM or HF transformers.
 
-The teacher reads the seed's prompt (open-audio-opd §4.5): Qwen3-ASR's chat template with an empty
-system turn and the audio, then `language {Language}<asr_text>`, then the student's response forced
-through the explicit vocabulary map (`ark_ray.opd.vocab_map`): position t of the response is the
-teacher's prediction of student token t, and the student keeps its own rollout ids.
+Qwen3-ASR is the production teacher of open-audio-opd's OPD training script (AutoArk/open-audio-opd
+`scripts/train/train_ark_asr_opd_fsdp2_resume.py`: student rollout, teacher forcing and the
+FSDP2 update in series on every GPU; docs/architecture.md, "The reference"). The teacher reads
+that script's prompt: Qwen3-ASR's chat template with an empty system turn and the audio, then
+`language {Language}<asr_text>`, then the student's response forced through the explicit
+vocabulary map (`ark_ray.opd.vocab_map`): position t of the response is the teacher's prediction
+of student token t, and the student keeps its own rollout ids.
 
 Both engines load the checkpoint directory in transformers' `-hf` layout (`Qwen/Qwen3-ASR-1.7B-hf`;
 no hub access at run time). Log-mel features are computed once per clip by the checkpoint's own
@@ -17,7 +20,7 @@ features), so both see identical inputs whatever vLLM version's audio processor 
   clips; lm_head runs only at the scored positions (the vocabulary is 151936 wide).
 
 Language: the manifest row's `language` (code or name) when it has one, else a guess from the
-student's transcript by script (the seed's heuristic, shortened: kana -> Japanese, Hangul -> Korean,
+student's transcript by script (that script's heuristic, shortened: kana -> Japanese, Hangul -> Korean,
 Han -> Chinese or Cantonese, Cyrillic, Arabic, Thai, Greek, Devanagari; Latin text -> the configured
 fallback, else English).
 """
@@ -167,8 +170,9 @@ class Qwen3AsrTeacher:
         return LLM(**supported(kw))
 
     def prompt_ids(self, language: str) -> list[int]:
-        """The seed's prompt (chat template, empty system turn, audio, `language X<asr_text>`) with
-        one audio placeholder (expanded to the clip's frames by `expand`)."""
+        """The training script's teacher prompt (chat template, empty system turn, audio,
+        `language X<asr_text>`) with one audio placeholder (expanded to the clip's frames by
+        `expand`)."""
         if language not in self._prompt_cache:
             text = self.processor.apply_chat_template(
                 [{"role": "system", "content": ""}, {"role": "user", "content": [{"type": "audio", "audio": ""}]}],

@@ -6,8 +6,9 @@ mass outside U_t (the tail bucket) go into the trajectory: log-probs, never raw 
 Batches are grouped by duration so padding stays small. Two teacher backends:
 * `ark` (HF): an ARK-architecture teacher that shares the student's text vocabulary (checked at
   start-up), so ids need no mapping.
-* `qwen3_asr` (HF or vLLM): the seed's Qwen3-ASR teacher with its own vocabulary, through the
-  explicit string-based id map (ark_ray/opd/qwen3_teacher.py, ark_ray/opd/vocab_map.py). Response
+* `qwen3_asr` (HF or vLLM): the Qwen3-ASR teacher of open-audio-opd's OPD training script, with
+  its own vocabulary, through the explicit string-based id map (ark_ray/opd/qwen3_teacher.py,
+  ark_ray/opd/vocab_map.py). Response
   positions it cannot score (a student token with no teacher token) are cleared in
   `teacher_mask`: out of the loss, and counted as `unmapped_positions`.
 """

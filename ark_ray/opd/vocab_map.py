@@ -9,7 +9,8 @@ so text tokens map nearly one to one), never from numeric ids. How each case is 
   tokens): the teacher's context stays the exact text the student wrote, later positions still
   align, and only that position is left unscored (the teacher predicted its first piece, not the
   student's token). The student is always scored on its own rollout ids, never on a re-tokenisation
-  (the seed re-scored it on the teacher's re-tokenised text and so trained on tokens it never wrote).
+  (open-audio-opd's OPD training script re-scored it on the teacher's re-tokenised text and so
+  trained on tokens it never wrote).
 * Unscored positions are masked out of the loss through the response mask and counted
   (`unmapped_positions` in metrics.jsonl and Prometheus), so a vocabulary mismatch is visible.
 * Teacher top-k ids with no student id (or mapping to a student id the student may not emit) are
