@@ -21,14 +21,19 @@ from typing import Iterable, Optional
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-#: ARK's special tokens from <|endoftext|> (151643) to 151669, in id order. 151646-151662 and
-#: 151664 are Qwen2.5's own specials; 151663 is ARK's <|audio|> (Qwen's <|repo_name|> slot);
-#: 151665-151668 are ARK's turn/audio markers; 151669 was not identified and is reserved.
-ARK_SPECIAL_TOKENS = [
+#: Qwen2.5's first special tokens, 151643-151662 in id order (ARK's and Qwen3-ASR's vocabularies
+#: both start their specials with these).
+QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
     "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+]
+
+#: ARK's special tokens from <|endoftext|> (151643) to 151669, in id order. 151646-151662 and
+#: 151664 are Qwen2.5's own specials; 151663 is ARK's <|audio|> (Qwen's <|repo_name|> slot);
+#: 151665-151668 are ARK's turn/audio markers; 151669 was not identified and is reserved.
+ARK_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + [
     "<|audio|>", "<|file_sep|>", "<|user|>", "<|begin_of_audio|>", "<|end_of_audio|>",
     "<|assistant|>", "<|reserved_151669|>",
 ]

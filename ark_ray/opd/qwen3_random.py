@@ -18,14 +18,12 @@ import json
 import pathlib
 from typing import Optional
 
+from ark_ray.model.tokenizer import QWEN_SPECIAL_TOKENS
+
 #: Qwen3's special tokens (151643-151668), then Qwen3-ASR's audio/ASR markers. Slots whose name in
 #: the real tokenizer is not known here are reserved placeholders; `<|audio_pad|>` sits at base + 33
 #: like transformers' default audio_token_id 151676 = 151643 + 33.
-QWEN3_ASR_SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+QWEN3_ASR_SPECIALS = QWEN_SPECIAL_TOKENS + [
     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
     "<|audio_start|>", "<|audio_end|>", "<|reserved_q3a_0|>", "<|reserved_q3a_1|>", "<|reserved_q3a_2|>",
     "<|reserved_q3a_3|>", "<|reserved_q3a_4|>", "<|audio_pad|>", "<asr_text>", "<timestamp>",
