@@ -14,7 +14,9 @@ import soundfile as sf
 
 from ark_ray.audio import AudioError
 from ark_ray.config import TranscribeConfig, load_config
-from ark_ray.data.transcribe_pipeline import decode_batch, read_output, run_transcribe
+from ark_ray.data.decode_stage import decode_batch
+from ark_ray.data.part_files import read_output
+from ark_ray.data.transcribe_pipeline import run_transcribe
 from ark_ray.model.factory import save_random_model
 
 SR = 16000

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ark_ray.data.part_files import list_parts, read_output
 from ark_ray.data.row_files import read_table
-from ark_ray.data.transcribe_pipeline import _part_files, read_output
 from ark_ray.data.s3 import resolve
 from ark_ray.model.factory import save_random_model
 
@@ -151,7 +151,7 @@ def test_soak_500_inputs_two_kills_one_row_each(ray_local, tmp_path):
     assert summary["skipped_done"] > 0                       # it resumed, not restarted
 
     fs, root = resolve(str(out))
-    for p in _part_files(fs, root):                           # every output file reads
+    for p in list_parts(fs, root):                           # every output file reads
         assert read_table(p, fs).num_rows > 0
     rows = read_output(str(out))
     keys = Counter(r["key"] for r in rows)

@@ -9,7 +9,8 @@ import pytest
 
 from ark_ray.config import TranscribeConfig, load_config
 from ark_ray.data.manifest import read_manifest
-from ark_ray.data.transcribe_pipeline import read_output, run_transcribe
+from ark_ray.data.part_files import read_output
+from ark_ray.data.transcribe_pipeline import run_transcribe
 from ark_ray.model.factory import save_random_model
 
 

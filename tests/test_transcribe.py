@@ -18,7 +18,8 @@ import soundfile as sf
 
 from ark_ray.config import TranscribeConfig, load_config
 from ark_ray.data.listing import InputError, list_audio, load_inputs
-from ark_ray.data.transcribe_pipeline import done_keys, read_output, run_transcribe
+from ark_ray.data.part_files import done_keys, read_output
+from ark_ray.data.transcribe_pipeline import run_transcribe
 from ark_ray.model.factory import save_random_model
 
 

@@ -11,277 +11,32 @@ unusable manifest row becomes an error row naming the reason; silent audio is tr
 flagged `silent`), each block is written as one part file named by the hash of
 its input keys (a retried task rewrites the same file), and a rerun into the same output reads
 the keys already written and skips them (dropping any duplicate first).
+
+The stages live beside this driver: `decode_stage` (container sniffing and decoding),
+`engine_stage` (the engine actors) and `part_files` (writing, resume, the label manifest).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import pickle
-import posixpath
 import time
 from collections import Counter
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from ark_ray import metrics
-from ark_ray.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, check_not_silent, is_silent, load_audio
-from ark_ray.config import ConfigError, EngineConfig, S3Config, SamplingConfig, TranscribeConfig
-from ark_ray.data.listing import InputError, load_inputs
-from ark_ray.data.row_files import read_table, table_of
-from ark_ray.data.s3 import is_s3, read_bytes, resolve, to_uri, write_bytes_atomic
+from ark_ray.config import ConfigError, EngineConfig, SamplingConfig, TranscribeConfig
+from ark_ray.data.decode_stage import decode_block
+from ark_ray.data.listing import load_inputs
+from ark_ray.data.part_files import (OUTPUT_FIELDS, done_keys, list_parts, prepare_output, write_batch,
+                                     write_manifest)
+from ark_ray.data.row_files import table_of
+from ark_ray.data.s3 import resolve
 from ark_ray.runtime import engine_actor_options, init_ray
-
-OUTPUT_FIELDS = [pa.field("key", pa.string()), pa.field("pred_text", pa.string()),
-                 pa.field("pred_text_raw", pa.string()), pa.field("duration_s", pa.float64()),
-                 pa.field("silent", pa.bool_()), pa.field("error", pa.string()),
-                 pa.field("error_detail", pa.string())]
-PART_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
-
-
-# --------------------------------------------------------------------------------------------
-# Stage 1 (CPU tasks): bytes -> 16 kHz mono float32, or an error
-# --------------------------------------------------------------------------------------------
-
-
-def _opt_float(v) -> Optional[float]:
-    if v is None:
-        return None
-    v = float(v)
-    return None if math.isnan(v) else v
-
-
-#: Leading bytes of audio containers libsndfile cannot open: such a file is an unsupported
-#: format (a codec to convert first), not a corrupt one.
-_FOREIGN_CONTAINERS = {b"ftyp": "MP4/M4A", b"\x30\x26\xb2\x75": "ASF/WMA", b"\x1a\x45\xdf\xa3": "Matroska/WebM",
-                       b"#!AMR": "AMR", b".ra\xfd": "RealAudio"}
-
-
-def _foreign_container(head: bytes) -> Optional[str]:
-    for magic, name in _FOREIGN_CONTAINERS.items():
-        if head.startswith(magic) or head[4:8] == magic:
-            return name
-    return None
-
-
-def _head(src) -> bytes:
-    if isinstance(src, bytes):
-        return src[:16]
-    try:
-        with open(src, "rb") as f:
-            return f.read(16)
-    except OSError:
-        return b""
-
-
-def decode_one(audio: str, begin_time=None, end_time=None, *, s3: Optional[S3Config] = None,
-               max_audio_s: Optional[float] = None, silence_dbfs: float = -60.0,
-               silent_is_error: bool = False) -> np.ndarray:
-    """One input to a waveform; raises AudioError (the reason becomes the error row's `error`).
-
-    Silent input is returned like any other (decode_batch flags it) unless `silent_is_error`."""
-    b, e = _opt_float(begin_time), _opt_float(end_time)
-    if is_s3(audio):
-        fs, path = resolve(audio, s3)
-        try:
-            src = read_bytes(fs, path)
-        except OSError as err:  # missing object, access denied, network gave up after retries
-            raise AudioError("unreadable", f"{audio}: {err}") from None
-    else:
-        src = audio
-    try:
-        wave = load_audio(src, begin_time=b, end_time=e, max_duration_s=max_audio_s)
-    except AudioError as ex:
-        codec = _foreign_container(_head(src)) if ex.reason == "unreadable" else None
-        if codec or "unimplemented format" in ex.message:
-            raise AudioError("unsupported_format", f"{codec or 'codec'} not decodable here: {ex.message}") from None
-        raise
-    if len(wave) < HOP_LENGTH:
-        raise AudioError("empty", f"{len(wave)} samples: shorter than one 10 ms frame")
-    return check_not_silent(wave, silence_dbfs) if silent_is_error else wave
-
-
-def decode_batch(batch: dict, *, s3: Optional[S3Config] = None, max_audio_s: Optional[float] = None,
-                 silence_dbfs: float = -60.0, silent_is_error: bool = False) -> dict:
-    """map_batches fn (numpy format): adds `wave`, `duration_s`, `silent`, `error` and `error_detail`
-    ("" when fine). A row whose manifest line was unusable (`row_error` set) keeps that error."""
-    n = len(batch["key"])
-    waves = np.empty(n, dtype=object)
-    dur = np.zeros(n, np.float64)
-    silent = np.zeros(n, bool)
-    err = np.full(n, "", dtype=object)        # "" = fine (Arrow keeps strings as strings;
-    detail = np.full(n, "", dtype=object)     # an all-None column comes back as NaN)
-    row_err = batch.get("row_error", np.full(n, "", dtype=object))
-    for i in range(n):
-        w = np.zeros(0, np.float32)
-        if row_err[i]:
-            err[i], detail[i] = row_err[i], batch["row_error_detail"][i]
-        else:
-            try:
-                w = decode_one(str(batch["audio"][i]), batch["begin_time"][i], batch["end_time"][i], s3=s3,
-                               max_audio_s=max_audio_s, silence_dbfs=silence_dbfs, silent_is_error=silent_is_error)
-                dur[i] = len(w) / SAMPLE_RATE
-                silent[i] = is_silent(w, silence_dbfs)
-            except AudioError as ex:
-                err[i], detail[i] = ex.reason, ex.message
-        waves[i] = w
-    out = dict(batch)
-    out.update(wave=waves, duration_s=dur, silent=silent, error=err, error_detail=detail)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Stage 2 (engine actors): ark_ray.data.engine_stage.EngineStage
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Stage 3 (CPU tasks): one part file per block, named by its keys
-# --------------------------------------------------------------------------------------------
-
-
-def part_name(keys: Iterable[str], fmt: str) -> str:
-    """Same inputs -> same file name, so a retried write replaces rather than duplicates."""
-    h = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
-    return f"part-{h}{PART_SUFFIX[fmt]}"
-
-
-def output_rows(batch: dict, label_field: Optional[str] = None) -> list[dict]:
-    """Input metadata + key + pred_text, pred_text_raw, duration_s, silent, error, error_detail."""
-    rows = []
-    for i in range(len(batch["key"])):
-        row = pickle.loads(batch["meta"][i])
-        failed = bool(batch["error"][i])
-        row.update(key=str(batch["key"][i]),
-                   pred_text=None if failed else str(batch["pred_text"][i]),
-                   pred_text_raw=None if failed else str(batch["pred_text_raw"][i]),
-                   duration_s=float(batch["duration_s"][i]),
-                   silent=None if failed else bool(batch["silent"][i]),
-                   error=str(batch["error"][i]) if failed else None,
-                   error_detail=str(batch["error_detail"][i]) if failed else None)
-        if label_field:
-            if label_field in row and label_field not in {f.name for f in OUTPUT_FIELDS}:
-                row[f"reference_{label_field}"] = row.pop(label_field)
-            row[label_field] = row["pred_text"] or ""
-        rows.append(row)
-    return rows
-
-
-def encode_rows(rows: list[dict], fmt: str, schema: pa.Schema) -> bytes:
-    if fmt == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode()
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-    return buf.getvalue()
-
-
-def write_batch(batch: dict, *, output: str, fmt: str, schema: pa.Schema, label_field: Optional[str],
-                s3: Optional[S3Config] = None) -> dict:
-    """Remote task: writes the block's rows as one part file; returns its counts (all the driver sees)."""
-    rows = output_rows(batch, label_field)
-    fs, root = resolve(output, s3)
-    write_bytes_atomic(fs, posixpath.join(root, part_name((r["key"] for r in rows), fmt)),
-                       encode_rows(rows, fmt, schema))
-    reasons = Counter(r["error"] for r in rows if r["error"] is not None)
-    return {"rows": len(rows), "audio_s": float(sum(r["duration_s"] for r in rows)),
-            "errors": sum(reasons.values()), "reasons": json.dumps(reasons)}
-
-
-# --------------------------------------------------------------------------------------------
-# The output folder: what is done, duplicates, overwrite
-# --------------------------------------------------------------------------------------------
-
-
-def _part_files(fs: pafs.FileSystem, root: str) -> list[str]:
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    except FileNotFoundError:
-        return []
-    return sorted(fi.path for fi in infos if fi.type == pafs.FileType.File
-                  and posixpath.basename(fi.path).startswith("part-")
-                  and fi.path.endswith(tuple(PART_SUFFIX.values())))
-
-
-def read_output(output: str, s3: Optional[S3Config] = None) -> list[dict]:
-    """Every row of a transcribe output (tests, small outputs; large ones: ray.data.read_*)."""
-    fs, root = resolve(output, s3)
-    return [r for p in _part_files(fs, root) for r in read_table(p, fs).to_pylist()]
-
-
-def _part_keys(fs: pafs.FileSystem, path: str) -> tuple[list[str], list[bool]]:
-    """(keys, is_error) of one part file; Parquet reads only those two columns."""
-    t = read_table(path, fs, columns=["key", "error"])
-    if not t.num_rows:
-        return [], []
-    return t.column("key").to_pylist(), [e is not None for e in t.column("error").to_pylist()]
-
-
-def done_keys(output: str, s3: Optional[S3Config] = None, retry_errors: bool = False) -> set[str]:
-    """Keys already written to `output`; a key found in two part files is removed from the later one.
-
-    Duplicates arise only if a write died after its file landed and the retry grouped rows
-    differently; this makes a rerun leave exactly one row per key. With `retry_errors`, error
-    rows are removed too, so their inputs are tried again (e.g. after a transient engine failure).
-    """
-    fs, root = resolve(output, s3)
-    seen: set[str] = set()
-    for path in _part_files(fs, root):
-        keys, failed = _part_keys(fs, path)
-        keep = []
-        for i, k in enumerate(keys):
-            if k not in seen and not (retry_errors and failed[i]):
-                seen.add(k)
-                keep.append(i)
-        if len(keep) == len(keys):
-            continue
-        if not keep:
-            fs.delete_file(path)
-            continue
-        fmt = "parquet" if path.endswith(".parquet") else "jsonl"
-        kept = read_table(path, fs).take(keep)
-        write_bytes_atomic(fs, path, encode_rows(kept.to_pylist(), fmt, kept.schema))
-    return seen
-
-
-def write_manifest(output: str, fmt: str, label_field: str, s3: Optional[S3Config] = None) -> tuple[str, int]:
-    """`manifest.<fmt>` in the output: every successful row, `label_field` = the transcript.
-
-    The part files keep error rows (nothing lost); the manifest holds only what a training job
-    should learn from, in the one file jobs/sft.py reads (teacher labelling).
-    """
-    fs, root = resolve(output, s3)
-    tables = [t.filter(pc.is_null(t.column("error"))) for t in (read_table(p, fs) for p in _part_files(fs, root))
-              if t.num_rows]
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({label_field: []})
-    table = table.drop_columns([c for c in ("silent", "error", "error_detail") if c in table.column_names])
-    path = posixpath.join(root, f"manifest{PART_SUFFIX[fmt]}")
-    write_bytes_atomic(fs, path, encode_rows(table.to_pylist(), fmt, table.schema))
-    return to_uri(fs, path), table.num_rows
-
-
-def prepare_output(output: str, s3: Optional[S3Config] = None, overwrite: bool = False) -> None:
-    """Create the output folder; drop leftovers of interrupted local writes; with `overwrite`, old parts."""
-    fs, root = resolve(output, s3)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        raise InputError(f"output {output} is a file; it must be a folder or an S3 prefix")
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(root, recursive=True)
-        for fi in fs.get_file_info(pafs.FileSelector(root)):
-            if posixpath.basename(fi.path).startswith(".tmp-"):
-                fs.delete_file(fi.path)
-    if overwrite:
-        for p in _part_files(fs, root):
-            fs.delete_file(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,13 +135,6 @@ def stop_engines(engines: list, timeout_s: float = 60.0) -> None:
 #: Calls an engine actor runs at once (threads); the driver's audio budget decides how many it gets.
 ENGINE_CALLS = 128
 
-
-def decode_block(block: dict, s3: Optional[S3Config], max_audio_s: Optional[float],
-                 silence_dbfs: float, silent_is_error: bool = False) -> tuple[dict, dict]:
-    """Remote task: (small info the driver reads, the decoded block that goes to an engine)."""
-    out = decode_batch(block, s3=s3, max_audio_s=max_audio_s, silence_dbfs=silence_dbfs,
-                       silent_is_error=silent_is_error)
-    return {"rows": len(block["key"]), "audio_s": float(np.sum(out["duration_s"]))}, out
 
 
 def _block_of(items: list[dict]) -> dict:
@@ -506,7 +254,7 @@ def _is_rerun(cfg: TranscribeConfig) -> bool:
     if cfg.overwrite:
         return False
     fs, root = resolve(cfg.output, cfg.s3)
-    return bool(_part_files(fs, root))
+    return bool(list_parts(fs, root))
 
 
 def run_transcribe(cfg: TranscribeConfig, on_block: Optional[Callable[[int, float], None]] = None) -> dict:
