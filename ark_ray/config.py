@@ -632,7 +632,8 @@ class OpdConfig(Validated):
                        "ark) or a Qwen3-ASR one in transformers' layout, like Qwen/Qwen3-ASR-1.7B-hf (qwen3_asr).")
     teacher_backend: Literal["ark", "qwen3_asr"] = opt(
         "ark", "ark: an ARK-architecture teacher with the student's text vocabulary (refused otherwise). qwen3_asr: "
-        "the seed's Qwen3-ASR teacher; it reads the seed's prompt (chat template, audio, `language X<asr_text>`) "
+        "the Qwen3-ASR teacher of open-audio-opd's OPD training script; it reads that script's prompt (chat "
+        "template, audio, `language X<asr_text>`) "
         "then the student's own tokens through an explicit token-string map; response positions whose token has "
         "no teacher token are left out of the loss and counted (unmapped_positions).")
     teacher_engine: Literal["hf", "vllm"] = opt(
@@ -645,7 +646,7 @@ class OpdConfig(Validated):
         0, "qwen3_asr on vllm: teacher log-probs read per position (vLLM's prompt_logprobs); student top-k ids "
         "outside them and the forced token fall into the tail bucket on both sides. 0: 2 x topk.")
     teacher_gpu_memory_utilization: float = opt(0.3, "qwen3_asr on vllm: fraction of the GPU the teacher's vLLM "
-                                                "engine may take (the seed's 0.3).")
+                                                "engine may take (open-audio-opd's training script uses 0.3).")
     teacher_max_model_len: int = opt(1024, "qwen3_asr on vllm: longest prompt + forced response in tokens (30 s "
                                      "of audio = 390 audio tokens).")
     teacher_max_num_batched_tokens: int = opt(0, "qwen3_asr on vllm: tokens per engine step (0: vLLM's default).")

@@ -1,7 +1,7 @@
-"""Manifests in the seed's format: one row per utterance with `audio`, `text`, `begin_time`, `end_time`.
+"""Manifests in open-audio-opd's format: one row per utterance with `audio`, `text`, `begin_time`, `end_time`.
 
-The seed's conventions, exactly (../shared/reference/open-audio-opd.md §2, §4.2): a negative
-`begin_time` or `end_time` (the seed writes -1) means unset, and `end_time` is ignored when
+The conventions of open-audio-opd's OPD training and inference scripts (docs/architecture.md, "The
+reference"), exactly: a negative `begin_time` or `end_time` (they write -1) means unset, and `end_time` is ignored when
 `begin_time < 0`; so `-1/-1` is the whole file. Rows come back with the unset values as None.
 `audio` may be absolute, relative to the manifest's folder, or an s3:// URI. Extra columns are
 kept (outputs carry them through).
@@ -45,7 +45,7 @@ def _number(v) -> bool:
 
 
 def normalize_segment(begin, end) -> tuple[Optional[float], Optional[float]]:
-    """The seed's rule: negative means unset; `end` is ignored when `begin < 0`."""
+    """open-audio-opd's rule: negative means unset; `end` is ignored when `begin < 0`."""
     if begin is not None and begin < 0:
         return None, None
     if end is not None and end < 0:
@@ -83,7 +83,7 @@ def manifest_rows(path: str | os.PathLike, text_field: Optional[str] = "text") -
     """Every row in file order, the bad ones marked with `_error`.
 
     Good rows: `audio` resolved to an absolute path/URI, a stable `id` (file:line if absent),
-    `begin_time`/`end_time` as floats or None (the seed's -1 is None). Bad rows: what could be
+    `begin_time`/`end_time` as floats or None (open-audio-opd's -1 is None). Bad rows: what could be
     kept of the row (`audio` resolved when it is a string; wrong-typed segment values as None)
     plus `id`, `_where` (file:line), `_error` (the reason) and `_error_detail`.
     """
