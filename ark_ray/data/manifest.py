@@ -1,8 +1,9 @@
-"""Manifests in open-audio-opd's format: one row per utterance with `audio`, `text`, `begin_time`, `end_time`.
+"""Manifests in open-audio-opd's format: one row per utterance with `audio`, `text`, `begin_time`,
+`end_time`.
 
 The conventions of open-audio-opd's OPD training and inference scripts (docs/architecture.md, "The
-reference"), exactly: a negative `begin_time` or `end_time` (they write -1) means unset, and `end_time` is ignored when
-`begin_time < 0`; so `-1/-1` is the whole file. Rows come back with the unset values as None.
+reference"), exactly: a negative `begin_time` or `end_time` (they write -1) means unset, and
+`end_time` is ignored when `begin_time < 0`; so `-1/-1` is the whole file. Rows come back with the unset values as None.
 `audio` may be absolute, relative to the manifest's folder, or an s3:// URI. Extra columns are
 kept (outputs carry them through).
 
