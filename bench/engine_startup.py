@@ -89,7 +89,7 @@ def child(args) -> dict:
     """One variant in this (fresh) process: build, sample the stack, then transcribe once."""
     import numpy as np
 
-    from ark_ray.audio import load_audio
+    from ark_ray.audio import SAMPLE_RATE, load_audio
     from ark_ray.config import EngineConfig, SamplingConfig
 
     t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def child(args) -> dict:
         t4 = time.perf_counter()
     run_s = t4 - t3
     busy = gpu.busy(t3, t4)
-    audio_s = sum(len(w) for w in waves) / 16000
+    audio_s = sum(len(w) for w in waves) / SAMPLE_RATE
     engine.close()
     return {"import_vllm_s": round(import_s, 1), "build_s": round(build_s, 1), "first_call_s": round(first_s, 2),
             "x_rt": round(audio_s / run_s, 1), "clips": len(waves), "audio_s": round(audio_s, 1),
