@@ -15,12 +15,13 @@ sys.path.insert(0, str(REPO))
 def main(model_dirs: list[str]) -> None:
     from ark_ray.audio import load_audio
     from ark_ray.config import SamplingConfig
+    from ark_ray.data.manifest import read_manifest
     from ark_ray.engines.hf import HFEngine
     from ark_ray.eval import jwer
 
     corpus = REPO / "assets" / "demo_corpus"
-    rows = [json.loads(line) for line in open(corpus / "test.jsonl")]
-    waves = [load_audio(str(corpus / r["audio"])) for r in rows]
+    rows = read_manifest(corpus / "test.jsonl")      # audio paths resolved against the corpus
+    waves = [load_audio(r["audio"]) for r in rows]
     refs = [r["text"] for r in rows]
     for d in model_dirs:
         engine = HFEngine(d, device="cpu", dtype="float32")

@@ -44,6 +44,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ark_ray.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from ark_ray.data.manifest import read_manifest  # noqa: E402
 
 SERVE = "ray serve (ark_ray.serve)"
 VLLM = "vllm serve"
@@ -65,10 +66,9 @@ class ErrorLog:
 
 def make_clips(seconds: float, variants: int) -> list[bytes]:
     """`variants` WAVs of `seconds` of the bundled demo speech, each with its own faint dither."""
-    corpus = REPO / "assets" / "demo_corpus"
     waves, total = [], 0
-    for line in (corpus / "test.jsonl").read_text().splitlines():
-        wave = load_audio(corpus / json.loads(line)["audio"])
+    for row in read_manifest(REPO / "assets" / "demo_corpus" / "test.jsonl"):
+        wave = load_audio(row["audio"])
         waves.append(wave)
         total += len(wave)
         if total >= seconds * SAMPLE_RATE:
