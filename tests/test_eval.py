@@ -74,7 +74,7 @@ def test_cjk_detection_matches_seed_ranges():
 
 
 def test_empty_references_are_skipped_and_counted():
-    # ref 1 empty: its 2 inserted words cannot be divided by anything -> left out (as the seed does)
+    # ref 1 empty: its 2 inserted words cannot be divided by anything -> left out (as open-audio-opd's eval script does)
     # ref 2: 1 S over 2 words -> WER 1/2
     c = wer_counts(["", "a b"], ["x y", "a c"])
     assert (c.utterances, c.empty_refs, c.errors, c.ref_len, c.empty_ref_insertions) == (1, 1, 1, 2, 2)
@@ -165,7 +165,7 @@ def test_basic_and_seed_normalizers():
     assert get_normalizer("basic")("Héllo, Wörld! [x] ＡＢ") == "héllo wörld ab"
     from ark_ray.eval import BasicNormalizer
     assert BasicNormalizer(remove_diacritics=True)("Héllo Wörld") == "hello world"
-    # the seed's cleanup: full-width digits -> ASCII, its punctuation class removed, lower-case
+    # open-audio-opd's eval-script cleanup: full-width digits -> ASCII, its punctuation class removed, lower-case
     assert get_normalizer("seed")("Ｈｉ １２３，Hello!  World") == "ｈｉ 123hello world"
     assert get_normalizer("none")("  A  b ") == "A b"
     assert get_normalizer(None)("x") == "x"

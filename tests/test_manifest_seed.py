@@ -1,4 +1,4 @@
-"""The seed's manifest conventions (-1 = unset, end_time ignored when begin_time < 0, extra fields
+"""The manifest conventions of open-audio-opd's scripts (-1 = unset, end_time ignored when begin_time < 0, extra fields
 kept), bad rows listed all at once or skipped with a count, and the batch job's listing keeping
 bad rows as error inputs. No Ray: the reader and the listing only."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from ark_ray.data.listing import load_inputs
 from ark_ray.data.manifest import ManifestError, manifest_rows, normalize_segment, read_manifest
 
-# rows in the seed's README format: {"audio","text","task":"asr","begin_time","end_time"}
+# rows in open-audio-opd's README format: {"audio","text","task":"asr","begin_time","end_time"}
 SEED_ROWS = [
     {"audio": "clips/a.wav", "text": "whole file", "task": "asr", "begin_time": -1, "end_time": -1},
     {"audio": "clips/a.wav", "text": "a segment", "task": "asr", "begin_time": 1.5, "end_time": 3.25},
@@ -36,7 +36,7 @@ def write(path, lines):
 
 def test_seed_sentinels_mean_unset():
     assert normalize_segment(-1, -1) == (None, None)
-    assert normalize_segment(-1, 2.0) == (None, None)       # the seed ignores end_time when begin_time < 0
+    assert normalize_segment(-1, 2.0) == (None, None)       # open-audio-opd ignores end_time when begin_time < 0
     assert normalize_segment(0.5, -1) == (0.5, None)
     assert normalize_segment(0, 2) == (0.0, 2.0)
     assert normalize_segment(None, 2) == (None, 2.0)

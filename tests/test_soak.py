@@ -1,4 +1,4 @@
-"""A bounded CPU soak of the batch job: 500 mixed inputs in one manifest of the seed's format (good
+"""A bounded CPU soak of the batch job: 500 mixed inputs in one manifest of open-audio-opd's format (good
 clips at 16 and 48 kHz, a long-form clip, silence, hostile files, segments good and bad, unusable
 lines, duplicates), `python jobs/transcribe.py` killed (SIGKILL) twice at random points and rerun:
 every input has exactly one row, each error reason is what that input is, every part file reads.
