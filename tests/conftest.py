@@ -17,7 +17,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# no VLLM_CPU_KVCACHE_SPACE: CPU vLLM engines size their own KV cache (ark_ray/engines/cpu_memory.py)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -107,7 +107,7 @@ def ray_local():
                 log_to_driver=False,
                 runtime_env={"env_vars": {k: os.environ[k] for k in (
                     "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                    "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE")}},
+                    "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}},
             )
         except BaseException:
             _stop_group(proc)
