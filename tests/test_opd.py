@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -43,12 +42,10 @@ def make_cfg(pair, out, **kw) -> OpdConfig:
     return load_config(OpdConfig, REPO / "jobs/configs/opd_tiny.yaml", over)
 
 
-def run(cfg, during=None):
+def run(cfg):
     from ark_ray.opd.controller import OpdController
     ctl = OpdController(cfg)
     try:
-        if during:
-            threading.Thread(target=during, args=(ctl,), daemon=True).start()
         return ctl.run(), ctl
     finally:
         ctl.shutdown()
@@ -70,8 +67,16 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
     # max_staleness 0 with 3 batches in flight: batches rolled out before a sync arrive stale
     assert s["dropped_stale"] > 0
     assert ctl.version >= 3                                  # one weight sync per step (+ the final one)
+    # the export is the trained student in bf16: the student's tensors, decoder and encoder moved
+    import torch
+
     from ark_ray.model import ArkAsrForConditionalGeneration
-    assert ArkAsrForConditionalGeneration.from_pretrained(s["final_model"]) is not None
+    final = ArkAsrForConditionalGeneration.from_pretrained(s["final_model"], dtype=torch.float32).state_dict()
+    start = ArkAsrForConditionalGeneration.from_pretrained(pair / "student", dtype=torch.float32).state_dict()
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in start.items()}
+    assert all(torch.equal(v, v.bfloat16().float()) for v in final.values())
+    moved = [k for k in start if not torch.equal(final[k], start[k].bfloat16().float())]
+    assert "lm_head.weight" in moved and any(k.startswith("audio_encoder.") for k in moved)
     for k in ("student_wer_before", "student_wer_after", "teacher_wer", "samples_per_s", "kl_first"):
         assert s[k] is not None
 
@@ -134,20 +139,63 @@ def test_source_outlives_stale_drops_and_resumes(ray_local, pair, tmp_path):
     assert c2.data.consumed() == set(range(c2.data.low))    # a prefix: no position skipped
 
 
-@pytest.mark.parametrize("role", ["rollouts", "teachers"])
-def test_killed_actor_is_restarted_and_work_redone(ray_local, pair, tmp_path, role):
-    """Kill one rollout (or teacher) actor after the first step; Ray restarts it, the call in
-    flight is retried on the new actor, and the run still completes every step."""
-    killed = {}
+class KillOnCall:
+    """A real actor handle, except that the `nth` call of `method` is followed at once by
+    `ray.kill(actor, no_restart=False)`: the call is in flight when its process dies."""
 
-    def kill_after_first_step(ctl):
-        while not ctl.history:
-            time.sleep(0.2)
-        ray.kill(getattr(ctl, role)[0], no_restart=False)
-        killed["at"] = len(ctl.history)
+    def __init__(self, handle, method: str, nth: int):
+        self.handle, self.method, self.nth, self.calls = handle, method, nth, 0
+        self.killed_args = None
 
-    s, _ = run(make_cfg(pair, tmp_path / role, steps=3), during=kill_after_first_step)
-    assert killed and s["steps"] == 3
+    def __getattr__(self, name):
+        attr = getattr(self.handle, name)
+        if name != self.method:
+            return attr
+        outer = self
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                ref = attr.remote(*args)
+                outer.calls += 1
+                if outer.calls == outer.nth:
+                    ray.kill(outer.handle, no_restart=False)
+                    outer.killed_args = args
+                return ref
+        return Method
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
+
+
+@pytest.mark.parametrize("role, method", [("rollouts", "rollout"), ("teachers", "score")])
+def test_killed_actor_is_restarted_and_work_redone(ray_local, pair, tmp_path, role, method):
+    """Kill a rollout (or teacher) actor right after the second batch's call reaches it: Ray restarts
+    it (the same handle answers from a new process), retries that call on the new actor, and the
+    run trains every step on full batches, the killed call's rows included, none twice."""
+    from ark_ray.opd.controller import OpdController
+
+    ctl = OpdController(make_cfg(pair, tmp_path / role, steps=3))   # 4 clips a step, max_staleness 2
+    actors = getattr(ctl, role)
+    real, pid_before = actors[0], _pid(actors[0])
+    actors[0] = KillOnCall(real, method, nth=2)
+    try:
+        s = ctl.run()
+        killed = actors[0].killed_args
+        pid_after = _pid(real)
+    finally:
+        actors[0] = real
+        ctl.shutdown()
+    assert killed is not None and pid_after != pid_before
+    # the killed call's batch: positions are a rollout's last argument; a teacher scores a trajectory
+    positions = killed[-1] if role == "rollouts" else list(ray.get(killed[0]).position)
+    assert len(positions) == 4
+    steps = [json.loads(line) for line in (tmp_path / role / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in steps if r["kind"] == "step"] == [4, 4, 4]
+    assert s["steps"] == 3 and s["dropped_stale"] == 0     # 3 steps: no batch can be 3 versions old
+    assert set(positions) <= ctl.data.consumed()
+    assert ctl.data.consumed_total == len(ctl.data.consumed()) == 12
 
 
 @pytest.mark.slow
