@@ -1,4 +1,5 @@
-"""docs/architecture.md stays true to the tree: every file it names exists."""
+"""docs/architecture.md stays true to the tree: every file it names exists, and every module of the
+package has its row in the table of roles (a new or renamed module must be placed on the page)."""
 from __future__ import annotations
 
 import re
@@ -21,3 +22,9 @@ def test_every_file_in_the_diagrams_exists(repo_root):
     assert len(named) > 20
     assert sorted(p for p in named if not (repo_root / "ark_ray" / p).exists()) == []
 
+
+def test_every_module_has_a_role(repo_root):
+    table = {m for m in re.findall(r"`(ark_ray/[\w/]+\.py)`", _doc(repo_root))}
+    modules = {str(p.relative_to(repo_root)) for p in (repo_root / "ark_ray").rglob("*.py")
+               if p.name != "__init__.py" or p.parent.name == "vllm_plugin"}
+    assert sorted(modules - table) == []
