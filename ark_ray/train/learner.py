@@ -442,3 +442,4 @@ class LearnerGroup:
         if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
             remove_placement_group(self.pg)
+            self.pg = None                   # shutdown twice is harmless
