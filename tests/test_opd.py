@@ -52,14 +52,29 @@ def run(cfg):
 
 
 def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
-    s, ctl = run(make_cfg(pair, tmp_path / "a", max_staleness=0, max_inflight=3))
-    assert s["steps"] == 3 and s["mode"] == "async"
+    """Async OPD with every weight sync through the broadcast group (gloo on CPU; the other OPD
+    runs here sync through the object store, `auto` on CPU)."""
+    from ark_ray.opd.controller import OpdController
+
+    ctl = OpdController(make_cfg(pair, tmp_path / "a", max_staleness=0, max_inflight=3,
+                                 learner={"weight_sync": "broadcast", "weight_sync_timeout_s": 300,
+                                          "weight_sync_collective_timeout_s": 60}))
+    try:
+        s = ctl.run()
+        worker_version = ray.get(ctl.rollouts[0].get_version.remote())
+        published = ray.get(ctl.store.latest.remote())[1]
+    finally:
+        ctl.shutdown()
+    assert s["steps"] == 3 and s["mode"] == "async" and s["weight_sync"] == "broadcast"
     recs = [json.loads(line) for line in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     syncs = [r for r in recs if r["kind"] == "sync"]
     recs = [r for r in recs if r["kind"] == "step"]
     assert [r["step"] for r in recs] == [1, 2, 3]
     versions = [r["version"] for r in syncs]      # pushes made while one was in flight coalesce into the newest
     assert versions == sorted(set(versions)) and versions[-1] == ctl.version
+    assert all(r["retries"] == 0 and r["sync_s"] > 0 for r in syncs)
+    assert [h["version"] for h in ctl.weights.history] == versions          # every sync in metrics.jsonl
+    assert worker_version == published == ctl.version    # the final sync arrived; published at the final save
     assert all(r["kl"] > 0 and 4 <= r["union_size"] <= 8 for r in recs)
     # tau 1: the loss is the raw KL; queue depths are bounded by max_inflight (the trained batch excluded)
     assert all(r["loss"] == pytest.approx(r["kl"]) for r in recs)
@@ -81,21 +96,20 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
         assert s[k] is not None
 
 
-def test_sync_mode(ray_local, pair, tmp_path):
-    s, _ = run(make_cfg(pair, tmp_path / "s", mode="sync", steps=2, tau=2.0))
-    assert s["mode"] == "sync" and s["steps"] == 2 and s["dropped_stale"] == 0
-    recs = [json.loads(line) for line in (tmp_path / "s/metrics.jsonl").read_text().splitlines()]
+def test_sync_mode_then_resume_neither_repeats_nor_skips(ray_local, pair, tmp_path):
+    """Sync mode (nothing overlaps, the loss carries tau^2), then a resumed run from its checkpoint
+    that consumes every position exactly once (one test: each OPD run costs a minute on 2 cores)."""
+    out = tmp_path / "r"
+    s1, c1 = run(make_cfg(pair, out, mode="sync", steps=2, tau=2.0))
+    assert s1["mode"] == "sync" and s1["steps"] == 2 and s1["dropped_stale"] == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if r["kind"] == "step"]
     # the loss carries tau^2, the logged KL does not; nothing overlaps in sync mode
+    assert len(recs) == 2
     assert all(r["kl"] > 0 and r["loss"] == pytest.approx(4.0 * r["kl"]) for r in recs)
     assert all(r["queue_rollout"] == r["queue_teacher"] == r["queue_learner"] == 0 for r in recs)
-
-
-def test_resume_neither_repeats_nor_skips(ray_local, pair, tmp_path):
-    out = tmp_path / "r"
-    s1, c1 = run(make_cfg(pair, out, steps=2, mode="sync"))
     first = c1.data.consumed()
-    s2, c2 = run(make_cfg(pair, out, steps=4, mode="sync", resume=True))
+    s2, c2 = run(make_cfg(pair, out, steps=4, mode="sync", tau=2.0, resume=True))
     assert s2["steps"] == 4
     assert first < c2.data.consumed()
     assert c2.data.consumed() == set(range(4 * 4))           # positions 0..15, each exactly once
@@ -169,33 +183,36 @@ def _pid(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
 
 
-@pytest.mark.parametrize("role, method", [("rollouts", "rollout"), ("teachers", "score")])
-def test_killed_actor_is_restarted_and_work_redone(ray_local, pair, tmp_path, role, method):
-    """Kill a rollout (or teacher) actor right after the second batch's call reaches it: Ray restarts
-    it (the same handle answers from a new process), retries that call on the new actor, and the
-    run trains every step on full batches, the killed call's rows included, none twice."""
+def test_killed_actors_are_restarted_and_work_redone(ray_local, pair, tmp_path):
+    """Kill the rollout actor right after the second batch's call reaches it, and the teacher right
+    after its second scoring call: Ray restarts each (the same handle answers from a new process),
+    retries the killed call on the new actor, and the run trains every step on full batches, the
+    killed calls' rows included, none twice. (Both kills in one run: each run costs a minute.)"""
     from ark_ray.opd.controller import OpdController
 
-    ctl = OpdController(make_cfg(pair, tmp_path / role, steps=3))   # 4 clips a step, max_staleness 2
-    actors = getattr(ctl, role)
-    real, pid_before = actors[0], _pid(actors[0])
-    actors[0] = KillOnCall(real, method, nth=2)
+    ctl = OpdController(make_cfg(pair, tmp_path / "k", steps=3))   # 4 clips a step, max_staleness 2
+    roles = {"rollouts": "rollout", "teachers": "score"}
+    real = {role: getattr(ctl, role)[0] for role in roles}
+    pid_before = {role: _pid(actor) for role, actor in real.items()}
+    for role, method in roles.items():
+        getattr(ctl, role)[0] = KillOnCall(real[role], method, nth=2)
     try:
         s = ctl.run()
-        killed = actors[0].killed_args
-        pid_after = _pid(real)
+        killed = {role: getattr(ctl, role)[0].killed_args for role in roles}
+        pid_after = {role: _pid(actor) for role, actor in real.items()}
     finally:
-        actors[0] = real
+        for role in roles:
+            getattr(ctl, role)[0] = real[role]
         ctl.shutdown()
-    assert killed is not None and pid_after != pid_before
-    # the killed call's batch: positions are a rollout's last argument; a teacher scores a trajectory
-    positions = killed[-1] if role == "rollouts" else list(ray.get(killed[0]).position)
-    assert len(positions) == 4
-    steps = [json.loads(line) for line in (tmp_path / role / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
     assert [r["samples"] for r in steps if r["kind"] == "step"] == [4, 4, 4]
     assert s["steps"] == 3 and s["dropped_stale"] == 0     # 3 steps: no batch can be 3 versions old
-    assert set(positions) <= ctl.data.consumed()
     assert ctl.data.consumed_total == len(ctl.data.consumed()) == 12
+    for role in roles:
+        assert killed[role] is not None and pid_after[role] != pid_before[role], role
+        # the killed call's batch: positions are a rollout's last argument; a teacher scores a trajectory
+        positions = killed[role][-1] if role == "rollouts" else list(ray.get(killed[role][0]).position)
+        assert len(positions) == 4 and set(positions) <= ctl.data.consumed(), role
 
 
 @pytest.mark.slow
