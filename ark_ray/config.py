@@ -132,6 +132,10 @@ class EngineConfig(Validated):
     max_num_seqs: int = opt(64, "Most sequences vLLM decodes at once.")
     max_model_len: int = opt(1024, "Longest prompt + transcript in tokens (30 s of audio = 384 prompt tokens).")
     gpu_memory_utilization: float = opt(0.85, "Fraction of GPU memory vLLM may take.")
+    cpu_kv_cache_max_gb: float = opt(4.0, "CPU vLLM engines: cap (GiB; 0: none) on the KV cache each sizes for "
+                                     "max_num_seqs x max_model_len tokens (engines/cpu_memory.py; at least one "
+                                     "full sequence); its Ray actor asks for model bytes + that cache as `memory`. "
+                                     "VLLM_CPU_KVCACHE_SPACE (GiB), when set, overrides it.")
     enforce_eager: bool = opt(False, "Disable CUDA graphs in vLLM (always eager on CPU).")
     # -- vLLM throughput knobs (bench/engine_sweep.py measures them; ark_ray/vllm_plugin/engine_args.py applies them)
     max_num_batched_tokens: int = opt(
@@ -154,12 +158,6 @@ class EngineConfig(Validated):
     max_chunk_s: float = opt(30.0, "Long audio is cut by the shared chunker into windows of at most this many seconds.")
     num_gpus: float = opt(0.0, "GPUs per engine actor (0 on CPU).")
     num_cpus: float = opt(1.0, "CPUs per engine actor.")
-    cpu_kv_cache_max_gb: float = opt(
-        4.0, "CPU vLLM engines: the most GiB of KV cache one asks for. Each sizes its cache for max_num_seqs "
-        "sequences of max_model_len tokens (decoder layers x KV heads x head_dim x 2 (K, V) x dtype bytes), at least "
-        "one full-length sequence, at most this (0: no cap), and its Ray actor asks for the model's bytes plus that "
-        "cache as `memory`, so Ray places it where it fits instead of vLLM reserving a share of the node. "
-        "VLLM_CPU_KVCACHE_SPACE (GiB), when set, overrides it.")
 
     def validate(self) -> None:
         need(self.dtype in ENGINE_DTYPES, "dtype", f"{self.dtype!r} is not one of {list(ENGINE_DTYPES)}")
@@ -194,7 +192,8 @@ class LearnerConfig(Validated):
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage (0-3).")
     lr: float = opt(3e-4, "Peak learning rate (AdamW).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
-    betas: list = opt([0.9, 0.98], "AdamW betas.")
+    betas: list = opt([0.9, 0.98], "AdamW betas (beta1, beta2): the decay rates of the gradient's running mean "
+                      "and of its running square.")
     warmup_steps: int = opt(0, "Linear warm-up steps before the cosine decay.")
     min_lr_ratio: float = opt(0.1, "Cosine decay floor as a fraction of lr.")
     micro_batch_size: int = opt(
@@ -224,12 +223,15 @@ class LearnerConfig(Validated):
         "(NCCL between different GPUs, also across nodes; gloo on CPU). object_store: one Ray object per bucket, "
         "streamed into the engine by its actor (no GPU, or no NCCL path). auto: per engine, ipc on a shared GPU, "
         "broadcast on different GPUs, object_store without GPUs.")
-    weight_sync_bucket_mb: float = opt(1024.0, "Weight-sync bucket size in MiB: no message, object or broadcast "
-                                       "holds more (a layer is never split; one larger layer gets its own bucket).")
-    weight_sync_retries: int = opt(1, "Retries of a weight sync that failed on a rollout actor or the learner; "
-                                   "past them the run stops with that actor's error.")
-    weight_sync_timeout_s: float = opt(900.0, "broadcast: longest wait for every rollout worker to reach a sync "
-                                       "(after its current rollout, or its restart); past it the run fails.")
+    weight_sync_bucket_mb: float = opt(
+        1024.0, "Weight-sync bucket size in MiB: no message, object or broadcast holds more (a layer is never "
+        "split; one larger layer gets its own bucket).")
+    weight_sync_retries: int = opt(
+        1, "Retries of a weight sync that failed on a rollout actor or the learner; past them the run stops with "
+        "that actor's error.")
+    weight_sync_timeout_s: float = opt(
+        900.0, "broadcast: longest wait for every rollout worker to reach a sync (after its current rollout, or "
+        "its restart); past it the run fails.")
     weight_sync_collective_timeout_s: float = opt(
         300.0, "broadcast: longest a group formation or one bucket's broadcast may take; past it (a rollout "
         "worker died mid-sync) the sync fails and is retried with a new group.")
@@ -668,9 +670,9 @@ class OpdConfig(Validated):
     eval_every: int = opt(0, "Steps between student WER evaluations (0: before and after only).")
     eval_max_samples: int = opt(60, "Most eval utterances scored.")
     save_every: int = opt(4, "Steps between checkpoints (0: only at the end).")
-    resume: bool = opt(False, "Continue from output_dir's checkpoint: no utterance repeated or skipped.")
     max_audio_s: float = opt(30.0, "Longer clips are rejected when loaded.")
     max_actor_restarts: int = opt(3, "Restarts of a crashed rollout/teacher actor (its in-flight call is redone).")
+    resume: bool = opt(False, "Continue from output_dir's checkpoint: no utterance repeated or skipped.")
     staged_startup: bool = opt(False, "For a GPU shared by all three roles: vLLM sizes its KV cache from the memory "
                                "free while it profiles, so nothing else may allocate meanwhile. The teachers load on "
                                "the CPU concurrently and move to the GPU, and the learners start, once the rollout "
