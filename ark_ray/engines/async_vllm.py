@@ -24,7 +24,7 @@ import numpy as np
 from ark_ray.audio import SAMPLE_RATE
 from ark_ray.config import EngineConfig, SamplingConfig
 from ark_ray.engines.base import AsyncTranscriber
-from ark_ray.engines.vllm_engine import VllmEngine, _engine_core_in_process, llm_kwargs, sample_dict
+from ark_ray.engines.vllm_engine import VllmEngine, engine_core_in_process, llm_kwargs, sample_dict
 
 
 def _async_llm_class():
@@ -54,10 +54,8 @@ class AsyncVllmEngine(AsyncTranscriber):
         kwargs = dict(llm_kwargs(model_dir, cfg, on_gpu, max_logprobs), disable_log_stats=True)
         if on_gpu:
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        with engine_core_in_process(on_gpu):   # on CPU: the worker inside AsyncLLM's engine-core process
             self.llm = _async_llm_class().from_engine_args(AsyncEngineArgs(**kwargs))
-        else:   # the worker inside the engine-core process (AsyncLLM keeps that one process)
-            with _engine_core_in_process():
-                self.llm = _async_llm_class().from_engine_args(AsyncEngineArgs(**kwargs))
 
     def _sampling_params(self, sampling: SamplingConfig, logprobs: bool, kind: str):
         from vllm.sampling_params import RequestOutputKind

@@ -282,14 +282,15 @@ def _module_globals_answer_hasattr() -> bool:
 
 
 @contextmanager
-def _engine_core_in_process():
-    """On a CPU, build vLLM's engine core and worker inside this process (unless the user set
-    VLLM_ENABLE_V1_MULTIPROCESSING): otherwise vLLM's CPU backend starts an engine-core process
-    and a worker process, each importing vLLM again. A rollout actor's engine was ready in 19 s
-    instead of 38-45 s on 2 cores (tiny model). Only while the LLM is built: the variable must
-    not leak into a later AsyncLLM (always multiprocess) or into child processes."""
+def engine_core_in_process(on_gpu: bool):
+    """Around building a vLLM engine: on a CPU, its engine core and worker are built inside this
+    process (unless the user set VLLM_ENABLE_V1_MULTIPROCESSING); otherwise vLLM's CPU backend
+    starts an engine-core process and a worker process, each importing vLLM again. A rollout
+    actor's engine was ready in 19 s instead of 38-45 s on 2 cores (tiny model). Only while the
+    engine is built: the variable must not leak into a later AsyncLLM (always multiprocess) or
+    into child processes. On a GPU nothing changes."""
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    if key in os.environ or not _module_globals_answer_hasattr():
+    if on_gpu or key in os.environ or not _module_globals_answer_hasattr():
         yield
         return
     os.environ[key] = "0"
@@ -316,10 +317,8 @@ class VllmEngine(Transcriber):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if on_gpu:  # the caller may have touched CUDA already; a forked engine core cannot
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        with engine_core_in_process(on_gpu):
             self.llm = LLM(**kwargs)
-        else:
-            with _engine_core_in_process():
-                self.llm = LLM(**kwargs)
         self.max_chunk_s = cfg.max_chunk_s
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
