@@ -652,8 +652,10 @@ class OpdConfig(Validated):
     teacher_max_model_len: int = opt(1024, "qwen3_asr on vllm: longest prompt + forced response in tokens (30 s "
                                      "of audio = 390 audio tokens).")
     teacher_max_num_batched_tokens: int = opt(0, "qwen3_asr on vllm: tokens per engine step (0: vLLM's default).")
-    train_manifest: str = opt("assets/demo_corpus/train_sample.jsonl", "Audio to distil on (transcripts not needed).")
-    eval_manifest: Optional[str] = opt("assets/demo_corpus/test.jsonl", "Held-out manifest for student/teacher WER.")
+    train_manifest: str = opt("assets/demo_corpus/train_sample.jsonl", "Audio to distil on (transcripts not needed); "
+                              "`demo://unlabelled[-N]`: N demo utterances without transcripts, made on first use.")
+    eval_manifest: Optional[str] = opt("assets/demo_corpus/test.jsonl", "Held-out manifest for student/teacher WER; "
+                                       "`demo://heldout[-N]`: the demo's N test-split utterances, made on first use.")
     output_dir: str = opt("runs/opd", "Checkpoints, metrics.jsonl, summary.json and the final HF export.")
     mode: Literal["async", "sync"] = opt("async", "async overlaps rollout, teacher and learner; sync runs them in turn.")
     steps: int = opt(12, "Learner steps.")

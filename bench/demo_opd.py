@@ -6,7 +6,7 @@ Variants, all from the demo student (`demo://student`) with the demo config's st
 (steps x rollout_batch_size samples, learner lr):
   opd        the README's demo: `python jobs/opd.py --seed S` (OPD on unlabelled audio)
   sft        the same compute as plain SFT on the labelled data (the 40 `train_sample` clips,
-             same steps, batch and lr; jobs/sft.py), scored on the same held-out set
+             same steps, batch and lr; jobs/sft.py), scored on the demo's held-out set
   adapt_opd  teacher-data adaptation then OPD: the teacher transcribes the first half-budget of
              unlabelled clips, SFT on those labels for half the steps, then OPD for the other half
 Each run's summary lands in runs/demo_bench/<variant>_s<seed>/; the table is printed and saved
@@ -48,9 +48,10 @@ def opd(seed: int, out: pathlib.Path, extra: list[str] = ()) -> dict:
             "teacher": summ["teacher_wer"], "job_s": s, "train_s": summ["train_s"]}
 
 
-def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batch: int, lr: float) -> dict:
+def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batch: int, lr: float,
+        held_out: tuple[str, int]) -> dict:
     s = sh([PY, "jobs/sft.py", f"--model={init}", f"--train_manifest={manifest}",
-            "--eval_manifest=assets/demo_corpus/test.jsonl", "--eval_max_samples=60", f"--steps={steps}",
+            f"--eval_manifest={held_out[0]}", f"--eval_max_samples={held_out[1]}", f"--steps={steps}",
             f"--batch_size={batch}", f"--learner.lr={lr}", f"--learner.seed={seed}", f"--seed={seed}",
             f"--output_dir={out}",
             "--export_dtype=float32", "--ray.num_cpus=4"], out.with_suffix(".term"))
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
 
     from ark_ray.config import OpdConfig, load_config
-    from ark_ray.demo import student, unlabelled
+    from ark_ray.demo import heldout, student, unlabelled
     from ark_ray.runtime import cpu_env_defaults
 
     cpu_env_defaults()
@@ -109,6 +110,7 @@ def main(argv=None) -> None:
     steps, batch, lr = cfg.steps, cfg.rollout_batch_size, cfg.learner.lr
     init = str(student.ensure())
     unl = unlabelled.resolve(cfg.train_manifest)
+    held_out = (heldout.resolve(cfg.eval_manifest), cfg.eval_max_samples)   # the demo's own held-out set
     results: dict = {}
     path = pathlib.Path(a.results)
     if path.exists():
@@ -120,14 +122,14 @@ def main(argv=None) -> None:
             if v == "opd":
                 r = opd(seed, OUT / key)
             elif v == "sft":
-                r = sft(seed, OUT / key, init, "assets/demo_corpus/train_sample.jsonl", steps, batch, lr)
+                r = sft(seed, OUT / key, init, "assets/demo_corpus/train_sample.jsonl", steps, batch, lr, held_out)
             else:
                 half = steps // 2
                 # a finished adaptation half is kept (a run stopped in its OPD half resumes there)
                 ad = finished_sft(OUT / key / "adapt")
                 if ad is None:
                     m = teacher_labels(unl, half * batch, OUT / key)
-                    ad = sft(seed, OUT / key / "adapt", init, str(m), half, batch, lr)
+                    ad = sft(seed, OUT / key / "adapt", init, str(m), half, batch, lr, held_out)
                 r = opd(seed, OUT / key / "opd", [f"--student={ad['model']}", f"--steps={steps - half}"])
                 r["adapted"] = ad["after"]
             r["wall_s"] = time.perf_counter() - t0
@@ -158,7 +160,8 @@ def main(argv=None) -> None:
     if a.write_baselines:
         names = {"sft": "same-compute SFT on the 40 labelled clips",
                  "adapt_opd": "teacher-data adaptation, then OPD"}
-        b = {"student": "demo://student", "steps": steps, "seeds": sorted({s for r in rows.values() for s in r["seeds"]}),
+        b = {"student": "demo://student", "steps": steps, "rollout_batch_size": batch,
+             "eval_manifest": cfg.eval_manifest, "seeds": sorted({s for r in rows.values() for s in r["seeds"]}),
              "source": "bench/demo_opd.py", "rows": {names[k]: rows[k] for k in names if k in rows}}
         f = REPO / "jobs/configs/opd_tiny.baselines.json"
         f.write_text(json.dumps(b, indent=1) + "\n")

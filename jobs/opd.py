@@ -45,10 +45,10 @@ def main(argv=None) -> dict:
     cpu_env_defaults()   # before torch/vLLM/DeepSpeed read the environment (a plain shell has none of it)
     from ark_ray.config import OpdConfig, parse_job_args
     from ark_ray.demo import student as demo_student
-    from ark_ray.demo import unlabelled
+    from ark_ray.demo import heldout, unlabelled
 
     cfg = parse_job_args(OpdConfig, sys.argv[1:] if argv is None else argv, default_config=DEFAULT)
-    student_spec = cfg.student
+    student_spec, eval_spec = cfg.student, cfg.eval_manifest
     console = Console(cfg.output_dir)
     console.total = cfg.steps
     t0 = time.perf_counter()
@@ -61,8 +61,12 @@ def main(argv=None) -> dict:
         cfg.student = str(pathlib.Path(demo_student.resolve(cfg.student)).resolve())
         if cfg.train_manifest.startswith("demo://"):
             t = time.perf_counter()
-            cfg.train_manifest = unlabelled.resolve(cfg.train_manifest, progress=_gen_progress(console))
+            cfg.train_manifest = unlabelled.resolve(cfg.train_manifest, progress=_gen_progress(console, "unlabelled"))
             console.line(f"unlabelled audio: {cfg.train_manifest} ({time.perf_counter() - t:.0f} s)")
+        if cfg.eval_manifest and cfg.eval_manifest.startswith("demo://"):
+            t = time.perf_counter()
+            cfg.eval_manifest = heldout.resolve(cfg.eval_manifest, progress=_gen_progress(console, "held-out"))
+            console.line(f"held-out audio: {cfg.eval_manifest} ({time.perf_counter() - t:.0f} s)")
         from ark_ray.opd.controller import OpdController
         from ark_ray.runtime import init_ray
 
@@ -80,7 +84,7 @@ def main(argv=None) -> dict:
         s["job_s"] = time.perf_counter() - t0
         console.line()
         console.line(table(closing_rows(s) + [("job_s", fmt(s["job_s"]))]))
-        for line in baseline_lines(student_spec, cfg):
+        for line in baseline_lines(student_spec, eval_spec, cfg):
             console.line(line)
         if plot:
             console.line(f"curves: {plot}")
@@ -92,27 +96,28 @@ def main(argv=None) -> dict:
         raise
 
 
-def _gen_progress(console: Console):
+def _gen_progress(console: Console, what: str):
     state = {"last": 0.0}
 
     def report(done: int, n: int) -> None:
         now = time.perf_counter()
         if done == n or now - state["last"] > 10:
             state["last"] = now
-            console.line(f"  generating unlabelled demo audio (first run only): {done}/{n}")
+            console.line(f"  generating {what} demo audio (first run only): {done}/{n}")
     return report
 
 
-def baseline_lines(student_spec: str, cfg) -> list[str]:
+def baseline_lines(student_spec: str, eval_spec: str, cfg) -> list[str]:
     """The demo's baselines as measured by bench/demo_opd.py (3 seeds each; docs/benchmarks.md),
-    shown when this run is the demo (same student and step budget)."""
+    shown when this run is the demo (same student, step budget and held-out set)."""
     import json
 
     f = DEFAULT.with_suffix(".baselines.json")
     if not f.exists():
         return []
     b = json.loads(f.read_text())
-    if b.get("student") != student_spec or b.get("steps") != cfg.steps:
+    if (b.get("student"), b.get("steps"), b.get("rollout_batch_size"), b.get("eval_manifest")) != (
+            student_spec, cfg.steps, cfg.rollout_batch_size, eval_spec):
         return []
     out = ["", f"baselines for this demo ({b['source']}; mean over seeds {b['seeds']}):"]
     out += [f"  {name}: student WER {r['before']:.3f} -> {r['after']:.3f} ({r['cut']:.1%} cut)"

@@ -68,6 +68,30 @@ def test_unlabelled_audio_is_deterministic_distinct_and_has_no_transcripts(tmp_p
     assert unlabelled.ensure(6, tmp_path / "a") == a and a.stat().st_mtime == mtime   # cached
 
 
+@pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("flite")), reason="espeak-ng/flite missing")
+def test_heldout_set_starts_with_the_bundled_test_clips_and_shares_no_text_with_training(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    from ark_ray.data.manifest import read_manifest
+    from ark_ray.demo import heldout
+    from ark_ray.demo.corpus import texts_for
+
+    assert heldout.resolve("a.jsonl") == "a.jsonl"
+    m = heldout.ensure(3, tmp_path / "h", workers=1)
+    rows = read_manifest(m)
+    bundled = read_manifest(str(REPO / "assets/demo_corpus/test.jsonl"))
+    for r, b in zip(rows, bundled[:3]):          # same texts and voices as the bundled test clips
+        assert r["text"] == b["text"] and r["id"] == b["id"]
+        x, y = sf.read(r["audio"])[0], sf.read(b["audio"])[0]
+        assert len(x) == len(y) and np.abs(x - y).max() < 1e-4
+    texts = texts_for("test", heldout.DEFAULT_N)
+    assert len(set(texts)) == heldout.DEFAULT_N
+    assert not set(texts) & set(texts_for("train", 4000)) and not set(texts) & set(texts_for("dev", 30))
+    monkeypatch.setenv("ARK_DEMO_CACHE", str(tmp_path / "cache"))
+    assert heldout.resolve("demo://heldout-3") == str(tmp_path / "cache" / "heldout_3" / "heldout.jsonl")
+
+
 def test_console_shows_progress_and_evaluations_and_logs_the_rest(tmp_path):
     script = textwrap.dedent(f"""
         import logging, os, subprocess, sys, warnings

@@ -31,6 +31,7 @@ def pair(tmp_path_factory):
 def make_cfg(pair, out, **kw) -> OpdConfig:
     over = {"student": str(pair / "student"), "teacher": str(pair / "teacher"), "output_dir": str(out),
             "train_manifest": str(REPO / "assets/demo_corpus/train_sample.jsonl"),   # not the demo's 1000 clips
+            "eval_manifest": str(REPO / "assets/demo_corpus/test.jsonl"),            # nor its 300 held-out ones
             "steps": 3, "rollout_batch_size": 4, "eval_max_samples": 4, "save_every": 1,
             "rollout_engine": {"backend": ENGINE, "max_num_seqs": 8, "max_model_len": 512},
             "sampling": {"max_new_tokens": 6}, "topk": 4}
@@ -242,7 +243,8 @@ def test_ray_job_submit(pair, tmp_path):
         cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
                "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", ".stage", ".whl"]}),
                "--", sys.executable, "jobs/opd.py", f"--student={models}/student", f"--teacher={models}/teacher",
-               f"--output_dir={tmp_path}/job", f"--train_manifest={REPO}/assets/demo_corpus/train_sample.jsonl", "--steps=2", "--rollout_batch_size=4", "--eval_max_samples=4",
+               f"--output_dir={tmp_path}/job", f"--train_manifest={REPO}/assets/demo_corpus/train_sample.jsonl",
+               f"--eval_manifest={REPO}/assets/demo_corpus/test.jsonl", "--steps=2", "--rollout_batch_size=4", "--eval_max_samples=4",
                "--sampling.max_new_tokens=6", "--topk=4"]            # the default backend: vllm (CPU)
         for _ in range(24):  # the dashboard agent registers a few seconds after `ray start`
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)

@@ -184,6 +184,59 @@ def generate_split(out_dir: str | os.PathLike, split: str, n: int, seed: int = 0
     return manifest
 
 
+def demo_cache() -> pathlib.Path:
+    """Where demo:// material made on first use is kept (ARK_DEMO_CACHE, default runs/demo_cache)."""
+    return pathlib.Path(os.environ.get("ARK_DEMO_CACHE", REPO / "runs" / "demo_cache"))
+
+
+def scheme_count(uri: str, scheme: str, default: int) -> int | None:
+    """`scheme` -> default, `scheme-N` -> N, anything else -> None."""
+    if not uri.startswith(scheme):
+        return None
+    rest = uri[len(scheme):]
+    return int(rest[1:]) if rest.startswith("-") else default
+
+
+def speak_manifest(items: list[tuple[str, str]], out: pathlib.Path, name: str, with_text: bool,
+                   workers: int = 4, progress=None) -> pathlib.Path:
+    """Speak each (utt_id, text) into `out`/audio/ (voice keyed by "0:utt_id", as the bundled splits
+    are) and write `out`/`name` listing them, with or without their texts. Clips already on disk are
+    kept and the manifest is written last, so an interrupted run resumes and is never half-used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    manifest = out / name
+    if manifest.exists():
+        return manifest
+    for tool in ("espeak-ng", "flite"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is missing (the demo speaks its audio with it): "
+                               "run `bash scripts/setup.sh` or `apt-get install -y espeak-ng flite`")
+    done = [0]
+
+    def one(item):
+        utt_id, text = item
+        rel = f"audio/{utt_id}.flac"
+        path = out / rel
+        if path.exists():
+            dur = sf.info(str(path)).duration
+        else:
+            tmp = path.with_suffix(".part.flac")
+            dur = synthesize(text, f"0:{utt_id}", tmp)
+            tmp.rename(path)
+        done[0] += 1
+        if progress:
+            progress(done[0], len(items))
+        row = {"id": utt_id, "audio": rel, "duration": round(dur, 4), "language": "en"}
+        return {**row, "text": text} if with_text else row
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:   # the synthesizers are subprocesses
+        rows = list(pool.map(one, items))
+    tmp = manifest.with_suffix(".part")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(manifest)
+    return manifest
+
+
 def corpus_dir() -> pathlib.Path:
     return ASSETS
 

@@ -19,7 +19,7 @@ import os
 import pathlib
 import shutil
 
-from ark_ray.demo.corpus import REPO
+from ark_ray.demo.corpus import REPO, demo_cache
 
 SCHEME = "demo://student"
 TEACHER = REPO / "assets" / "models" / "teacher"
@@ -29,10 +29,9 @@ ENCODER_FFN = 192    # of the teacher's encoder_ffn_dim 768
 
 def cache_dir() -> pathlib.Path:
     """Keyed by the teacher's weights and the widths kept: a new teacher makes a new student."""
-    root = pathlib.Path(os.environ.get("ARK_DEMO_CACHE", REPO / "runs" / "demo_cache"))
     h = hashlib.sha256((TEACHER / "model.safetensors").read_bytes())
     h.update(repr((DECODER_MLP, ENCODER_FFN)).encode())
-    return root / f"student_pruned_{h.hexdigest()[:12]}"
+    return demo_cache() / f"student_pruned_{h.hexdigest()[:12]}"
 
 
 def prune_ffn(src: str | os.PathLike, dst: str | os.PathLike, decoder_mlp: int, encoder_ffn: int) -> pathlib.Path:

@@ -11,15 +11,11 @@ carries no text. Same N, same files, on every machine with the same synthesizers
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-from ark_ray.demo.corpus import REPO, SPLIT_SIZES, synthesize, texts_for
+from ark_ray.demo.corpus import SPLIT_SIZES, demo_cache, scheme_count, speak_manifest, texts_for
 
 SCHEME = "demo://unlabelled"
 DEFAULT_N = 1000
@@ -27,16 +23,12 @@ FIRST = SPLIT_SIZES["train_sample"]   # train texts before this are the labelled
 
 
 def cache_dir(n: int) -> pathlib.Path:
-    root = pathlib.Path(os.environ.get("ARK_DEMO_CACHE", REPO / "runs" / "demo_cache"))
-    return root / f"unlabelled_{n}"
+    return demo_cache() / f"unlabelled_{n}"
 
 
 def parse(uri: str) -> Optional[int]:
     """`demo://unlabelled` or `demo://unlabelled-N` -> N; anything else -> None."""
-    if not uri.startswith(SCHEME):
-        return None
-    rest = uri[len(SCHEME):]
-    return int(rest[1:]) if rest.startswith("-") else DEFAULT_N
+    return scheme_count(uri, SCHEME, DEFAULT_N)
 
 
 def ensure(n: int = DEFAULT_N, out: Optional[pathlib.Path] = None, workers: int = 4,
@@ -44,39 +36,9 @@ def ensure(n: int = DEFAULT_N, out: Optional[pathlib.Path] = None, workers: int 
     """The manifest of the first n unlabelled utterances, generating the missing ones.
     The manifest is written last, so an interrupted run is resumed, never half-used."""
     out = out or cache_dir(n)
-    manifest = out / "unlabelled.jsonl"
-    if manifest.exists():
-        return manifest
-    for tool in ("espeak-ng", "flite"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} is missing (the demo speaks its unlabelled audio with it): "
-                               "run `bash scripts/setup.sh` or `apt-get install -y espeak-ng flite`")
     texts = texts_for("train", FIRST + n)[FIRST:]
-    items = [(f"unlabelled-{i:05d}", t) for i, t in enumerate(texts)]
-    done = [0]
-
-    def one(item):
-        utt_id, text = item
-        rel = f"audio/{utt_id}.flac"
-        path = out / rel
-        if path.exists():
-            import soundfile as sf
-            dur = sf.info(str(path)).duration
-        else:
-            tmp = path.with_suffix(".part.flac")
-            dur = synthesize(text, f"0:{utt_id}", tmp)
-            tmp.rename(path)
-        done[0] += 1
-        if progress:
-            progress(done[0], n)
-        return {"id": utt_id, "audio": rel, "duration": round(dur, 4), "language": "en"}
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:   # the synthesizers are subprocesses
-        rows = list(pool.map(one, items))
-    tmp = manifest.with_suffix(".part")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(manifest)
-    return manifest
+    return speak_manifest([(f"unlabelled-{i:05d}", t) for i, t in enumerate(texts)], out, "unlabelled.jsonl",
+                          with_text=False, workers=workers, progress=progress)
 
 
 def resolve(uri: str, progress: Optional[Callable[[int, int], None]] = None) -> str:
