@@ -141,7 +141,7 @@ def draw_curves(steps: list[dict], evals: list[dict], teacher_wer: Optional[floa
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     w, h = size
-    panels = [((0, 0, w // 2, h), "KL(student || teacher) per step",
+    panels = [((0, 0, w // 2, h), "KL(teacher || student) per step",
                [("KL", (31, 119, 180), [(s["step"], s["kl"]) for s in steps], False)], None),
               ((w // 2, 0, w, h), "held-out WER",
                [("student", (214, 39, 40), [(e["step"], e["wer"]) for e in evals], True)], teacher_wer)]
