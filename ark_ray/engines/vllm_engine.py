@@ -281,6 +281,18 @@ def _module_globals_answer_hasattr() -> bool:
     return True
 
 
+def gpu_engine_env() -> None:
+    """Environment defaults for a GPU engine (a value the user set wins).
+
+    * spawn: the caller may have touched CUDA already, and a forked engine core cannot use it.
+    * no FlashInfer sampler: on a fresh node its JIT build (ninja) took 151 s of a 259 s engine
+      build on the H200, and without it the engine decoded as fast (1868x against 1768x real time;
+      docs/benchmarks.md, "Engine start-up"). vLLM then samples with its PyTorch/Triton sampler.
+    """
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
 @contextmanager
 def engine_core_in_process(on_gpu: bool):
     """Around building a vLLM engine: on a CPU, its engine core and worker are built inside this
@@ -315,8 +327,8 @@ class VllmEngine(Transcriber):
         # collective_rpc with a function (weight updates) needs vLLM's pickle fallback; the
         # engine's own processes are the only peers, as in TRL/OpenRLHF weight sync.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        if on_gpu:  # the caller may have touched CUDA already; a forked engine core cannot
-            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        if on_gpu:
+            gpu_engine_env()
         with engine_core_in_process(on_gpu):
             self.llm = LLM(**kwargs)
         self.max_chunk_s = cfg.max_chunk_s
