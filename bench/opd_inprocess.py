@@ -6,11 +6,11 @@ actor and the learner's own weights in the rollout engine (on-policy; `--stale K
 weights of K steps before, as the async job's bounded staleness does).
 
     python bench/opd_inprocess.py --seed 0 --batch 32 --steps 56 --temperature 0.7 \
-        [--big_eval /path/to/test.jsonl] [--out runs/opd_inprocess.jsonl]
+        [--big_eval demo://heldout-200] [--out runs/opd_inprocess.jsonl]
 
-Prints held-out WER by step (the bundled test set; dev; and `--big_eval`, e.g. a longer test split
-made by `python -c "from ark_ray.demo.corpus import generate_split as g; g('runs/test400', 'test', 400)"`), and appends one JSON line per run
-to `--out`. The rows it produced are in docs/benchmarks.md ("Shape search").
+Prints held-out WER by step (the bundled test set; dev; and `--big_eval`, a larger labelled manifest
+such as the first N clips of the demo's held-out set, `demo://heldout-N`), and appends one JSON line
+per run to `--out`. The rows it produced are in docs/benchmarks.md ("Shape search").
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def main(argv=None) -> dict:
     p.add_argument("--student", default="demo://student")
     p.add_argument("--teacher", default=str(REPO / "assets/models/teacher"))
     p.add_argument("--train_manifest", default="demo://unlabelled")
-    p.add_argument("--big_eval", default=None, help="a larger labelled manifest, scored at every evaluation")
+    p.add_argument("--big_eval", default=None, help="a larger labelled manifest (or demo://heldout-N), "
+                   "scored at every evaluation")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "runs/opd_inprocess.jsonl"))
     a = p.parse_args(argv)
@@ -53,7 +54,7 @@ def main(argv=None) -> dict:
     from ark_ray.audio import load_audio
     from ark_ray.config import LearnerConfig, SamplingConfig
     from ark_ray.data.manifest import read_manifest
-    from ark_ray.demo import student as demo_student, unlabelled
+    from ark_ray.demo import heldout, student as demo_student, unlabelled
     from ark_ray.engines.hf import HFEngine
     from ark_ray.model import ArkAsrForConditionalGeneration
     from ark_ray.opd.controller import DataPositions, _wer
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)   # TeacherScorer reads clips as refs
-    student_dir = str(demo_student.ensure()) if a.student == demo_student.SCHEME else a.student
+    student_dir = demo_student.resolve(a.student)
     rows = read_manifest(unlabelled.resolve(a.train_manifest), text_field=None)
 
     def clips(rs):
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
     evals = {"test": read_manifest(str(REPO / "assets/demo_corpus/test.jsonl")),
              "dev": read_manifest(str(REPO / "assets/demo_corpus/dev.jsonl"))}
     if a.big_eval:
-        evals["big"] = read_manifest(a.big_eval)
+        evals["big"] = read_manifest(heldout.resolve(a.big_eval))
     eval_waves = {k: clips(v) for k, v in evals.items()}
     model = ArkAsrForConditionalGeneration.from_pretrained(student_dir, dtype=torch.float32)
     engine = HFEngine(student_dir, device="cpu", dtype="float32", model=model)
@@ -92,9 +93,9 @@ def main(argv=None) -> dict:
         print(" ".join(f"{k} {v:.3f}" if k != "step" else f"step {v:3d}" for k, v in out.items()), flush=True)
         return out
 
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(LearnerConfig(lr=a.lr, warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio), a.steps))
+    lcfg = LearnerConfig(lr=a.lr, warmup_steps=a.warmup, min_lr_ratio=a.min_lr_ratio)   # the learner's AdamW
+    opt = torch.optim.AdamW(model.parameters(), lr=lcfg.lr, betas=tuple(lcfg.betas), weight_decay=lcfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(lcfg, a.steps))
     loss_fn = OpdLoss(1.0)
     data = DataPositions(len(rows), a.seed)
     res = {"args": vars(a), "evals": [evaluate(0)], "kl": []}
@@ -120,12 +121,14 @@ def main(argv=None) -> dict:
             past = (past + [copy.deepcopy(model)])[-a.stale:]
         model.train()
         loss_sum, _ = loss_fn(model, lb)
-        (loss_sum / loss_fn.tokens(lb)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        tokens = loss_fn.tokens(lb)
+        (loss_sum / tokens).backward()
+        if lcfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), lcfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad()
-        res["kl"].append(float(loss_sum.detach()) / loss_fn.tokens(lb))
+        res["kl"].append(float(loss_sum.detach()) / tokens)
         if step % a.eval_every == 0 or step == a.steps:
             res["evals"].append(evaluate(step))
     res["train_s"] = time.perf_counter() - t0
