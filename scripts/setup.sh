@@ -13,7 +13,7 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   ($sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
     || echo "setup: could not install chromium; the browser test will be skipped" >&2
 fi
-# espeak-ng and flite speak the OPD demo's unlabelled audio (made on first use, ark_ray/demo/unlabelled.py).
+# espeak-ng and flite speak the OPD demo's unlabelled and held-out audio (made on first use, ark_ray/demo).
 if ! { command -v espeak-ng && command -v flite; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
   ($sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng flite) \

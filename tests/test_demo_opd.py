@@ -134,3 +134,22 @@ def test_console_shows_progress_and_evaluations_and_logs_the_rest(tmp_path):
     assert img.size == (960, 420) and len(img.convert("RGB").getcolors(maxcolors=1 << 16)) > 3   # something was drawn
     data = json.loads((tmp_path / "run/curves.json").read_text())
     assert [e["wer"] for e in data["evals"] if e["who"] == "student"] == [0.9, 0.6] and data["teacher_wer"] == 0.35
+
+
+def test_closing_table_shows_the_baselines_only_for_the_demo_they_were_measured_on():
+    """The shipped baselines (bench/demo_opd.py) match the shipped demo; a run with another batch,
+    held-out set, step count or student gets none, since they would not compare like with like."""
+    import importlib.util
+
+    from ark_ray.config import OpdConfig, load_config
+
+    spec = importlib.util.spec_from_file_location("opd_job", REPO / "jobs/opd.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    cfg = load_config(OpdConfig, REPO / "jobs/configs/opd_tiny.yaml", {})
+    lines = job.baseline_lines(cfg.student, cfg.eval_manifest, cfg)
+    assert any("same-compute SFT" in x for x in lines) and any("adaptation, then OPD" in x for x in lines)
+    other = load_config(OpdConfig, REPO / "jobs/configs/opd_tiny.yaml", {"rollout_batch_size": 16})
+    assert job.baseline_lines(other.student, other.eval_manifest, other) == []
+    assert job.baseline_lines(cfg.student, "assets/demo_corpus/test.jsonl", cfg) == []
+    assert job.baseline_lines("assets/models/student", cfg.eval_manifest, cfg) == []
