@@ -178,3 +178,79 @@ class RayMetrics:
 @pytest.fixture(scope="session")
 def ray_metrics(ray_local) -> RayMetrics:
     return RayMetrics(ray_local)
+
+
+class SimCluster:
+    """A simulated multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head with
+    no CPUs (so every actor and task lands on a worker node) and worker nodes of `cpus` CPUs each.
+
+    This test process does not connect to it (it stays on `ray_local`): jobs run against it as
+    subprocesses with RAY_ADDRESS set, as under `ray job submit`. `kill(node_id)` removes a node hard
+    (`allow_graceful=False`: a spot instance vanishing); `replace(node_id)` also adds a fresh node,
+    as an autoscaler would. Worker nodes get the resource {"sim_node": 1} for tests that pin work.
+    """
+
+    def __init__(self, n_workers: int = 2, cpus: int = 4, object_store_mb: int = 300):
+        from ray.cluster_utils import Cluster
+
+        self.cpus, self.object_store = cpus, object_store_mb * 2**20
+        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
+            num_cpus=0, gcs_server_port=free_port(), include_dashboard=True, dashboard_host="127.0.0.1",
+            dashboard_port=free_port(), dashboard_agent_listen_port=free_port(),
+            object_store_memory=self.object_store,
+            # a lost node is declared dead after ~10 s of missed health checks (default ~15-30 s);
+            # not shorter: a raylet on this loaded 2-core box must not be declared dead by mistake
+            _system_config={"health_check_period_ms": 2000, "health_check_failure_threshold": 5}))
+        self.address = self.cluster.address
+        self.dashboard_url = "http://" + self.cluster.webui_url if self.cluster.webui_url else None
+        for _ in range(n_workers):
+            self.add_worker()
+        self.cluster.wait_for_nodes()
+
+    def add_worker(self, **kw):
+        args = dict(num_cpus=self.cpus, object_store_memory=self.object_store, resources={"sim_node": 1})
+        args.update(kw)
+        return self.cluster.add_node(**args)
+
+    @property
+    def workers(self) -> dict:
+        """{node id (hex): Node} of the live worker nodes."""
+        return {n.node_id: n for n in self.cluster.worker_nodes}
+
+    def kill(self, node_id: str) -> None:
+        self.cluster.remove_node(self.workers[node_id], allow_graceful=False)
+
+    def replace(self, node_id: str, **kw):
+        """Kill `node_id` hard and add a fresh worker node in its place; returns the new node."""
+        self.kill(node_id)
+        return self.add_worker(**kw)
+
+    def ensure_workers(self, n: int) -> None:
+        """At least `n` live worker nodes (tests that killed nodes leave the cluster as they found it)."""
+        while len(self.cluster.worker_nodes) < n:
+            self.add_worker()
+        self.cluster.wait_for_nodes()
+
+    def actors(self, class_name: str | None = None) -> list:
+        """Live actors (`ray.util.state` records: .class_name, .node_id, .pid), optionally of one class."""
+        from ray.util.state import list_actors
+
+        out = list_actors(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], limit=10000)
+        return [a for a in out if class_name is None or a.class_name == class_name]
+
+    def env(self, **extra) -> dict:
+        """The environment of a job run against this cluster (RAY_ADDRESS set)."""
+        return dict(os.environ, RAY_ADDRESS=self.address, **extra)
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One simulated cluster per session (head with no CPUs, two 4-CPU worker nodes), shared by every
+    multi-node test; each test calls `ensure_workers(n)` first, since an earlier test may have killed
+    nodes. See SimCluster."""
+    c = SimCluster()
+    yield c
+    c.shutdown()
