@@ -118,6 +118,34 @@ def ray_local():
         _stop_group(proc)
 
 
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3-protocol server (moto) on loopback for the whole session; its URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def aws_env(moto_endpoint):
+    """The AWS_* variables that point a job (or pyarrow, boto3) at `moto_endpoint`."""
+    return {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_client(moto_endpoint):
+    """A boto3 client of `moto_endpoint` (tests create their own buckets: names must differ)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id="test",
+                        aws_secret_access_key="test", region_name="us-east-1")
+
+
 class RayMetrics:
     """The ark_* series Ray's metrics agent exports on this session's node, read as Prometheus does.
 

@@ -18,34 +18,13 @@ from ark_ray.config import S3Config
 from ark_ray.data.listing import list_audio, load_inputs
 from ark_ray.data.s3 import StorageError, resolve, s3_options
 from ark_ray.model.factory import save_random_model
-from ark_ray.net import free_port
 
 BUCKET = "audio-in"
 
 
 @pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def aws_env(moto_endpoint):
-    return {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def bucket(moto_endpoint):
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id="test",
-                      aws_secret_access_key="test", region_name="us-east-1")
+def bucket(s3_client):
+    s3 = s3_client
     s3.create_bucket(Bucket=BUCKET)
     rng = np.random.default_rng(0)
     for key, fmt, sr, secs in [("raw/a.wav", "WAV", 16000, 1.0), ("raw/deep/b.flac", "FLAC", 22050, 1.4),
