@@ -235,10 +235,17 @@ class LearnerConfig(Validated):
     weight_sync_collective_timeout_s: float = opt(
         300.0, "broadcast: longest a group formation or one bucket's broadcast may take; past it (a rollout "
         "worker died mid-sync) the sync fails and is retried with a new group.")
-    num_cpus_per_worker: float = opt(1.0, "CPUs each learner actor asks for.")
-    num_gpus_per_worker: float = opt(1.0, "GPU share each rank asks for when use_gpu (a fraction lets the "
-                                     "learner share one card with the rollout engine and teacher, as in the "
-                                     "single-GPU OPD benchmark; ranks must still sit on different cards).")
+    num_cpus: float = opt(1.0, "CPUs each learner rank (actor) asks for.")
+    num_gpus: float = opt(1.0, "GPU share each rank asks for when use_gpu (a fraction lets the learner share one "
+                          "card with the rollout engine and teacher, as in the single-GPU OPD benchmark; ranks must "
+                          "still sit on different cards). Every role names its GPU share `num_gpus` in its own "
+                          "section: learner.num_gpus, rollout_engine.num_gpus, teacher_engine.num_gpus.")
+
+    removed_keys = {"num_gpus_per_worker": "renamed to learner.num_gpus (every role's GPU share is `num_gpus` in "
+                                           "its section: learner.num_gpus, rollout_engine.num_gpus, "
+                                           "teacher_engine.num_gpus)",
+                    "num_cpus_per_worker": "renamed to learner.num_cpus (as rollout_engine.num_cpus, "
+                                           "teacher_engine.num_cpus)"}
 
     def validate(self) -> None:
         if self.micro_batch_size < 0:
@@ -252,7 +259,7 @@ class LearnerConfig(Validated):
         if self.weight_sync_retries < 0:
             raise ConfigError(f"weight_sync_retries must be >= 0, got {self.weight_sync_retries}")
         at_least(self, 1, "num_workers")
-        at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip", "num_cpus_per_worker")
+        at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip", "num_cpus")
         need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"is a fraction of lr: in [0, 1], got {self.min_lr_ratio}")
         need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
@@ -260,9 +267,9 @@ class LearnerConfig(Validated):
         for key in ("weight_sync_timeout_s", "weight_sync_collective_timeout_s"):
             need(getattr(self, key) > 0, key, f"must be > 0 seconds, got {getattr(self, key)}")
         if self.use_gpu:
-            need(0 < self.num_gpus_per_worker <= 1, "num_gpus_per_worker",
+            need(0 < self.num_gpus <= 1, "num_gpus",
                  f"must be in (0, 1] with use_gpu (one rank per card, a fraction to share it), "
-                 f"got {self.num_gpus_per_worker}")
+                 f"got {self.num_gpus}")
         need(self.weight_sync != "ipc" or self.use_gpu, "weight_sync",
              "=ipc shares CUDA memory and needs use_gpu=true; on CPU set weight_sync=auto (object_store)")
 
@@ -290,7 +297,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}"
+                              + _section_hint(tp, value, key))
         return _build(tp, value, prefix=key + ".")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -332,6 +340,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _over_section_default(f: dataclasses.Field, value: Any) -> Any:
+    """A section's given keys on top of the section's own default in its job, not of the section
+    class's defaults (`--teacher_engine.num_gpus=1` keeps OPD's teacher_engine.backend=hf)."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        return value
+    default = f.default_factory()  # type: ignore[misc]
+    if not dataclasses.is_dataclass(default):
+        return value
+    base = {k.name: getattr(default, k.name) for k in dataclasses.fields(default)}
+    base = {k: (to_dict(v) if dataclasses.is_dataclass(v) else v) for k, v in base.items()}
+    return _deep_merge(base, value)
+
+
+def _section_hint(cls: type, value: Any, key: str) -> str:
+    """For a scalar given where a section goes (a key that became a section, like `teacher_engine`):
+    the section's key that takes this value as one of its choices, if any."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if typing.get_origin(hints[f.name]) is Literal and value in typing.get_args(hints[f.name]):
+            return f" (did you mean {key}.{f.name}={value}?)"
+    return ""
+
+
 def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -344,7 +375,8 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         close = difflib.get_close_matches(k, names, n=1)
         hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
         raise ConfigError(f"unknown config key {prefix}{k}{hint}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(_over_section_default(fields[k], v), hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -638,20 +670,12 @@ class OpdConfig(Validated):
         "template, audio, `language X<asr_text>`) "
         "then the student's own tokens through an explicit token-string map; response positions whose token has "
         "no teacher token are left out of the loss and counted (unmapped_positions).")
-    teacher_engine: Literal["hf", "vllm"] = opt(
-        "hf", "How the teacher scores: hf (transformers forward) or vllm (teacher forcing through prompt_logprobs, "
-        "qwen3_asr only; log-probs at temperature 1, so tau must be 1).")
     teacher_language: Optional[str] = opt(
         None, "qwen3_asr: the prompt language (code or name) for clips whose manifest row has no `language`; "
         "None: guessed from the student's transcript by script, Latin text as English.")
     teacher_logprobs_k: int = opt(
         0, "qwen3_asr on vllm: teacher log-probs read per position (vLLM's prompt_logprobs); student top-k ids "
         "outside them and the forced token fall into the tail bucket on both sides. 0: 2 x topk.")
-    teacher_gpu_memory_utilization: float = opt(0.3, "qwen3_asr on vllm: fraction of the GPU the teacher's vLLM "
-                                                "engine may take (open-audio-opd's training script uses 0.3).")
-    teacher_max_model_len: int = opt(1024, "qwen3_asr on vllm: longest prompt + forced response in tokens (30 s "
-                                     "of audio = 390 audio tokens).")
-    teacher_max_num_batched_tokens: int = opt(0, "qwen3_asr on vllm: tokens per engine step (0: vLLM's default).")
     train_manifest: str = opt("assets/demo_corpus/train_sample.jsonl", "Audio to distil on (transcripts not needed); "
                               "`demo://unlabelled[-N]`: N demo utterances without transcripts, made on first use.")
     eval_manifest: Optional[str] = opt("assets/demo_corpus/test.jsonl", "Held-out manifest for student/teacher WER; "
@@ -662,8 +686,6 @@ class OpdConfig(Validated):
     rollout_batch_size: int = opt(8, "Clips per rollout batch (= samples per learner step when n=1).")
     num_rollout_workers: int = opt(1, "RolloutWorker actors (student on the inference engine).")
     num_teacher_workers: int = opt(1, "TeacherScorer actors.")
-    teacher_num_cpus: float = opt(1.0, "CPUs per teacher actor.")
-    teacher_num_gpus: float = opt(0.0, "GPUs per teacher actor.")
     topk: int = opt(16, "k of the teacher and student top-k whose union carries the loss.")
     tau: float = opt(1.0, "Distillation temperature (loss scaled by tau^2).")
     sync_every: int = opt(1, "Learner steps between weight pushes to the rollout workers.")
@@ -684,9 +706,27 @@ class OpdConfig(Validated):
     seed: int = opt(0, "Seed of the data order (the permutation of train_manifest, one per epoch); "
                     "learner.seed seeds parameter init and dropout.")
     sampling: SamplingConfig = opt(SamplingConfig(max_new_tokens=48), "Student rollout sampling (greedy by default).")
-    rollout_engine: EngineConfig = opt(EngineConfig(), "Inference engine of the rollout workers.")
+    rollout_engine: EngineConfig = opt(EngineConfig(), "Inference engine of the rollout workers (num_gpus/num_cpus: "
+                                       "per rollout worker).")
+    teacher_engine: EngineConfig = opt(
+        EngineConfig(backend="hf", gpu_memory_utilization=0.3),
+        "How each teacher scorer runs and what it asks Ray for. backend: hf (a transformers forward; the ark "
+        "teacher and qwen3_asr) or vllm (teacher forcing through prompt_logprobs, qwen3_asr only; log-probs at "
+        "temperature 1, so tau must be 1). num_gpus/num_cpus: per teacher actor; dtype and device: the HF "
+        "forward's; gpu_memory_utilization (0.3, as open-audio-opd's training script), max_model_len (30 s of "
+        "audio = 390 audio tokens) and max_num_batched_tokens: the vLLM teacher's. The other engine keys are not "
+        "read by the teacher.")
     learner: LearnerConfig = opt(LearnerConfig(lr=2e-4), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
+
+    removed_keys = {
+        "teacher_num_gpus": "renamed to teacher_engine.num_gpus (every role's GPU share is `num_gpus` in its "
+                            "section: learner.num_gpus, rollout_engine.num_gpus, teacher_engine.num_gpus)",
+        "teacher_num_cpus": "renamed to teacher_engine.num_cpus",
+        "teacher_gpu_memory_utilization": "renamed to teacher_engine.gpu_memory_utilization",
+        "teacher_max_model_len": "renamed to teacher_engine.max_model_len",
+        "teacher_max_num_batched_tokens": "renamed to teacher_engine.max_num_batched_tokens",
+    }
 
     def validate(self) -> None:
         if self.sampling.n != 1:
@@ -703,22 +743,24 @@ class OpdConfig(Validated):
             # the rollout worker asks the engine for `topk` student log-probs; a second k would be ignored
             raise ConfigError(f"sampling.logprobs_topk={self.sampling.logprobs_topk} differs from topk={self.topk}: "
                               "OPD sets the student's top-k from `topk`; leave sampling.logprobs_topk at 0")
-        at_least(self, 0, "eval_every", "eval_max_samples", "save_every", "teacher_num_cpus", "teacher_num_gpus",
-                 "teacher_logprobs_k", "teacher_max_num_batched_tokens")
+        at_least(self, 0, "eval_every", "eval_max_samples", "save_every", "teacher_logprobs_k")
         at_least(self, -1, "max_actor_restarts")
         need(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
         need(self.max_audio_s > 0, "max_audio_s", f"must be > 0, got {self.max_audio_s}")
-        need(0 < self.teacher_gpu_memory_utilization <= 1, "teacher_gpu_memory_utilization",
-             f"is a fraction of the card: in (0, 1], got {self.teacher_gpu_memory_utilization}")
-        if self.teacher_engine == "vllm":
-            need(self.teacher_backend == "qwen3_asr", "teacher_engine",
-                 "=vllm scores through a Qwen3-ASR vLLM engine: set teacher_backend=qwen3_asr, or teacher_engine=hf")
-            need(self.tau == 1.0, "tau", f"={self.tau:g} with teacher_engine=vllm: vLLM returns log-probs at "
-                 "temperature 1; set tau=1 or teacher_engine=hf")
+        teacher = self.teacher_engine
+        if teacher.backend == "vllm":
+            need(self.teacher_backend == "qwen3_asr", "teacher_engine.backend",
+                 "=vllm scores through a Qwen3-ASR vLLM engine: set teacher_backend=qwen3_asr, or "
+                 "teacher_engine.backend=hf")
+            need(self.tau == 1.0, "tau", f"={self.tau:g} with teacher_engine.backend=vllm: vLLM returns log-probs at "
+                 "temperature 1; set tau=1 or teacher_engine.backend=hf")
         else:
-            for key in ("teacher_logprobs_k", "teacher_max_num_batched_tokens"):
-                need(getattr(self, key) == 0, key, f"={getattr(self, key)} only applies with teacher_engine=vllm; "
-                     "leave it at 0 or set teacher_engine=vllm")
+            need(self.teacher_logprobs_k == 0, "teacher_logprobs_k",
+                 f"={self.teacher_logprobs_k} only applies with teacher_engine.backend=vllm; leave it at 0 or set "
+                 "teacher_engine.backend=vllm")
+            need(teacher.max_num_batched_tokens == 0, "teacher_engine.max_num_batched_tokens",
+                 f"={teacher.max_num_batched_tokens} only applies with teacher_engine.backend=vllm; leave it at 0 or "
+                 "set teacher_engine.backend=vllm")
         need(self.teacher_language is None or self.teacher_backend == "qwen3_asr", "teacher_language",
              "only applies to the qwen3_asr teacher (an ark teacher takes no language prompt); leave it null")
         lr = self.learner
@@ -728,10 +770,10 @@ class OpdConfig(Validated):
              "accumulated gradients")
         # fractions that add up to at most one card let Ray place learner rank 0 and an engine on one GPU
         may_share = lr.use_gpu and 0 < self.rollout_engine.num_gpus and \
-            lr.num_gpus_per_worker + self.rollout_engine.num_gpus <= 1
+            lr.num_gpus + self.rollout_engine.num_gpus <= 1
         need(not (lr.weight_sync == "broadcast" and may_share), "learner.weight_sync",
              f"=broadcast needs learner rank 0 and every rollout engine on different GPUs (NCCL refuses two "
-             f"ranks on one card), but learner.num_gpus_per_worker={lr.num_gpus_per_worker:g} and "
+             f"ranks on one card), but learner.num_gpus={lr.num_gpus:g} and "
              f"rollout_engine.num_gpus={self.rollout_engine.num_gpus:g} fit on one card: set "
              "learner.weight_sync=auto (ipc on a shared GPU, broadcast across GPUs) or ipc, or GPU shares that "
              "add up to more than one card")

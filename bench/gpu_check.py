@@ -31,8 +31,8 @@ LAYOUTS = {
     # one card: fractions of it (the opd_ark06 config)
     "shared": {},
     # two cards: the learner alone on one, the rollout engine and the teacher on the other
-    "split": {"learner": {"num_gpus_per_worker": 1.0}, "rollout_engine": {"num_gpus": 0.6, "gpu_memory_utilization": 0.4},
-              "teacher_num_gpus": 0.4, "staged_startup": False},
+    "split": {"learner": {"num_gpus": 1.0}, "rollout_engine": {"num_gpus": 0.6, "gpu_memory_utilization": 0.4},
+              "teacher_engine": {"num_gpus": 0.4}, "staged_startup": False},
 }
 
 
@@ -55,7 +55,7 @@ def zero_parity(model_dir: str, batch_size: int = 16, steps: int = 2) -> dict:
     losses = {}
     for world in (1, 2):
         cfg = LearnerConfig(num_workers=world, use_gpu=True, zero_stage=2, lr=1e-5, warmup_steps=0,
-                            micro_batch_size=batch_size, num_gpus_per_worker=1.0, num_cpus_per_worker=2)
+                            micro_batch_size=batch_size, num_gpus=1.0, num_cpus=2)
         t = time.perf_counter()
         group = LearnerGroup(model_dir, cfg, total_steps=steps)
         try:

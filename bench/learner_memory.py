@@ -66,7 +66,7 @@ def run_variant(name: str, model_dir: str, batch: dict, steps: int, gpu: bool) -
 
     mbs, ckpt = VARIANTS[name]
     cfg = LearnerConfig(use_gpu=gpu, num_workers=1, zero_stage=2, lr=2e-5, micro_batch_size=mbs,
-                        gradient_checkpointing=ckpt, num_gpus_per_worker=1.0 if gpu else 0.0)
+                        gradient_checkpointing=ckpt, num_gpus=1.0 if gpu else 0.0)
     t0 = time.perf_counter()
     g = LearnerGroup(model_dir, cfg, total_steps=steps, loss=OpdLoss(1.0))
     start_s = time.perf_counter() - t0

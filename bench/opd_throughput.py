@@ -289,8 +289,8 @@ def main(argv=None) -> dict:
         "config": {k: getattr(cfg, k) for k in ("rollout_batch_size", "topk", "sync_every", "max_staleness",
                                                 "max_inflight", "num_rollout_workers", "num_teacher_workers")}
         | {"max_new_tokens": cfg.sampling.max_new_tokens, "corpus": corpus,
-           "rollout_gpus": cfg.rollout_engine.num_gpus, "teacher_gpus": cfg.teacher_num_gpus,
-           "learner_gpus": cfg.learner.num_gpus_per_worker if cfg.learner.use_gpu else 0},
+           "rollout_gpus": cfg.rollout_engine.num_gpus, "teacher_gpus": cfg.teacher_engine.num_gpus,
+           "learner_gpus": cfg.learner.num_gpus if cfg.learner.use_gpu else 0},
         "startup_s": round(startup_s, 1), "startup": {k: round(v, 1) for k, v in summary_startup.items()},
         "async": results["async"], "sync": results["sync"],
         "async_over_sync": round(a / s, 3) if s else None,

@@ -90,13 +90,16 @@ RULES = [
     (C.OpdConfig, ["--max_actor_restarts=-2"], "max_actor_restarts must be >= -1"),
     (C.OpdConfig, ["--tau=0"], "tau must be > 0"),
     (C.OpdConfig, ["--max_audio_s=0"], "max_audio_s must be > 0"),
-    (C.OpdConfig, ["--teacher_gpu_memory_utilization=1.5"], "teacher_gpu_memory_utilization is a fraction"),
-    (C.OpdConfig, ["--teacher_engine=vllm"], "set teacher_backend=qwen3_asr"),
-    (C.OpdConfig, ["--teacher_engine=vllm", "--teacher_backend=qwen3_asr", "--tau=2"], "set tau=1"),
-    (C.OpdConfig, ["--teacher_logprobs_k=8"], "only applies with teacher_engine=vllm"),
+    (C.OpdConfig, ["--teacher_engine.gpu_memory_utilization=1.5"],
+     "teacher_engine.gpu_memory_utilization is a fraction"),
+    (C.OpdConfig, ["--teacher_engine.backend=vllm"], "set teacher_backend=qwen3_asr"),
+    (C.OpdConfig, ["--teacher_engine.backend=vllm", "--teacher_backend=qwen3_asr", "--tau=2"], "set tau=1"),
+    (C.OpdConfig, ["--teacher_logprobs_k=8"], "only applies with teacher_engine.backend=vllm"),
+    (C.OpdConfig, ["--teacher_engine.max_num_batched_tokens=64"], "only applies with teacher_engine.backend=vllm"),
+    (C.OpdConfig, ["--teacher_engine=vllm"], "did you mean teacher_engine.backend=vllm?"),   # the key became a section
     (C.OpdConfig, ["--teacher_language=en"], "only applies to the qwen3_asr teacher"),
     (C.OpdConfig, ["--learner.grad_accum_steps=5"], "must divide steps"),
-    (C.OpdConfig, ["--learner.use_gpu=true", "--learner.weight_sync=broadcast", "--learner.num_gpus_per_worker=0.4",
+    (C.OpdConfig, ["--learner.use_gpu=true", "--learner.weight_sync=broadcast", "--learner.num_gpus=0.4",
                    "--rollout_engine.num_gpus=0.3"], "=broadcast needs learner rank 0 and every rollout engine on "
                                                      "different GPUs"),
     # learner section (errors carry the section's path)
@@ -113,7 +116,7 @@ RULES = [
     (C.OpdConfig, ["--learner.grad_clip=-1"], "learner.grad_clip must be >= 0"),
     (C.OpdConfig, ["--learner.warmup_steps=-1"], "learner.warmup_steps must be >= 0"),
     (C.OpdConfig, ["--learner.weight_sync_timeout_s=0"], "learner.weight_sync_timeout_s must be > 0"),
-    (C.OpdConfig, ["--learner.use_gpu=true", "--learner.num_gpus_per_worker=2"], "one rank per card"),
+    (C.OpdConfig, ["--learner.use_gpu=true", "--learner.num_gpus=2"], "one rank per card"),
     (C.OpdConfig, ["--learner.weight_sync=ipc"], "needs use_gpu=true"),
     # sampling and engine sections
     (C.OpdConfig, ["--sampling.temperature=-1"], "sampling.temperature must be >= 0"),
@@ -181,6 +184,14 @@ def test_every_rule_refuses_its_case(repo_root, cls, overrides, msg):
     (C.SftConfig, "--init_model=/m", "renamed to model"),
     (C.SftConfig, "--dev_manifest=d.jsonl", "renamed to eval_manifest"),
     (C.SftConfig, "--max_steps=3", "renamed to steps"),
+    # every role's GPU share is `num_gpus` in its own section
+    (C.OpdConfig, "--teacher_num_gpus=1", "renamed to teacher_engine.num_gpus"),
+    (C.OpdConfig, "--teacher_num_cpus=1", "renamed to teacher_engine.num_cpus"),
+    (C.OpdConfig, "--teacher_gpu_memory_utilization=0.3", "renamed to teacher_engine.gpu_memory_utilization"),
+    (C.OpdConfig, "--teacher_max_model_len=512", "renamed to teacher_engine.max_model_len"),
+    (C.OpdConfig, "--teacher_max_num_batched_tokens=0", "renamed to teacher_engine.max_num_batched_tokens"),
+    (C.OpdConfig, "--learner.num_gpus_per_worker=1", "renamed to learner.num_gpus"),
+    (C.SftConfig, "--learner.num_cpus_per_worker=1", "renamed to learner.num_cpus"),
 ])
 def test_removed_keys_name_their_replacement(cls, old, new):
     with pytest.raises(C.ConfigError, match=f"{old[2:].split('=')[0]} was removed: .*{new}"):
@@ -190,11 +201,11 @@ def test_removed_keys_name_their_replacement(cls, old, new):
 def test_broadcast_is_refused_only_where_fractions_can_share_a_card(repo_root):
     path = repo_root / "jobs/configs/opd_tiny.yaml"
     gpu = ["--learner.use_gpu=true", "--learner.weight_sync=broadcast"]
-    for ok in (["--learner.num_gpus_per_worker=1", "--rollout_engine.num_gpus=0.6"],    # learner has its own card
-               ["--learner.num_gpus_per_worker=0.5", "--rollout_engine.num_gpus=0.6"],  # cannot fit on one
-               ["--learner.num_gpus_per_worker=0.5", "--rollout_engine.num_gpus=0"]):   # CPU engine
+    for ok in (["--learner.num_gpus=1", "--rollout_engine.num_gpus=0.6"],    # learner has its own card
+               ["--learner.num_gpus=0.5", "--rollout_engine.num_gpus=0.6"],  # cannot fit on one
+               ["--learner.num_gpus=0.5", "--rollout_engine.num_gpus=0"]):   # CPU engine
         C.load_config(C.OpdConfig, path, gpu + ok)
-    C.load_config(C.OpdConfig, path, ["--learner.num_gpus_per_worker=0.4", "--rollout_engine.num_gpus=0.3",
+    C.load_config(C.OpdConfig, path, ["--learner.num_gpus=0.4", "--rollout_engine.num_gpus=0.3",
                                       "--learner.weight_sync=broadcast"])             # CPU learner: gloo
 
 
@@ -248,3 +259,15 @@ def test_evaluate_reads_yaml(tmp_path):
     f.write_text("predictions: [runs/a.jsonl, s3://b/preds/]\nnormalizer: chinese\n")
     cfg = C.parse_job_args(C.EvaluateConfig, ["--config", str(f), "--per_file=true"])
     assert (cfg.predictions, cfg.normalizer, cfg.per_file) == (["runs/a.jsonl", "s3://b/preds/"], "chinese", True)
+
+
+def test_a_section_override_keeps_the_jobs_own_section_defaults():
+    """`--sampling.temperature=1` changes that key only: the rest of OPD's sampling section keeps
+    OPD's defaults (max_new_tokens 48), not SamplingConfig's (128); likewise learner.lr and the
+    teacher engine's backend (hf, where EngineConfig's own default is vllm)."""
+    cfg = C.load_config(C.OpdConfig, None, ["--sampling.temperature=1", "--learner.zero_stage=3",
+                                            "--teacher_engine.num_gpus=0.5"])
+    assert (cfg.sampling.temperature, cfg.sampling.max_new_tokens) == (1.0, 48)
+    assert (cfg.learner.zero_stage, cfg.learner.lr) == (3, 2e-4)
+    assert (cfg.teacher_engine.num_gpus, cfg.teacher_engine.backend, cfg.teacher_engine.gpu_memory_utilization) == \
+        (0.5, "hf", 0.3)

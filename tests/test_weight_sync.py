@@ -24,7 +24,8 @@ from ark_ray.model.processor import ArkAsrProcessor  # noqa: E402
 from ark_ray.train.learner import LearnerGroup  # noqa: E402
 from ark_ray.opd.rollout import RolloutWorker
 from ark_ray.train.weight_sync import WeightStore  # noqa: E402
-from ark_ray.train.weight_sync import SyncFailed, bucket_plan, layer_key, resolve_mode  # noqa: E402
+from ark_ray.engines.weight_buckets import layer_key  # noqa: E402
+from ark_ray.train.weight_sync import SyncFailed, bucket_plan, resolve_mode  # noqa: E402
 
 SP = SamplingConfig(max_new_tokens=8, logprobs_topk=4)
 ENGINE = {"backend": "vllm", "max_num_seqs": 8, "max_model_len": 256}

@@ -162,7 +162,7 @@ def _load_ipc_on_worker(worker, payload: list[dict]) -> int:
     """Inside each vLLM worker process: copy the weights from the learner's CUDA IPC buckets."""
     import torch
 
-    from ark_ray.train.weight_sync import ipc_items
+    from ark_ray.engines.weight_buckets import ipc_items
 
     names = [n for b in payload for n, _ in b["items"]]
     n = load_into_worker(worker, ipc_items(payload), names)
@@ -382,7 +382,7 @@ class VllmEngine(Transcriber):
 
         import torch
 
-        from ark_ray.train.weight_sync import layer_key
+        from ark_ray.engines.weight_buckets import layer_key
 
         dtype = getattr(torch, self.weights_dtype)
         items = weights.items() if isinstance(weights, Mapping) else weights

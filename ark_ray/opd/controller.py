@@ -163,14 +163,14 @@ class OpdController:
         # profiles, so nothing else may allocate meanwhile; the teachers load on the CPU and wait
         # for it before moving to the GPU, the learner group starts once it is done
         gate = [_all_done.remote(*rollout_ready)] if cfg.staged_startup else None
+        te = cfg.teacher_engine
         self.teachers = [ray.remote(TeacherScorer).options(
-            num_cpus=cfg.teacher_num_cpus, num_gpus=cfg.teacher_num_gpus, **actor_opts,
-        ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau, gpu_gate=gate, backend=cfg.teacher_backend,
-                 engine=cfg.teacher_engine, language=cfg.teacher_language, manifest=cfg.train_manifest,
-                 logprobs_k=cfg.teacher_logprobs_k,
-                 engine_opts=dict(max_model_len=cfg.teacher_max_model_len,
-                                  gpu_memory_utilization=cfg.teacher_gpu_memory_utilization,
-                                  max_num_batched_tokens=cfg.teacher_max_num_batched_tokens))
+            num_cpus=te.num_cpus, num_gpus=te.num_gpus, **actor_opts,
+        ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau, device=te.device, dtype=te.dtype, gpu_gate=gate,
+                 backend=cfg.teacher_backend, engine=te.backend, language=cfg.teacher_language,
+                 manifest=cfg.train_manifest, logprobs_k=cfg.teacher_logprobs_k,
+                 engine_opts=dict(max_model_len=te.max_model_len, gpu_memory_utilization=te.gpu_memory_utilization,
+                                  max_num_batched_tokens=te.max_num_batched_tokens))
             for _ in range(cfg.num_teacher_workers)]
         teacher_ready = [t.ready.remote() for t in self.teachers]
         if cfg.staged_startup:

@@ -113,7 +113,7 @@ class Qwen3AsrTeacher:
             raise ValueError(f"teacher engine must be 'hf' or 'vllm', got {engine!r}")
         if engine == "vllm" and abs(tau - 1.0) > 1e-12:
             raise ValueError(f"the vLLM teacher returns log-probs at temperature 1, but tau={tau}: "
-                             "use teacher_engine=hf for another distillation temperature")
+                             "use teacher_engine.backend=hf for another distillation temperature")
         self.engine, self.topk, self.tau, self.max_batch = engine, topk, float(tau), max_batch
         self.logprobs_k = max(topk, logprobs_k or 2 * topk)
         self.language, self.languages = language, dict(languages or {})

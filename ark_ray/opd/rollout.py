@@ -40,7 +40,7 @@ class RolloutWorker:
             store = ray.get_actor(store_name)
             refs, version = ray.get(store.latest.remote())
             if refs is not None:
-                from ark_ray.train.weight_sync import object_items
+                from ark_ray.engines.weight_buckets import object_items
                 self.engine.update_weights(object_items(refs))
                 self.version = version
 
@@ -66,7 +66,7 @@ class RolloutWorker:
     def load_weights(self, mode: str, export: dict, version: int) -> dict:
         """Load `version` from the learner's export: "ipc" (CUDA IPC buckets on this GPU) or
         "object_store" (bucket objects, streamed one at a time)."""
-        from ark_ray.train.weight_sync import ipc_items, object_items
+        from ark_ray.engines.weight_buckets import ipc_items, object_items
 
         t0 = time.perf_counter()
         if self.version >= version:  # a call Ray retried after a restart: the store had it already

@@ -71,7 +71,7 @@ class TeacherScorer:
         if backend != "ark":
             raise ValueError(f"teacher backend must be 'ark' or 'qwen3_asr', got {backend!r}")
         if engine != "hf":
-            raise ValueError("the ark teacher backend scores with HF only (teacher_engine: hf)")
+            raise ValueError("the ark teacher backend scores with HF only (teacher_engine.backend: hf)")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
         dt = (torch.bfloat16 if self.device.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)

@@ -254,7 +254,8 @@ class LearnerWorker:
         """The current weights as `version`, in `dtype` buckets, for `mode` "ipc" (flat GPU buckets
         kept here, with CUDA IPC handles) or "object_store" (one object per bucket). Under ZeRO-3 every
         rank takes part in the gathers; rank 0 answers. Kept until `release_weights(version)`."""
-        from ark_ray.train.weight_sync import flat_buckets, put_buckets, share_cuda
+        from ark_ray.engines.weight_buckets import share_cuda
+        from ark_ray.train.weight_sync import flat_buckets, put_buckets
 
         t0 = time.perf_counter()
         zero3 = self.cfg.zero_stage == 3
@@ -335,14 +336,14 @@ class LearnerGroup:
         self.loss = loss if loss is not None else TokenCrossEntropy()
         self.model_dir = model_dir
         world = cfg.num_workers
-        opts: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_worker}
+        opts: dict[str, Any] = {"num_cpus": cfg.num_cpus}
         self.pg = None
         if cfg.use_gpu:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            gpus = cfg.num_gpus_per_worker  # < 1: shares its card with the rollout engine / teacher
-            self.pg = placement_group([{"GPU": gpus, "CPU": cfg.num_cpus_per_worker}] * world, strategy="PACK")
+            gpus = cfg.num_gpus  # < 1: shares its card with the rollout engine / teacher
+            self.pg = placement_group([{"GPU": gpus, "CPU": cfg.num_cpus}] * world, strategy="PACK")
             ray.get(self.pg.ready())
             opts["num_gpus"] = gpus
         port = free_port()

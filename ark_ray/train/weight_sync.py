@@ -12,6 +12,8 @@ vLLM's RPC refuses messages over 4 GiB, and a 1.15 B model in fp32 is 4.6 GB):
                rollout actor streams them into its engine one at a time.
 `auto` picks per engine: ipc when it shares a GPU with learner rank 0, broadcast when both have
 GPUs but different ones, else object_store.
+The bucket format itself (where a bucket may be cut, how it unpacks, the CUDA IPC handle pair) is
+in ark_ray/engines/weight_buckets.py, below both this module and the engines that load it.
 
 A sync fails loudly: `WeightSync.wait` raises the receiving actor's error (after
 `weight_sync_retries` retries of the whole sync), and a sync counts as done only once every
@@ -24,15 +26,16 @@ so a sync never copies the whole model to the host.
 """
 from __future__ import annotations
 
-import re
 import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import ray
 import torch
+
+from ark_ray.engines.weight_buckets import layer_key
 
 MODES = ("ipc", "broadcast", "object_store")
 
@@ -59,16 +62,6 @@ WeightStore = ray.remote(num_cpus=0)(WeightStore)
 
 
 # ----------------------------------------------------------------------------- buckets
-
-
-_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
-
-
-def layer_key(name: str) -> str:
-    """The unit a bucket never splits: a transformer layer (q/k/v and gate/up are fused per layer in
-    vLLM, and its layer-wise reload needs every part of a layer in one load), else the module."""
-    m = _LAYER.match(name)
-    return m.group(1) if m else name.rsplit(".", 1)[0]
 
 
 def bucket_plan(params: list[tuple[str, torch.Tensor]], bucket_bytes: int,
@@ -125,49 +118,7 @@ def flat_buckets(module: torch.nn.Module, plan: list[dict], *, zero3: bool, buil
         yield bucket, flat
 
 
-def unflatten(bucket: dict, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    off = 0
-    for name, shape in bucket["items"]:
-        n = int(torch.Size(shape).numel())
-        yield name, flat[off:off + n].view(shape)
-        off += n
-
-
-# ----------------------------------------------------------------------------- CUDA IPC
-
-
-def share_cuda(flat: torch.Tensor) -> tuple:
-    """A picklable handle other processes on the same GPU open without copying (torch's own
-    CUDA IPC reduction, the one torch.multiprocessing uses)."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    return reduce_tensor(flat)
-
-
-def open_cuda(handle: tuple) -> torch.Tensor:
-    """The tensor behind `handle`, in this process. The device index in the handle is the sender's;
-    a receiver that sees the same card under another index (CUDA_VISIBLE_DEVICES) opens it on its
-    current device, which is that card (colocated engines only)."""
-    func, args = handle
-    args = list(args)
-    args[6] = torch.cuda.current_device()
-    return func(*args)
-
-
-def ipc_items(payload: list[dict]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor view) over every bucket of an IPC payload, opened in this process."""
-    for bucket in payload:
-        yield from unflatten(bucket, open_cuda(bucket["handle"]))
-
-
 # ----------------------------------------------------------------------------- object store
-
-
-def object_items(refs: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) over bucket objects, fetched one at a time (one bucket in memory)."""
-    for ref in refs:
-        bucket = ray.get(ref)
-        yield from unflatten(bucket, bucket["flat"])
 
 
 def put_buckets(module: torch.nn.Module, plan: list[dict], *, zero3: bool, build: bool) -> list:
@@ -387,6 +338,5 @@ class WeightSync:
         self._release(version)   # the store now holds the bucket refs; they live while it does
 
 
-__all__ = ["WeightStore", "WeightSync", "SyncFailed", "bucket_plan", "layer_key", "flat_buckets",
-           "unflatten", "share_cuda", "open_cuda", "ipc_items", "object_items", "put_buckets",
+__all__ = ["WeightStore", "WeightSync", "SyncFailed", "bucket_plan", "flat_buckets", "put_buckets",
            "placement", "resolve_mode", "sync_params"]
