@@ -1,8 +1,10 @@
-"""Learner actor group: N Ray actors, one torch.distributed rank each, around a DeepSpeed engine.
+"""The learner rank (a DeepSpeed engine on one torch.distributed rank) and OPD's group of them.
 
-Why actors and not Ray Train: the OPD controller drives learners step by step (it hands each step
-a trajectory batch from the object store and pulls weights out for the rollout workers), which is
-OpenRLHF's `trainer/ray/` pattern. On CPU: gloo, fp32; on GPU: NCCL, bf16 compute with fp32 master
+`LearnerWorker` is one rank. OPD runs N of them as Ray actors (`LearnerGroup`): its controller
+drives the learners step by step (it hands each step a trajectory batch from the object store and
+pulls weights out for the rollout workers), which is OpenRLHF's `trainer/ray/` pattern. SFT runs
+the same rank inside Ray Train workers (`ark_ray/train/sft_loop.py`: each reads its own dataset
+shard, `train_shard`). On CPU: gloo, fp32; on GPU: NCCL, bf16 compute with fp32 master
 weights and optimizer state (`deepspeed_config` says which DeepSpeed wrapper keeps them), actors in a
 placement group (one GPU bundle per rank). `learner.gradient_checkpointing` recomputes every decoder
 and encoder layer in the backward pass.
@@ -105,17 +107,58 @@ def _peak_mem_gb(use_gpu: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
 
 
-class LearnerWorker:
-    """One rank. Created through `LearnerGroup`; not used directly."""
+def summarize_step(loss: Loss, stats: list[dict], global_tokens: int, n_micro: int) -> dict:
+    """A learner step's metrics from every rank's `train_step` result: the loss's metrics over the
+    summed stats, rank 0's lr / grad_norm / optimizer_step, the largest peak memory and the
+    slowest rank's time in each phase."""
+    sums: dict[str, float] = {}
+    for s in stats:
+        for k, v in s["sums"].items():
+            sums[k] = sums.get(k, 0.0) + v
+    out = dict(loss.summarize(sums, global_tokens))
+    out.update(lr=stats[0]["lr"], grad_norm=stats[0]["grad_norm"], optimizer_step=stats[0]["optimizer_step"],
+               micro_batches=n_micro, peak_mem_gb=round(max(s["peak_mem_gb"] for s in stats), 3),
+               **{k: round(max(s[k] for s in stats), 4) for k in ("forward_s", "backward_s", "optimizer_s")})
+    return out
 
-    def __init__(self, model_dir: str, cfg: dict, total_steps: int, rank: int, world: int,
-                 master_addr: str, master_port: int, loss: Optional[Loss] = None):
+
+def export_hf(model_dir: str, state_dict: dict[str, torch.Tensor], out_dir: str,
+              dtype: torch.dtype = torch.bfloat16) -> str:
+    """config + model.safetensors (real layout) + tokenizer/processor files in `out_dir`: the
+    model of `model_dir` with the learner's weights `state_dict` (`LearnerWorker.state_dict`)."""
+    from ark_ray.model import ArkAsrForConditionalGeneration
+    from ark_ray.model.processor import ArkAsrProcessor
+
+    model = ArkAsrForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # only the tied head may be absent
+        raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
+    model.to(dtype).save_pretrained(out_dir)
+    ArkAsrProcessor.from_pretrained(model_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+class LearnerWorker:
+    """One rank: a Ray actor of `LearnerGroup` (OPD), or the object a Ray Train worker of SFT builds
+    in its training loop (`ark_ray/train/sft_loop.py`).
+
+    `master_addr` None: the torch.distributed process group already exists (Ray Train's
+    TorchConfig made it, and set RANK / LOCAL_RANK / WORLD_SIZE); `rank` and `world` are then
+    read from it and DeepSpeed joins it."""
+
+    def __init__(self, model_dir: str, cfg: dict, total_steps: int, rank: int = 0, world: int = 1,
+                 master_addr: Optional[str] = None, master_port: int = 0, loss: Optional[Loss] = None):
         self.cfg = LearnerConfig(**cfg)
         self.loss = loss if loss is not None else TokenCrossEntropy()
+        if master_addr is None:
+            import torch.distributed as dist
+
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world),
+                              LOCAL_RANK="0" if not self.cfg.use_gpu else str(rank % max(1, torch.cuda.device_count())),
+                              LOCAL_WORLD_SIZE=str(world))
         self.rank, self.world = rank, world
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK="0" if not self.cfg.use_gpu else str(rank % max(1, torch.cuda.device_count())),
-                          LOCAL_WORLD_SIZE=str(world))
         if not self.cfg.use_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -213,6 +256,27 @@ class LearnerWorker:
                 "grad_norm": float(self.engine.get_global_grad_norm() or 0.0) if boundary else None,
                 "peak_mem_gb": _peak_mem_gb(self.cfg.use_gpu),
                 "forward_s": fwd, "backward_s": bwd, "optimizer_s": opt_s}
+
+    def train_shard(self, shard: dict, weight: float = 1.0) -> dict:
+        """One learner step when every rank holds its own shard of the batch (a Ray Train worker
+        reading its dataset shard); the same update and metrics as `LearnerGroup.train_step` on
+        the whole batch. The ranks agree on the batch's token count and micro-batch count through
+        two small all-reduces, and gather each other's loss sums, timings and memory afterwards.
+        `weight` 0: this rank has no usable row this step (its shard is a stand-in row) and only
+        keeps in step with the others' collectives. Every rank returns the step's metrics."""
+        import torch.distributed as dist
+
+        n_rows = len(next(iter(shard.values())))
+        counts = torch.tensor([self.loss.tokens(shard) if weight else 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(counts)
+        most = torch.tensor([n_rows if weight else 1], dtype=torch.int64, device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        global_tokens, most = int(counts.item()), int(most.item())
+        n_micro = -(-most // (self.cfg.micro_batch_size or most))
+        mine = self.train_step(shard, n_micro, global_tokens, weight)
+        stats: list = [None] * self.world
+        dist.all_gather_object(stats, mine)
+        return summarize_step(self.loss, stats, global_tokens, n_micro)
 
     def state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Full weights in the real checkpoint layout (rank 0; gathered under ZeRO-3)."""
@@ -387,15 +451,7 @@ class LearnerGroup:
         n_micro = -(-most // (self.cfg.micro_batch_size or most))
         stats = ray.get([w.train_step.remote(s, n_micro, global_tokens, wt)
                          for w, s, wt in zip(self.workers, shards, weights)])
-        sums: dict[str, float] = {}
-        for s in stats:
-            for k, v in s["sums"].items():
-                sums[k] = sums.get(k, 0.0) + v
-        out = dict(self.loss.summarize(sums, global_tokens))
-        out.update(lr=stats[0]["lr"], grad_norm=stats[0]["grad_norm"], optimizer_step=stats[0]["optimizer_step"],
-                   micro_batches=n_micro, peak_mem_gb=round(max(s["peak_mem_gb"] for s in stats), 3),
-                   **{k: round(max(s[k] for s in stats), 4) for k in ("forward_s", "backward_s", "optimizer_s")})
-        return out
+        return summarize_step(self.loss, stats, global_tokens, n_micro)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sds = ray.get([w.state_dict.remote() for w in self.workers])
@@ -403,16 +459,7 @@ class LearnerGroup:
 
     def export_hf(self, out_dir: str, dtype: torch.dtype = torch.bfloat16) -> str:
         """config + model.safetensors (real layout) + tokenizer/processor files in `out_dir`."""
-        from ark_ray.model import ArkAsrForConditionalGeneration
-        from ark_ray.model.processor import ArkAsrProcessor
-
-        model = ArkAsrForConditionalGeneration.from_pretrained(self.model_dir, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:  # only the tied head may be absent
-            raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
-        model.to(dtype).save_pretrained(out_dir)
-        ArkAsrProcessor.from_pretrained(self.model_dir).save_pretrained(out_dir)
-        return out_dir
+        return export_hf(self.model_dir, self.state_dict(), out_dir, dtype)
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         ray.get([w.save_checkpoint.remote(path, client_state) for w in self.workers])
