@@ -13,7 +13,10 @@ value of the wrong type, a segment that ends before it begins) is a *bad row*:
 `parse_manifest` returns the bad rows beside the good ones (the batch job turns each into an
 error row), `read_manifest` refuses the manifest listing every bad line, or skips them with a
 count when asked. A missing audio *file* is not a manifest problem: it becomes an error row
-(or a skipped sample) when the audio is loaded.
+(or a skipped sample) when the audio is loaded. The manifest itself may be local or on S3.
+
+`ark_ray.data.manifest_dataset` is the same reader as a Ray Data dataset (read tasks on any
+node, nothing held by the driver): it applies these rules through `checked_row`.
 """
 from __future__ import annotations
 
@@ -21,9 +24,14 @@ import logging
 import math
 import os
 import pathlib
+import posixpath
 from typing import Optional
 
-from ark_ray.data.row_files import BadLine, RowFileError, iter_rows
+import pyarrow.fs as pafs
+
+from ark_ray.config import S3Config
+from ark_ray.data.row_files import BadLine, RowFileError, is_parquet, parse_rows
+from ark_ray.data.s3 import StorageError, is_s3, resolve
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +43,19 @@ class ManifestError(ValueError):
     """A manifest that cannot be used, naming the file and every bad line."""
 
 
-def _resolve(audio: str, base: pathlib.Path) -> str:
+def _resolve(audio: str, base: str) -> str:
+    """`audio` as an absolute path/URI: relative paths are relative to the manifest's folder
+    (`base`, itself a local folder or an s3:// prefix)."""
     if "://" in audio or os.path.isabs(audio):
         return audio
-    return str((base / audio).resolve())
+    if is_s3(base):
+        return "s3://" + posixpath.normpath(posixpath.join(base[len("s3://"):], audio))
+    return str((pathlib.Path(base) / audio).resolve())
+
+
+def audio_base(uri: str, fs_path: str) -> str:
+    """The folder a manifest's relative audio paths are resolved against."""
+    return "s3://" + posixpath.dirname(fs_path) if is_s3(uri) else os.path.dirname(fs_path)
 
 
 def _number(v) -> bool:
@@ -74,74 +91,101 @@ def check_row(row, text_field: Optional[str]) -> tuple[Optional[str], str]:
     return None, ""
 
 
-def parse_manifest(path: str | os.PathLike, text_field: Optional[str] = "text") -> tuple[list[dict], list[dict]]:
+def parse_manifest(path: str | os.PathLike, text_field: Optional[str] = "text",
+                   s3: Optional[S3Config] = None) -> tuple[list[dict], list[dict]]:
     """(good rows, bad rows), both in file order (see manifest_rows)."""
-    rows = manifest_rows(path, text_field)
+    rows = manifest_rows(path, text_field, s3)
     return [r for r in rows if "_error" not in r], [r for r in rows if "_error" in r]
 
 
-def manifest_rows(path: str | os.PathLike, text_field: Optional[str] = "text") -> list[dict]:
-    """Every row in file order, the bad ones marked with `_error`.
+def checked_row(where: str, row, base: str, text_field: Optional[str]) -> dict:
+    """One manifest row, checked: normalised when good, marked when bad (see manifest_rows).
+
+    Both readers (`manifest_rows` here and the Ray Data read tasks of `manifest_dataset`) apply
+    the rules through this one function."""
+    if isinstance(row, BadLine):
+        reason, detail = "bad_row", row.msg
+    else:
+        reason, detail = check_row(row, text_field)
+    if reason is None:
+        row = dict(row)
+        row["audio"] = _resolve(row["audio"], base)
+        row.setdefault("id", where)
+        row["begin_time"], row["end_time"] = normalize_segment(row.get("begin_time"), row.get("end_time"))
+        return row
+    kept = dict(row) if isinstance(row, dict) else {}
+    if isinstance(kept.get("audio"), str) and kept["audio"]:
+        kept["audio"] = _resolve(kept["audio"], base)
+    else:
+        kept["audio"] = ""
+    b, e = kept.get("begin_time"), kept.get("end_time")
+    kept["begin_time"], kept["end_time"] = normalize_segment(b, e) if _number(b) and _number(e) else (None, None)
+    kept.setdefault("id", where)
+    kept.update(_where=where, _error=reason, _error_detail=detail)
+    return kept
+
+
+def locate_manifest(uri: str | os.PathLike, s3: Optional[S3Config]) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a manifest file, or ManifestError when there is none."""
+    try:
+        fs, path = resolve(str(uri), s3)
+    except StorageError as e:
+        raise ManifestError(str(e)) from None
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ManifestError(f"manifest not found: {uri}")
+    return fs, path
+
+
+def manifest_rows(path: str | os.PathLike, text_field: Optional[str] = "text",
+                  s3: Optional[S3Config] = None) -> list[dict]:
+    """Every row in file order, the bad ones marked with `_error`; `path` is a local file or an
+    s3:// URI (credentials from `s3`, else the AWS_* environment).
 
     Good rows: `audio` resolved to an absolute path/URI, a stable `id` (file:line if absent),
     `begin_time`/`end_time` as floats or None (open-audio-opd's -1 is None). Bad rows: what could be
     kept of the row (`audio` resolved when it is a string; wrong-typed segment values as None)
     plus `id`, `_where` (file:line), `_error` (the reason) and `_error_detail`.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
-    base = path.parent
-    rows: list[dict] = []
+    fs, fs_path = locate_manifest(path, s3)
+    base = audio_base(str(path), fs_path)
+    with fs.open_input_stream(fs_path, compression="detect") as f:
+        data = f.read()
     try:
-        items = list(iter_rows(path))
+        rows = [checked_row(where, row, base, text_field)
+                for where, row in parse_rows(str(path), data, is_parquet(fs_path))]
     except RowFileError as e:   # an unreadable Parquet file
         raise ManifestError(str(e)) from None
-    for where, row in items:
-        if isinstance(row, BadLine):
-            reason, detail = "bad_row", row.msg
-        else:
-            reason, detail = check_row(row, text_field)
-        if reason is None:
-            row = dict(row)
-            row["audio"] = _resolve(row["audio"], base)
-            row.setdefault("id", where)
-            row["begin_time"], row["end_time"] = normalize_segment(row.get("begin_time"), row.get("end_time"))
-            rows.append(row)
-            continue
-        kept = dict(row) if isinstance(row, dict) else {}
-        if isinstance(kept.get("audio"), str) and kept["audio"]:
-            kept["audio"] = _resolve(kept["audio"], base)
-        else:
-            kept["audio"] = ""
-        b, e = kept.get("begin_time"), kept.get("end_time")
-        kept["begin_time"], kept["end_time"] = normalize_segment(b, e) if _number(b) and _number(e) else (None, None)
-        kept.setdefault("id", where)
-        kept.update(_where=where, _error=reason, _error_detail=detail)
-        rows.append(kept)
     if not rows:
         raise ManifestError(f"{path}: no rows")
     return rows
 
 
+def describe_bad_row(r: dict) -> str:
+    return f"{r['_where']}: {r['_error']}: {r['_error_detail']}"
+
+
 def describe_bad_rows(bad: list[dict]) -> str:
-    lines = [f"{r['_where']}: {r['_error']}: {r['_error_detail']}" for r in bad[:MAX_LISTED]]
+    lines = [describe_bad_row(r) for r in bad[:MAX_LISTED]]
     if len(bad) > MAX_LISTED:
         lines.append(f"... and {len(bad) - MAX_LISTED} more")
     return "\n".join(lines)
 
 
+def bad_rows_error(uri, bad: int, listed: str) -> ManifestError:
+    """The refusal of a manifest with bad rows (both readers word it alike)."""
+    return ManifestError(f"{uri}: {bad} bad row(s) (skip_bad_rows=true skips them):\n{listed}")
+
+
 def read_manifest(path: str | os.PathLike, text_field: Optional[str] = "text",
-                  skip_bad_rows: bool = False) -> list[dict]:
+                  skip_bad_rows: bool = False, s3: Optional[S3Config] = None) -> list[dict]:
     """The good rows of a manifest (see parse_manifest), for jobs that need every row usable.
 
     Bad rows refuse the whole manifest with one ManifestError listing every bad line; with
     `skip_bad_rows` they are left out and counted in a warning instead.
     """
-    good, bad = parse_manifest(path, text_field)
+    good, bad = parse_manifest(path, text_field, s3)
     if bad and not skip_bad_rows:
-        raise ManifestError(f"{path}: {len(bad)} bad row(s) (skip_bad_rows=true skips them):\n"
-                            + describe_bad_rows(bad))
+        raise bad_rows_error(path, len(bad), describe_bad_rows(bad))
     if bad:
         log.warning("%s: skipped %d bad row(s) of %d:\n%s", path, len(bad), len(good) + len(bad),
                     describe_bad_rows(bad))

@@ -36,23 +36,34 @@ def _local(path: Union[str, os.PathLike], fs: Optional[pafs.FileSystem]) -> tupl
     return (fs, str(path)) if fs is not None else (pafs.LocalFileSystem(), os.path.abspath(path))
 
 
-def _parquet(fs: pafs.FileSystem, path: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
+def _parquet_bytes(data: bytes, name: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
     import pyarrow.parquet as pq
 
-    with fs.open_input_stream(path) as f:   # one GET on S3; FileNotFoundError passes through
-        data = f.read()
     try:
         return pq.read_table(pa.BufferReader(data), columns=None if columns is None else list(columns))
     except (OSError, pa.ArrowException) as e:
-        raise RowFileError(f"{path}: unreadable Parquet ({e})") from None
+        raise RowFileError(f"{name}: unreadable Parquet ({e})") from None
 
 
-def _lines(fs: pafs.FileSystem, path: str) -> Iterator[tuple[int, str]]:
-    with fs.open_input_stream(path, compression="detect") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    for i, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            yield i, line
+def _parquet(fs: pafs.FileSystem, path: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
+    with fs.open_input_stream(path) as f:   # one GET on S3; FileNotFoundError passes through
+        return _parquet_bytes(f.read(), path, columns)
+
+
+def parse_rows(name: str, data: bytes, parquet: bool) -> Iterator[tuple[str, object]]:
+    """`iter_rows` on a file's bytes (already decompressed): what a Ray Data read task, which
+    opens the file itself, hands over."""
+    if parquet:
+        for i, row in enumerate(_parquet_bytes(data, name).to_pylist()):
+            yield f"{name}:row {i + 1}", row
+        return
+    for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{name}:{i}", json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"{name}:{i}", BadLine(f"not valid JSON ({e.msg})")
 
 
 def iter_rows(path: Union[str, os.PathLike], fs: Optional[pafs.FileSystem] = None
@@ -62,15 +73,10 @@ def iter_rows(path: Union[str, os.PathLike], fs: Optional[pafs.FileSystem] = Non
     whatever the line holds (callers decide what a non-object means)."""
     name = str(path)    # `where` names the file as the caller did (manifest row ids are built from it)
     fs, path = _local(path, fs)
-    if is_parquet(path):
-        for i, row in enumerate(_parquet(fs, path).to_pylist()):
-            yield f"{name}:row {i + 1}", row
-        return
-    for i, line in _lines(fs, path):
-        try:
-            yield f"{name}:{i}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{name}:{i}", BadLine(f"not valid JSON ({e.msg})")
+    # one GET on S3 (FileNotFoundError passes through); `.gz` JSON lines decompressed
+    with fs.open_input_stream(path, compression="detect") as f:
+        data = f.read()
+    yield from parse_rows(name, data, is_parquet(path))
 
 
 def read_rows(path: Union[str, os.PathLike], fs: Optional[pafs.FileSystem] = None) -> Iterator[dict]:
@@ -99,5 +105,5 @@ def read_table(path: Union[str, os.PathLike], fs: Optional[pafs.FileSystem] = No
     return table if columns is None else table.select([c for c in columns if c in table.column_names])
 
 
-__all__ = ["SUFFIXES", "RowFileError", "BadLine", "is_parquet", "iter_rows", "read_rows", "read_table",
+__all__ = ["SUFFIXES", "RowFileError", "BadLine", "is_parquet", "parse_rows", "iter_rows", "read_rows", "read_table",
            "table_of"]
