@@ -67,15 +67,17 @@ def at_least(cfg: Any, low: float, *keys: str) -> None:
         need(v >= low, key, f"must be >= {low:g}, got {v}")
 
 
-def opt(default: Any, doc: str, **kw: Any) -> Any:
-    """A documented config field. Mutable defaults are copied per instance."""
+def opt(default: Any, doc: str, secret: bool = False, **kw: Any) -> Any:
+    """A documented config field. Mutable defaults are copied per instance; a `secret` one is
+    masked in what a job writes down (`to_dict(cfg, redact=True)`)."""
+    meta = {"doc": doc, "secret": secret}
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
     if dataclasses.is_dataclass(default):
         import copy
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,9 +387,22 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         raise ConfigError(f"{prefix}{e}") from None
 
 
-def to_dict(cfg: Any) -> dict:
-    """The config as plain data (for YAML dumps, logs and checkpoints)."""
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any, redact: bool = False) -> dict:
+    """The config as plain data (for YAML dumps, logs and checkpoints); `redact`: secrets (keys
+    declared `secret`, e.g. s3.secret_access_key) masked, for files others may read (summary.json)."""
+    out = dataclasses.asdict(cfg)
+    if redact:
+        _redact(cfg, out)
+    return out
+
+
+def _redact(cfg: Any, out: dict) -> None:
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.metadata.get("secret") and v:
+            out[f.name] = "<redacted>"
+        elif dataclasses.is_dataclass(v):
+            _redact(v, out[f.name])
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -605,6 +620,25 @@ def max_windows(max_audio_s: float, max_chunk_s: float) -> int:
     return max(1, math.ceil(max_audio_s / (max_chunk_s / 2)))
 
 
+@dataclass
+class S3Config(Validated):
+    """S3 access (used by jobs that read or write s3:// URIs)."""
+    endpoint_url: Optional[str] = opt(None, "S3 endpoint (e.g. http://127.0.0.1:9000 for MinIO/moto). "
+                                      "None: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS.")
+    region: Optional[str] = opt(None, "Region. None: $AWS_REGION / $AWS_DEFAULT_REGION.")
+    access_key_id: Optional[str] = opt(None, "Access key. None: $AWS_ACCESS_KEY_ID, else the standard AWS "
+                                       "credential chain (config files, instance role).")
+    secret_access_key: Optional[str] = opt(None, "Secret key. None: $AWS_SECRET_ACCESS_KEY.", secret=True)
+    session_token: Optional[str] = opt(None, "Session token for temporary credentials. None: $AWS_SESSION_TOKEN.",
+                                       secret=True)
+    anonymous: bool = opt(False, "Unsigned requests (public buckets).")
+
+    def validate(self) -> None:
+        need(not (self.anonymous and (self.access_key_id or self.secret_access_key or self.session_token)),
+             "anonymous", "=true sends unsigned requests, so the given keys would be ignored: drop the keys "
+             "or set anonymous=false")
+
+
 @job_config
 @dataclass
 class SftConfig(Validated):
@@ -680,7 +714,15 @@ class OpdConfig(Validated):
                               "`demo://unlabelled[-N]`: N demo utterances without transcripts, made on first use.")
     eval_manifest: Optional[str] = opt("assets/demo_corpus/test.jsonl", "Held-out manifest for student/teacher WER; "
                                        "`demo://heldout[-N]`: the demo's N test-split utterances, made on first use.")
-    output_dir: str = opt("runs/opd", "Checkpoints, metrics.jsonl, summary.json and the final HF export.")
+    output_dir: str = opt("runs/opd", "The run folder: checkpoints (every learner rank's shards), metrics.jsonl, "
+                          "summary.json, curves.png, the final HF export, job.log's copy. A local path (on a cluster: a "
+                          "mount every node shares), s3://bucket/prefix (settings in `s3`) or any URI pyarrow opens "
+                          "(gs://, abfs://, hdfs://).")
+    local_dir: Optional[str] = opt(None, "For a remote output_dir: the driver's local folder for the live job.log, the "
+                                   "metrics buffer and the HF export before upload. None: "
+                                   "<tmp>/ark-ray-runs/<scheme>/<bucket>/<prefix>. Must stay unset for a local output_dir.")
+    keep_checkpoints: int = opt(2, "Complete checkpoints kept in output_dir/checkpoints (older ones are deleted once "
+                                "a newer one is committed).")
     mode: Literal["async", "sync"] = opt("async", "async overlaps rollout, teacher and learner; sync runs them in turn.")
     steps: int = opt(12, "Learner steps.")
     rollout_batch_size: int = opt(8, "Clips per rollout batch (= samples per learner step when n=1).")
@@ -696,7 +738,8 @@ class OpdConfig(Validated):
     save_every: int = opt(4, "Steps between checkpoints (0: only at the end).")
     max_audio_s: float = opt(30.0, "Longer clips are rejected when loaded.")
     max_actor_restarts: int = opt(3, "Restarts of a crashed rollout/teacher actor (its in-flight call is redone).")
-    resume: bool = opt(False, "Continue from output_dir's checkpoint: no utterance repeated or skipped.")
+    resume: bool = opt(False, "Continue from output_dir's latest checkpoint (output_dir/checkpoints/latest), also on "
+                       "another cluster: no utterance repeated or skipped.")
     staged_startup: bool = opt(False, "For a GPU shared by all three roles: vLLM sizes its KV cache from the memory "
                                "free while it profiles, so nothing else may allocate meanwhile. The teachers load on "
                                "the CPU concurrently and move to the GPU, and the learners start, once the rollout "
@@ -718,6 +761,8 @@ class OpdConfig(Validated):
         "read by the teacher.")
     learner: LearnerConfig = opt(LearnerConfig(lr=2e-4), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
+    s3: S3Config = opt(S3Config(), "S3 endpoint and credentials for an s3:// output_dir (default: the standard AWS "
+                         "environment variables of the driver, handed to every learner rank).")
 
     removed_keys = {
         "teacher_num_gpus": "renamed to teacher_engine.num_gpus (every role's GPU share is `num_gpus` in its "
@@ -745,6 +790,7 @@ class OpdConfig(Validated):
                               "OPD sets the student's top-k from `topk`; leave sampling.logprobs_topk at 0")
         at_least(self, 0, "eval_every", "eval_max_samples", "save_every", "teacher_logprobs_k")
         at_least(self, -1, "max_actor_restarts")
+        at_least(self, 1, "keep_checkpoints")
         need(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
         need(self.max_audio_s > 0, "max_audio_s", f"must be > 0, got {self.max_audio_s}")
         teacher = self.teacher_engine
@@ -777,24 +823,6 @@ class OpdConfig(Validated):
              f"rollout_engine.num_gpus={self.rollout_engine.num_gpus:g} fit on one card: set "
              "learner.weight_sync=auto (ipc on a shared GPU, broadcast across GPUs) or ipc, or GPU shares that "
              "add up to more than one card")
-
-
-@dataclass
-class S3Config(Validated):
-    """S3 access (used by jobs that read or write s3:// URIs)."""
-    endpoint_url: Optional[str] = opt(None, "S3 endpoint (e.g. http://127.0.0.1:9000 for MinIO/moto). "
-                                      "None: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS.")
-    region: Optional[str] = opt(None, "Region. None: $AWS_REGION / $AWS_DEFAULT_REGION.")
-    access_key_id: Optional[str] = opt(None, "Access key. None: $AWS_ACCESS_KEY_ID, else the standard AWS "
-                                       "credential chain (config files, instance role).")
-    secret_access_key: Optional[str] = opt(None, "Secret key. None: $AWS_SECRET_ACCESS_KEY.")
-    session_token: Optional[str] = opt(None, "Session token for temporary credentials. None: $AWS_SESSION_TOKEN.")
-    anonymous: bool = opt(False, "Unsigned requests (public buckets).")
-
-    def validate(self) -> None:
-        need(not (self.anonymous and (self.access_key_id or self.secret_access_key or self.session_token)),
-             "anonymous", "=true sends unsigned requests, so the given keys would be ignored: drop the keys "
-             "or set anonymous=false")
 
 
 @job_config

@@ -3,7 +3,9 @@
 With no arguments: the embedded demo (local Ray on this CPU, the bundled tiny teacher and student,
 unlabelled demo speech generated on first use). Under `ray job submit` it joins that cluster
 ($RAY_ADDRESS). The terminal shows one progress bar, a line per evaluation and the closing table;
-vLLM, Ray, transformers and DeepSpeed output goes to <output_dir>/job.log.
+vLLM, Ray, transformers and DeepSpeed output goes to job.log in the local run folder (output_dir
+itself when local; for an s3:// or other remote output_dir a local folder the job names, whose
+job.log is copied to output_dir at the end, as curves.png is).
 """
 import pathlib
 import sys
@@ -50,13 +52,18 @@ def main(argv=None) -> dict:
 
     cfg = parse_job_args(OpdConfig, sys.argv[1:] if argv is None else argv, default_config=DEFAULT)
     student_spec, eval_spec = cfg.student, cfg.eval_manifest
-    console = Console(cfg.output_dir)
+    from ark_ray.data.run_storage import RunStorage
+
+    storage = RunStorage(cfg.output_dir, cfg.s3, cfg.local_dir)   # a bad URI or bucket fails here, before Ray
+    console = Console(storage.local_dir)
     console.total = cfg.steps
     t0 = time.perf_counter()
     try:
         console.line(f"OPD: student {cfg.student} <- teacher {cfg.teacher}; {cfg.steps} steps x "
                      f"{cfg.rollout_batch_size} clips of {cfg.train_manifest} (seed {cfg.seed})")
         console.line(f"vLLM / Ray / transformers logs: {console.log_path}")
+        if not storage.is_local:
+            console.line(f"outputs and checkpoints: {storage.uri}")
         # demo:// inputs are made on first use and cached (ark_ray/demo); absolute paths, since
         # actors may not share the driver's working directory
         cfg.student = str(pathlib.Path(demo_student.resolve(cfg.student)).resolve())
@@ -67,8 +74,8 @@ def main(argv=None) -> dict:
 
         console.line("starting Ray, the rollout engine (vLLM), the teacher and the learner (DeepSpeed) ...")
         init_ray(cfg.ray)
-        ctl = OpdController(cfg)
-        ctl.on_step, ctl.on_eval = console.on_step, console.on_eval
+        ctl = OpdController(cfg, storage)
+        ctl.on_step, ctl.on_eval, ctl.say = console.on_step, console.on_eval, console.line
         console.line(f"actors up in {ctl.startup.get('total_s', 0):.0f} s; held-out WER before training:")
         try:
             s = ctl.run()
@@ -76,6 +83,8 @@ def main(argv=None) -> dict:
             console.close_bar()
             ctl.shutdown()
         plot = console.save_curves()
+        storage.upload("curves.json")
+        plot = plot and storage.upload("curves.png")
         s["job_s"] = time.perf_counter() - t0
         console.line()
         console.line(table(closing_rows(s) + [("job_s", fmt(s["job_s"]))]))
@@ -83,12 +92,22 @@ def main(argv=None) -> dict:
             console.line(line)
         if plot:
             console.line(f"curves: {plot}")
-        console.line(f"log: {console.log_path}")
+        console.line(f"log: {console.log_path}" + ("" if storage.is_local else f" (copied to {storage.uri_of('job.log')})"))
+        storage.upload("job.log")
         return s
     except BaseException:
         console.restore()   # the traceback goes to the terminal
         print(f"(full log: {console.log_path})", file=sys.stderr)
+        _upload_log(storage)
         raise
+
+
+def _upload_log(storage) -> None:
+    """A failed run's job.log to its run folder too, unless the storage itself is what failed."""
+    try:
+        storage.upload("job.log")
+    except Exception as e:  # noqa: BLE001 - the run's own error is the one to show
+        print(f"(job.log not copied to {storage.uri}: {e})", file=sys.stderr)
 
 
 def _made_on_first_use(console: Console, uri: Optional[str], resolve, what: str) -> Optional[str]:

@@ -190,15 +190,43 @@ def test_opd_loss_trains_through_the_learner(ray_local, model_dir, uneven_batch)
     assert stats[-1]["loss"] < stats[0]["loss"] and 0 < stats[0]["teacher_mass"] < 1
 
 
-def test_resume_continues_with_the_same_losses(ray_local, model_dir, batch, tmp_path):
-    full, g = train(model_dir, batch, 4, num_workers=1, zero_stage=2)
+def test_resume_from_s3_continues_with_the_same_losses(ray_local, model_dir, batch, s3_client, moto_endpoint):
+    """Two ZeRO-2 ranks checkpoint to S3 (moto) through the run folder: each rank uploads its own
+    shards; a checkpoint interrupted before its `latest` pointer is left aside, and a new group
+    resumes from the previous one with the losses of an uninterrupted run."""
+    from ark_ray.config import S3Config
+    from ark_ray.data.run_storage import RunStorage
+    from ark_ray.train.checkpoints import Checkpoints
+
+    s3_client.create_bucket(Bucket="learner-ck")
+    storage = RunStorage("s3://learner-ck/run", S3Config(endpoint_url=moto_endpoint, access_key_id="test",
+                                                         secret_access_key="test", region="us-east-1"))
+    ckpts = Checkpoints(storage, keep=1)
+    full, g = train(model_dir, batch, 4, num_workers=2, zero_stage=2)
     g.shutdown()
-    first, g = train(model_dir, batch, 2, num_workers=1, zero_stage=2)
-    g.save_checkpoint(str(tmp_path / "ck"), {"data_step": 2})
-    g.shutdown()
-    g = LearnerGroup(model_dir, LearnerConfig(lr=1e-3, seed=0), total_steps=10)
+    first, g = train(model_dir, batch, 2, num_workers=2, zero_stage=2)
     try:
-        assert g.load_checkpoint(str(tmp_path / "ck"))["data_step"] == 2
+        g.save_checkpoint(storage, ckpts.begin(1), {"data_step": 1})   # pretend: an earlier one
+        ckpts.commit(1, {"state.json": {"data_step": 1}})
+        saved = g.save_checkpoint(storage, ckpts.begin(2), {"data_step": 2})
+        ckpts.commit(2, {"state.json": {"data_step": 2}})
+        g.train_step(batch)
+        g.save_checkpoint(storage, ckpts.begin(3), {"data_step": 3})   # the driver dies before commit
+    finally:
+        g.shutdown()
+    # every rank uploaded its own ZeRO shard; rank 0 the model states
+    shards = {r["rank"]: [f for f in r["files"] if "zero_pp_rank" in f] for r in saved}
+    assert shards == {r: [f"deepspeed/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] for r in (0, 1)}
+    assert "deepspeed/mp_rank_00_model_states.pt" in saved[0]["files"]
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="learner-ck")["Contents"]}
+    assert {"run/checkpoints/step_2/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "run/checkpoints/step_3/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "run/checkpoints/step_2/state.json", "run/checkpoints/latest"} <= keys
+    assert not any(k.startswith("run/checkpoints/step_1/") for k in keys)   # keep=1
+    assert ckpts.latest() == 2 and ckpts.steps() == [2, 3]
+    g = LearnerGroup(model_dir, LearnerConfig(lr=1e-3, seed=0, num_workers=2, zero_stage=2), total_steps=10)
+    try:
+        assert g.load_checkpoint(storage, ckpts.dir(ckpts.latest()))["data_step"] == 2
         rest = [g.train_step(batch)["loss"] for _ in range(2)]
     finally:
         g.shutdown()

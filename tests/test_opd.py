@@ -97,24 +97,84 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
         assert s[k] is not None
 
 
-def test_sync_mode_then_resume_neither_repeats_nor_skips(ray_local, pair, tmp_path):
-    """Sync mode (nothing overlaps, the loss carries tau^2), then a resumed run from its checkpoint
-    that consumes every position exactly once (one test: each OPD run costs a minute on 2 cores)."""
-    out = tmp_path / "r"
-    s1, c1 = run(make_cfg(pair, out, mode="sync", steps=2, tau=2.0))
-    assert s1["mode"] == "sync" and s1["steps"] == 2 and s1["dropped_stale"] == 0
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if r["kind"] == "step"]
-    # the loss carries tau^2, the logged KL does not; nothing overlaps in sync mode
-    assert len(recs) == 2
+def _s3_json_lines(s3, bucket: str, key: str) -> list[dict]:
+    return [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines()]
+
+
+def test_s3_run_crashes_mid_checkpoint_then_resumes_on_a_fresh_cluster(
+        ray_local, ray_cluster, pair, s3_client, aws_env, tmp_path, monkeypatch):
+    """output_dir on S3 (moto on loopback), two learner ranks, sync mode (nothing overlaps; the loss
+    carries tau^2). The first run, on this session's local Ray, checkpoints steps 1 and 2 and dies
+    committing step 3, after both ranks uploaded their shards and before `latest`. Its local run
+    folder is then deleted, and jobs/opd.py --resume runs on the simulated cluster (other nodes,
+    other temp dirs): it continues from step 2, trains positions 0..15 each exactly once, and
+    writes checkpoints, metrics, summary, curves, job.log and the final export to the bucket, and
+    nothing to a local `s3:` folder."""
+    from ark_ray.config import dump_yaml
+    from ark_ray.opd.controller import OpdController
+
+    bucket, uri = "opd-runs", "s3://opd-runs/probe"
+    s3_client.create_bucket(Bucket=bucket)
+    for k, v in aws_env.items():      # the driver's settings; the learner ranks get them pickled
+        monkeypatch.setenv(k, v)
+    cfg = make_cfg(pair, uri, mode="sync", steps=3, tau=2.0, eval_manifest=None, keep_checkpoints=1,
+                   local_dir=str(tmp_path / "run1"), learner={"num_workers": 2})
+    ctl = OpdController(cfg)
+    commit = ctl.ckpts.commit
+
+    def crash_at_step_3(step, files):
+        if step == 3:
+            raise RuntimeError("simulated crash between the shards' upload and `latest`")
+        return commit(step, files)
+    ctl.ckpts.commit = crash_at_step_3
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            ctl.run()
+    finally:
+        ctl.shutdown()
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
+    latest = lambda: s3_client.get_object(Bucket=bucket, Key="probe/checkpoints/latest")["Body"].read().decode()
+    assert latest().strip() == "step_2"
+    for step in (2, 3):              # step 3: every rank's shards, but never committed
+        assert {f"probe/checkpoints/step_{step}/deepspeed/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                for r in (0, 1)} <= keys
+    assert "probe/checkpoints/step_2/opd_state.json" in keys and "probe/checkpoints/step_3/opd_state.json" not in keys
+    assert not any(k.startswith("probe/checkpoints/step_1/") for k in keys)     # keep_checkpoints=1
+    recs = [r for r in _s3_json_lines(s3_client, bucket, "probe/metrics.jsonl") if r["kind"] == "step"]
+    assert [r["step"] for r in recs] == [1, 2, 3]      # uploaded at checkpoints and when the run ended
     assert all(r["kl"] > 0 and r["loss"] == pytest.approx(4.0 * r["kl"]) for r in recs)
     assert all(r["queue_rollout"] == r["queue_teacher"] == r["queue_learner"] == 0 for r in recs)
-    first = c1.data.consumed()
-    s2, c2 = run(make_cfg(pair, out, steps=4, mode="sync", tau=2.0, resume=True))
-    assert s2["steps"] == 4
-    assert first < c2.data.consumed()
-    assert c2.data.consumed() == set(range(4 * 4))           # positions 0..15, each exactly once
-    assert c2.data.consumed_total == 4 * 4
+
+    # a brand-new cluster: none of the first run's local files, the job as a user runs it
+    shutil.rmtree(tmp_path / "run1")
+    cfg.resume, cfg.steps, cfg.local_dir = True, 4, str(tmp_path / "run2")
+    (tmp_path / "resume.yaml").write_text(dump_yaml(cfg))
+    ray_cluster.ensure_workers(2)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs/opd.py"), "--config", str(tmp_path / "resume.yaml")],
+                          env=ray_cluster.env(PYTHONPATH=str(REPO), **aws_env), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from {uri}/checkpoints/step_2: step 2, version " in proc.stdout
+    assert f"outputs and checkpoints: {uri}" in proc.stdout
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert latest().strip() == "step_4"
+    assert {k.split("/")[2] for k in keys if k.startswith("probe/checkpoints/step_")} == {"step_4"}
+    state = json.loads(s3_client.get_object(Bucket=bucket, Key="probe/checkpoints/step_4/opd_state.json")["Body"].read())
+    assert state["step"] == 4 and state["data"]["low"] == 16 and state["data"]["above"] == []
+    assert state["data"]["consumed_total"] == 16 and state["samples_trained"] == 16   # 0..15, each once
+    metrics = _s3_json_lines(s3_client, bucket, "probe/metrics.jsonl")
+    steps = [r for r in metrics if r["kind"] == "step"]
+    assert [(r["step"], r["samples"]) for r in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]   # step 3 redone once
+    ck = [r for r in metrics if r["kind"] == "checkpoint"]
+    assert [r["step"] for r in ck] == [1, 2, 3, 4]
+    # the resumed run's ranks ran on the cluster's worker nodes and each uploaded from its own
+    assert {r["rank"] for r in ck[-1]["ranks"]} == {0, 1}
+    assert {r["node"] for r in ck[-1]["ranks"]} <= {n for n in ray_cluster.workers}
+    summary = json.loads(s3_client.get_object(Bucket=bucket, Key="probe/summary.json")["Body"].read())
+    assert summary["summary"]["steps"] == 4 and summary["summary"]["final_model"] == f"{uri}/final"
+    assert {"probe/final/model.safetensors", "probe/final/config.json", "probe/curves.png",
+            "probe/job.log"} <= keys
+    assert not (tmp_path / "s3:").exists() and not (REPO / "s3:").exists()
 
 
 def test_source_outlives_stale_drops_and_resumes(ray_local, pair, tmp_path):

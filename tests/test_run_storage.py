@@ -87,7 +87,33 @@ def test_uris(tmp_path, s3cfg):
     assert remote.uri == f"s3://{BUCKET}/p/q" and remote.root == f"{BUCKET}/p/q"
     assert remote.local_dir.parts[-4:] == ("s3", BUCKET, "p", "q")     # under <tmp>/ark-ray-runs
     assert remote.for_ray_train() == (f"{BUCKET}/p/q", remote.fs)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        RunStorage("s3://no-such-bucket/run", s3cfg)
     with pytest.raises(StorageError, match="pyarrow"):
         RunStorage("nosuch://bucket/x")
     with pytest.raises(StorageError, match="only for a remote"):
         RunStorage(tmp_path / "y", local_dir=tmp_path / "z")
+
+
+def test_checkpoints_pointer_written_last_and_pruned(run):
+    """checkpoints/latest moves only at commit; a save that never committed is not used and is
+    cleared by the next save of its step or pruned; the newest `keep` complete ones stay."""
+    from ark_ray.train.checkpoints import CheckpointError, Checkpoints
+
+    ck = Checkpoints(run, keep=2)
+    assert ck.latest() is None and ck.prune() == []
+    for step in (1, 2, 3):
+        run.write_bytes(f"{ck.begin(step)}/deepspeed/shard.pt", b"s%d" % step)   # what the ranks upload
+        ck.commit(step, {"state.json": {"step": step}})
+    assert ck.latest() == 3 and ck.steps() == [2, 3]                            # step 1 pruned
+    run.write_bytes(f"{ck.begin(4)}/deepspeed/shard.pt", b"half")               # the driver dies here
+    assert ck.latest() == 3 and ck.read_json(3, "state.json") == {"step": 3}
+    with pytest.raises(CheckpointError, match="already the committed"):
+        ck.begin(3)
+    run.write_bytes(f"{ck.begin(6)}/deepspeed/shard.pt", b"s6")               # a resumed run saving step 6
+    assert ck.steps() == [2, 3, 6]                                              # the partial step 4 is gone
+    ck.commit(6, {"state.json": {"step": 6}})
+    assert ck.latest() == 6 and ck.steps() == [3, 6]
+    run.write_text("checkpoints/latest", "step_9\n")
+    with pytest.raises(CheckpointError, match="is not there"):
+        ck.latest()

@@ -79,6 +79,21 @@ class RunStorage:
         self.local_dir.mkdir(parents=True, exist_ok=True)
         if self.is_local:
             self.fs.create_dir(self.root, recursive=True)
+        else:
+            self._check_reachable()
+
+    def _check_reachable(self) -> None:
+        """One request now, so a wrong endpoint, credentials or bucket fail the job before it starts
+        its actors, not at its first checkpoint."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            info = self.fs.get_file_info(bucket if is_s3(self.uri) else self.root)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StorageError(f"cannot reach the run folder {self.uri}: {first}") from None
+        if is_s3(self.uri) and info.type == pafs.FileType.NotFound:
+            raise StorageError(f"run folder {self.uri}: bucket {bucket!r} does not exist (create it first, or check "
+                               "the endpoint: s3.endpoint_url / AWS_ENDPOINT_URL)")
 
     def __repr__(self) -> str:
         return f"RunStorage({self.uri!r}, local_dir={str(self.local_dir)!r})"

@@ -19,14 +19,16 @@
   WeightStore's copy first (published at each checkpoint).
 * Resume: each checkpoint stores the learner state plus the consumed positions (trained or dropped:
   a watermark below which all are consumed, and the consumed ones above it), so a rerun with
-  --resume neither repeats nor skips an utterance.
+  --resume neither repeats nor skips an utterance. Checkpoints and every output go to the run
+  folder, `output_dir`: local, s3:// or any pyarrow filesystem (ark_ray/data/run_storage.py); each
+  learner rank uploads its own shards and the `latest` pointer is written last
+  (ark_ray/train/checkpoints.py), so a run resumes on a brand-new cluster.
 * `mode="sync"` runs the same components one stage at a time (the baseline for the speed-up).
 """
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 import time
 from collections import deque
 from dataclasses import asdict
@@ -37,10 +39,12 @@ import ray
 
 from ark_ray.config import OpdConfig, to_dict
 from ark_ray.data.manifest import read_manifest
+from ark_ray.data.run_storage import RunStorage
 from ark_ray.opd.loss import OpdLoss
 from ark_ray.opd.rollout import RolloutWorker
 from ark_ray.opd.teacher import TeacherScorer
 from ark_ray.runtime import engine_actor_options
+from ark_ray.train.checkpoints import CheckpointError, Checkpoints
 from ark_ray.train.learner import LearnerGroup
 from ark_ray.train.weight_sync import WeightStore
 
@@ -138,11 +142,13 @@ class DataPositions:
 
 
 class OpdController:
-    def __init__(self, cfg: OpdConfig):
+    def __init__(self, cfg: OpdConfig, storage: Optional[RunStorage] = None):
+        """`storage`: the run folder (made from cfg.output_dir, cfg.s3 and cfg.local_dir if not given)."""
         t0 = time.perf_counter()
         self.cfg = cfg
-        self.out = pathlib.Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.storage = storage or RunStorage(cfg.output_dir, cfg.s3, cfg.local_dir)
+        self.out = self.storage.local_dir          # the driver's local run folder (= output_dir when local)
+        self.ckpts = Checkpoints(self.storage, keep=cfg.keep_checkpoints)
         self.rows = read_manifest(cfg.train_manifest, text_field=None, skip_bad_rows=cfg.skip_bad_rows)
         self.eval_rows = (read_manifest(cfg.eval_manifest, skip_bad_rows=cfg.skip_bad_rows)
                           if cfg.eval_manifest else [])
@@ -195,7 +201,9 @@ class OpdController:
         self.pending: list = []         # rollout/teacher calls run_async left in flight (see drain)
         self.last_sync: Optional[dict] = None
         self._synced = 0                # weight-sync records already written to metrics.jsonl
-        self.metrics_f = open(self.out / "metrics.jsonl", "a")
+        self.metrics_f = self.storage.metrics_log("metrics.jsonl")   # uploaded every 30 s and at checkpoints
+        # a plain status line for the user (resume, checkpoints); jobs/opd.py sets the console's
+        self.say = lambda msg: print(msg, flush=True)
         # console hooks (ark_ray.opd.console): on_step(rec) after each learner step, on_eval(step,
         # who, wer) after each evaluation; unset, a plain line is printed for each
         self.on_step = None
@@ -241,27 +249,52 @@ class OpdController:
         self.metrics_f.flush()
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> None:
+    def save(self) -> Optional[str]:
+        """Checkpoint to <output_dir>/checkpoints/step_<N> (ark_ray/train/checkpoints.py): every
+        learner rank uploads its own shards, then this driver writes opd_state.json, then the
+        `latest` pointer. A crash anywhere before the pointer leaves the previous checkpoint the one
+        --resume takes. The checkpoint's URI (None when step N is already the latest one)."""
+        if self.ckpts.latest() == self.step:   # the final save right after a periodic one: same
+            self.weights.publish(self.version)  # weights and positions, only the version moved on
+            return None
+        t0 = time.perf_counter()
+        rel = self.ckpts.begin(self.step)
+        ranks = self.learner.save_checkpoint(self.storage, rel, {"opd_step": self.step})
+        self.metrics_f.append(dict(kind="checkpoint", step=self.step, time=time.time(),
+                                   uri=self.storage.uri_of(rel), seconds=round(time.perf_counter() - t0, 3),
+                                   bytes=sum(r["bytes"] for r in ranks),
+                                   ranks=[{k: r[k] for k in ("rank", "node", "bytes")} for r in ranks]))
         state = {"step": self.step, "version": self.version, "data": self.data.state(),
-                 "dropped_stale": self.dropped_stale, "samples_trained": self.samples_trained}
-        self.learner.save_checkpoint(str(self.out / "checkpoint"), {"opd": state})
-        (self.out / "checkpoint" / "opd_state.json").write_text(json.dumps(state))
+                 "dropped_stale": self.dropped_stale, "samples_trained": self.samples_trained,
+                 "metrics_lines": self.metrics_f.lines}   # what a resume keeps of metrics.jsonl
+        self.metrics_f.flush(upload=True)
+        uri = self.ckpts.commit(self.step, {"opd_state.json": state})
         self.weights.publish(self.version)   # what a rollout worker Ray restarts loads first
+        return uri
 
     def resume(self) -> bool:
-        path = self.out / "checkpoint"
-        if not (path / "opd_state.json").exists():
+        """Load the checkpoint `latest` names, on every learner rank's own node, and the positions,
+        versions and counters with it; metrics.jsonl loses the records of the steps redone."""
+        step = self.ckpts.latest()
+        if step is None:
+            self.say(f"resume: no checkpoint in {self.storage.uri_of('checkpoints')} yet; starting at step 0")
             return False
-        client = self.learner.load_checkpoint(str(path))
-        st = client["opd"]
+        rel = self.ckpts.dir(step)
+        st = self.ckpts.read_json(step, "opd_state.json")
+        client = self.learner.load_checkpoint(self.storage, rel)
+        if client.get("opd_step") != st["step"]:
+            raise CheckpointError(f"{self.storage.uri_of(rel)}: the learner state is of step {client.get('opd_step')}, "
+                                  f"opd_state.json of step {st['step']}")
         self.step, self.version = st["step"], st["version"]
-        self.data.load(st.get("data", st))
+        self.data.load(st["data"])
         self.dropped_stale, self.samples_trained = st["dropped_stale"], st["samples_trained"]
+        if "metrics_lines" in st:
+            self.metrics_f.truncate(st["metrics_lines"])
         self.weights.push(self.version)
         self._collect_sync(block=True)
         d = self.data.state()
-        print(f"resumed at step {self.step} (version {self.version}, epoch {d['epoch']}, "
-              f"position {self.data.low})")
+        self.say(f"resumed from {self.storage.uri_of(rel)}: step {self.step}, version {self.version}, "
+                 f"epoch {d['epoch']}, position {self.data.low}")
         return True
 
     # ------------------------------------------------------------------ one learner step
@@ -383,6 +416,9 @@ class OpdController:
         t0 = time.time()
         if self.cfg.resume:
             self.resume()
+        elif (old := self.ckpts.latest()) is not None:
+            self.say(f"note: {self.storage.uri_of('checkpoints')} holds a checkpoint of step {old}; this run starts "
+                     "at step 0 and replaces it (--resume=true continues it instead)")
         student_before = self._report_eval("student", self.evaluate("student")) if self.step == 0 else None
         teacher_wer = self._report_eval("teacher", self.evaluate("teacher"))
         t_train = time.time()
@@ -396,7 +432,8 @@ class OpdController:
         self._collect_sync(block=True)
         student_after = self._report_eval("student", self.evaluate("student"))
         self.save()
-        final = self.learner.export_hf(str(self.out / "final"))
+        self.learner.export_hf(str(self.storage.local("final")))
+        final = self.storage.upload("final")
         hist = self.history
         syncs = [s["sync_s"] for s in self.weights.history]
         summary = {
@@ -411,11 +448,14 @@ class OpdController:
             "startup_s": self.startup.get("total_s"), "train_s": train_s, "wall_s": time.time() - t0,
             "final_model": final,
         }
-        (self.out / "summary.json").write_text(json.dumps({"summary": summary, "startup": self.startup,
-                                                           "config": to_dict(self.cfg)}, indent=2, default=str))
+        self.metrics_f.flush(upload=True)
+        # written last: its presence says the run, the final export included, is complete
+        self.storage.write_json("summary.json", {"summary": summary, "startup": self.startup,
+                                                 "config": to_dict(self.cfg, redact=True)}, indent=2, default=str)
         return summary
 
     def shutdown(self) -> None:
+        self.metrics_f.close()   # uploads what a failed run logged, too
         self.learner.shutdown()
         for a in self.rollouts + self.teachers + [self.store]:
             ray.kill(a)

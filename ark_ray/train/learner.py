@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from typing import Any, Optional
@@ -30,8 +32,15 @@ import ray
 import torch
 
 from ark_ray.config import LearnerConfig
+from ark_ray.data.run_storage import RunStorage
 from ark_ray.net import free_port
+from ark_ray.train.checkpoints import TAG
 from ark_ray.train.losses import Loss, TokenCrossEntropy
+
+
+#: DeepSpeed's per-rank ZeRO files (`zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, ZeRO-3's
+#: `..._model_states.pt`): a resuming rank downloads only its own
+_RANK_SHARD = re.compile(r"(?:^|/)zero_pp_rank_(\d+)_")
 
 
 def _skip_deepspeed_shm_build() -> None:
@@ -290,13 +299,19 @@ class LearnerWorker:
                 if k != "lm_head.weight"}
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
+        """This rank's part of a checkpoint into the local folder `path` (DeepSpeed's files under
+        `path/deepspeed/`; every rank must call it, each with a folder of its own node)."""
         client_state = dict(client_state, step=self.step, rng={
             "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()})
-        self.engine.save_checkpoint(path, tag="state", client_state=client_state)
+        self.engine.save_checkpoint(path, tag=TAG, client_state=client_state, save_latest=False)
 
     def load_checkpoint(self, path: str) -> dict:
-        _, client = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        """Load a checkpoint from the local folder `path` (this rank's ZeRO shards and the shared
+        files are enough); the job's client state."""
+        loaded, client = self.engine.load_checkpoint(path, tag=TAG, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
         rng = client.pop("rng", None)
         if rng:
             random.setstate(rng["python"])
@@ -304,6 +319,30 @@ class LearnerWorker:
             torch.set_rng_state(rng["torch"])
         self.step = int(client.get("step", 0))
         return client
+
+    def upload_checkpoint(self, storage: RunStorage, rel: str, client_state: dict) -> dict:
+        """This rank's part of a checkpoint, staged in a temp folder on this node (TMPDIR), uploaded
+        to `rel` in the run folder and deleted (ark_ray.train.checkpoints). What it uploaded:
+        rank, node, files, bytes, seconds."""
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix=f"ark-ckpt-rank{self.rank}-") as tmp:
+            self.save_checkpoint(tmp, client_state)
+            files = storage.upload_dir(tmp, rel)
+            size = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
+        return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(), "files": files,
+                "bytes": size, "seconds": time.perf_counter() - t0}
+
+    def download_checkpoint(self, storage: RunStorage, rel: str) -> dict:
+        """Fetch `rel` from the run folder into a temp folder on this node (this rank's ZeRO shards
+        and the shared files, not the other ranks' shards), load it, delete the folder."""
+        def mine(name: str) -> bool:
+            m = _RANK_SHARD.search(name)
+            return m is None or int(m.group(1)) == self.rank
+
+        with tempfile.TemporaryDirectory(prefix=f"ark-resume-rank{self.rank}-") as tmp:
+            if not storage.download_dir(rel, tmp, keep=mine):
+                raise FileNotFoundError(f"no checkpoint files at {storage.uri_of(rel)}")
+            return self.load_checkpoint(tmp)
 
     # ------------------------------------------------------------------ weight sync (ark_ray.train.weight_sync)
     def placement(self) -> dict:
@@ -461,11 +500,14 @@ class LearnerGroup:
         """config + model.safetensors (real layout) + tokenizer/processor files in `out_dir`."""
         return export_hf(self.model_dir, self.state_dict(), out_dir, dtype)
 
-    def save_checkpoint(self, path: str, client_state: dict) -> None:
-        ray.get([w.save_checkpoint.remote(path, client_state) for w in self.workers])
+    def save_checkpoint(self, storage: RunStorage, rel: str, client_state: dict) -> list[dict]:
+        """Every rank writes and uploads its own files to `rel` in the run folder (see
+        LearnerWorker.upload_checkpoint); one record per rank. A rank's failure raises here."""
+        return ray.get([w.upload_checkpoint.remote(storage, rel, client_state) for w in self.workers])
 
-    def load_checkpoint(self, path: str) -> dict:
-        return ray.get([w.load_checkpoint.remote(path) for w in self.workers])[0]
+    def load_checkpoint(self, storage: RunStorage, rel: str) -> dict:
+        """Every rank downloads and loads `rel` on its own node; rank 0's client state."""
+        return ray.get([w.download_checkpoint.remote(storage, rel) for w in self.workers])[0]
 
     def weight_sync(self, targets: list, store=None):
         """The `WeightSync` that pushes this group's weights to `targets` (rollout actors), made once

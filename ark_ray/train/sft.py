@@ -18,6 +18,8 @@ import ray
 from ark_ray.config import SftConfig, to_dict
 from ark_ray.data.featurize import featurize_rows, pad_mels
 from ark_ray.data.manifest import read_manifest
+from ark_ray.data.run_storage import RunStorage
+from ark_ray.train.checkpoints import Checkpoints
 from ark_ray.train.learner import LearnerGroup
 
 
@@ -74,12 +76,17 @@ def run_sft(cfg: SftConfig) -> dict:
     rows = read_manifest(cfg.train_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
     dev_rows = (read_manifest(cfg.eval_manifest, text_field=cfg.text_field, skip_bad_rows=cfg.skip_bad_rows)
                 if cfg.eval_manifest else [])
-    ckpt = out_dir / "checkpoint"
+    ckpts = Checkpoints(RunStorage(out_dir))   # checkpoints/step_N + latest (ark_ray/train/checkpoints.py)
     group = LearnerGroup(model_dir, cfg.learner, total_steps=cfg.steps)  # loss: token cross-entropy
     start_step = 0
-    if cfg.resume and (ckpt / "latest").exists():
-        start_step = int(group.load_checkpoint(str(ckpt))["data_step"])
-        print(f"resumed from {ckpt} at step {start_step}")
+    if cfg.resume and (found := ckpts.latest()) is not None:
+        start_step = int(group.load_checkpoint(ckpts.storage, ckpts.dir(found))["data_step"])
+        print(f"resumed from {ckpts.storage.uri_of(ckpts.dir(found))} at step {start_step}")
+
+    def save(step: int) -> None:
+        if ckpts.latest() != step:
+            group.save_checkpoint(ckpts.storage, ckpts.begin(step), {"data_step": step})
+            ckpts.commit(step, {"sft_state.json": {"data_step": step}})
     order = data_order(len(rows), cfg.steps * cfg.batch_size, cfg.seed)
     todo = [dict(rows[i], _pos=k) for k, i in enumerate(order)][start_step * cfg.batch_size:]
     from ark_ray.model.processor import ArkAsrProcessor
@@ -125,14 +132,14 @@ def run_sft(cfg: SftConfig) -> dict:
         print(f"step {step}/{cfg.steps} loss {stats['loss']:.4f}"
               + (f" dev_wer {stats['dev_wer']:.3f}" if "dev_wer" in stats else ""), flush=True)
         if cfg.save_every and step % cfg.save_every == 0:
-            group.save_checkpoint(str(ckpt), {"data_step": step})
+            save(step)
             if cfg.export_every_save:  # HF snapshots, e.g. to pick a less-trained demo student
                 group.export_hf(str(out_dir / "snapshots" / f"step_{step}"),
                                 dtype=getattr(__import__("torch"), cfg.export_dtype))
         if step >= cfg.steps:
             break
         t_data = time.perf_counter()
-    group.save_checkpoint(str(ckpt), {"data_step": step})
+    save(step)
     final = group.export_hf(str(out_dir / "final"), dtype=getattr(__import__("torch"), cfg.export_dtype))
     if dev_rows:
         summary.update(dev_wer(group, model_dir, dev_rows, cfg))
