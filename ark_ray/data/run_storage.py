@@ -170,7 +170,7 @@ class RunStorage:
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
             return
-        self.fs.create_dir(posixpath.dirname(dst), recursive=True)
+        # no create_dir: on an object store it would add empty "folder/" marker objects
         pafs.copy_files(str(src), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
     def download_dir(self, rel: str, local: Union[str, os.PathLike],
