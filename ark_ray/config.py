@@ -29,7 +29,14 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A problem with what the user asked for, not a bug: a bad key or value, a missing input, an
+    output that cannot be written, a run folder that already holds a run. A job reports it as one
+    line on stderr and exits with status 2 (`ark_ray.cli.run_job`); the other error classes of
+    this kind (InputError, ManifestError, StorageError, ...) derive from it so a job needs no list."""
+
+
+class ConfigError(UserError):
     """A config file or override that does not fit the typed schema."""
 
 
@@ -375,8 +382,8 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(k, names, n=1)
-        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-        raise ConfigError(f"unknown config key {prefix}{k}{hint}")
+        hint = f"did you mean {prefix}{close[0]}?" if close else "every key: --help, or docs/config.md"
+        raise ConfigError(f"unknown config key {prefix}{k} ({hint})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {k: _coerce(_over_section_default(fields[k], v), hints[k], prefix + k) for k, v in data.items()}
     try:

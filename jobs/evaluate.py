@@ -8,6 +8,7 @@ shards (as Ray Data or jobs/transcribe.py write them) are combined into one row,
 file with --per_file. Rows need the reference in `text` and the prediction in `pred_text`; rows
 with a non-null `error` are counted as errors and left out of the rates. Ends with a table and a
 total row that combines edit counts (not rates). Every key is in docs/config.md (EvaluateConfig).
+A bad path or key is one line on stderr and exit status 2 (`--debug` for the traceback).
 """
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ import pathlib
 import sys
 from typing import Iterator
 
-import pyarrow.fs as pafs
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:   # `python jobs/evaluate.py` from a clone, without an installed package
+    sys.path.insert(0, str(REPO))
 
-from ark_ray.config import ConfigError, EvaluateConfig, parse_job_args
-from ark_ray.data import row_files
-from ark_ray.data.row_files import SUFFIXES, RowFileError
-from ark_ray.eval import EvalError, EvalReport, evaluate_rows, format_table, total
+import pyarrow.fs as pafs  # noqa: E402
+
+from ark_ray.cli import run_job  # noqa: E402
+from ark_ray.config import EvaluateConfig, parse_job_args  # noqa: E402
+from ark_ray.data import row_files  # noqa: E402
+from ark_ray.data.preflight import open_output  # noqa: E402
+from ark_ray.data.row_files import SUFFIXES, RowFileError  # noqa: E402
+from ark_ray.eval import EvalError, EvalReport, evaluate_rows, format_table, total  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> EvaluateConfig:
@@ -30,6 +37,17 @@ def parse_args(argv: list[str] | None) -> EvaluateConfig:
     cfg = parse_job_args(EvaluateConfig, sys.argv[1:] if argv is None else argv)
     cfg.check_ready()
     return cfg
+
+
+def preflight(cfg: EvaluateConfig) -> list[tuple[str, pafs.FileSystem, list[str]]]:
+    """Before any row is read: every predictions path exists and holds row files, and the report's
+    folder and scored_dir can be written."""
+    sources = prediction_sources(cfg.predictions, cfg.per_file)
+    if cfg.output:
+        open_output(str(pathlib.Path(cfg.output).resolve().parent), "output")
+    if cfg.scored_dir:
+        open_output(cfg.scored_dir, "scored_dir")
+    return sources
 
 
 def _filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
@@ -74,10 +92,10 @@ def read_rows(fs: pafs.FileSystem, path: str) -> Iterator[dict]:
         raise EvalError(str(e)) from None
 
 
-def evaluate(cfg: EvaluateConfig) -> list[EvalReport]:
+def evaluate(cfg: EvaluateConfig, sources=None) -> list[EvalReport]:
     """One report per dataset. (A `--model` mode would transcribe manifests into rows first.)"""
     reports = []
-    for name, fs, files in prediction_sources(cfg.predictions, cfg.per_file):
+    for name, fs, files in sources if sources is not None else prediction_sources(cfg.predictions, cfg.per_file):
         rows = (row for f in files for row in read_rows(fs, f))
         report, scored = evaluate_rows(rows, name, normalizer=cfg.normalizer, text_field=cfg.text_field,
                                        pred_field=cfg.pred_field, max_listed=cfg.max_listed_errors)
@@ -98,7 +116,7 @@ def _write_scored(folder: str, index: int, name: str, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
-    reports = evaluate(cfg)
+    reports = evaluate(cfg, preflight(cfg))
     result = {"normalizer": cfg.normalizer, "datasets": [r.to_dict() for r in reports],
               "total": total(reports).to_dict()}
     print(format_table(reports))
@@ -115,8 +133,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (EvalError, ConfigError) as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_job("evaluate", main)

@@ -284,27 +284,15 @@ def test_cli_per_file_and_bad_paths(tmp_path, capsys, monkeypatch):
     assert "no such file or folder" in capsys.readouterr().err
 
 
-def test_cli_reads_s3_prefix(tmp_path, monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(k, v)
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="preds")
-        s3.put_object(Bucket="preds", Key="run1/part-0.jsonl",
-                      Body=json.dumps({"text": "a b c", "pred_text": "a b"}).encode() + b"\n")
-        s3.put_object(Bucket="preds", Key="run1/part-1.jsonl",
-                      Body=json.dumps({"text": "d e", "pred_text": "d e"}).encode() + b"\n")
-        job = _job()
-        res = job.main(["--predictions", "s3://preds/run1", "--output", str(tmp_path / "r.json")])
-        # two shards, one dataset: 1 D over 3 + 2 words
-        assert res["datasets"][0]["n"] == 2 and res["datasets"][0]["wer"] == pytest.approx(1 / 5)
-    finally:
-        server.stop()
+def test_cli_reads_s3_prefix(tmp_path, monkeypatch, aws_env, s3_client):
+    for k, v in aws_env.items():
+        monkeypatch.setenv(k, v)
+    s3_client.create_bucket(Bucket="preds")
+    s3_client.put_object(Bucket="preds", Key="run1/part-0.jsonl",
+                         Body=json.dumps({"text": "a b c", "pred_text": "a b"}).encode() + b"\n")
+    s3_client.put_object(Bucket="preds", Key="run1/part-1.jsonl",
+                         Body=json.dumps({"text": "d e", "pred_text": "d e"}).encode() + b"\n")
+    job = _job()
+    res = job.main(["--predictions", "s3://preds/run1", "--output", str(tmp_path / "r.json")])
+    # two shards, one dataset: 1 D over 3 + 2 words
+    assert res["datasets"][0]["n"] == 2 and res["datasets"][0]["wer"] == pytest.approx(1 / 5)

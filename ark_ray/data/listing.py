@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import pyarrow.fs as pafs
 
-from ark_ray.config import AUDIO_EXTENSIONS, S3Config
+from ark_ray.config import AUDIO_EXTENSIONS, S3Config, UserError
 from ark_ray.data.manifest import manifest_rows
 from ark_ray.data.s3 import is_s3, read_bytes, resolve, to_uri
 
@@ -21,7 +21,7 @@ MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
 DEFAULT_EXTENSIONS = AUDIO_EXTENSIONS
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The job's --input names nothing usable (missing, empty, or no audio under it)."""
 
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from ark_ray.config import S3Config
+from ark_ray.config import S3Config, UserError
 from ark_ray.data.row_files import BadLine, RowFileError, is_parquet, parse_rows
 from ark_ray.data.s3 import StorageError, is_s3, resolve
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_LISTED = 50
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest that cannot be used, naming the file and every bad line."""
 
 

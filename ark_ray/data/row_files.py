@@ -13,11 +13,13 @@ from typing import Iterator, Optional, Sequence, Union
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from ark_ray.config import UserError
+
 #: File names read as row files (folders of shards are filtered by these).
 SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
-class RowFileError(ValueError):
+class RowFileError(UserError):
     """A row file that cannot be read, naming the file (and line) at fault."""
 
 

@@ -14,10 +14,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from ark_ray.config import S3Config
+from ark_ray.config import S3Config, UserError
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """A URI or storage setting that cannot be used (bad scheme, bad endpoint, missing bucket)."""
 
 

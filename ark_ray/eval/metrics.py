@@ -27,10 +27,11 @@ from typing import Iterable, Sequence, Union
 
 import jiwer
 
+from ark_ray.config import UserError
 from ark_ray.eval.normalizers import NormalizerLike, TextNormalizer, get_normalizer, has_cjk
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Inputs that cannot be scored: mismatched lengths, non-string texts, unreadable predictions."""
 
 

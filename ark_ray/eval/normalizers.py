@@ -20,6 +20,8 @@ import regex
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
+from ark_ray.config import UserError
+
 # open-audio-opd's CJK test (Han, kana, Hangul: its eval script,
 # scripts/eval/eval_jwer_ark_asr_transformers.py, scores such references by CER), applied to the
 # raw reference; see metrics.jwer.
@@ -36,7 +38,7 @@ _SEED_FULLWIDTH = str.maketrans({**{chr(0xFF10 + i): str(i) for i in range(10)},
                                  "％": "%", "．": ".", "－": "-", "＋": "+", "＝": "=", "：": ":", "／": "/"})
 
 
-class NormalizerError(ValueError):
+class NormalizerError(UserError):
     """An unknown normaliser name or a value that is not a normaliser."""
 
 
