@@ -66,6 +66,7 @@ def test_bad_files(tmp_path, make, reason):
     with pytest.raises(AudioError) as e:
         load_audio(make(tmp_path))
     assert e.value.reason == reason
+    assert " object at 0x" not in str(e.value)   # people read it (error rows, HTTP 400s): no Python reprs
 
 
 def test_zero_byte_file(tmp_path):

@@ -42,7 +42,9 @@ def _open(src: AudioSource) -> sf.SoundFile:
     try:
         return sf.SoundFile(src)
     except sf.LibsndfileError as e:  # not audio, truncated header, unknown container
-        msg = str(e)
+        # libsndfile's own words, with the file's name; never the repr of an in-memory buffer
+        what = "the audio bytes" if isinstance(src, io.BytesIO) else str(src)
+        msg = f"cannot open {what}: {e.error_string.strip()}"
         low = msg.lower()
         reason = "unsupported_format" if ("unsupported" in low or "encoding" in low or "codec" in low) else "unreadable"
         raise AudioError(reason, msg) from None
