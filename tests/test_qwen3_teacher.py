@@ -105,7 +105,7 @@ def test_student_buckets_drop_unmapped_teacher_ids_into_the_tail(student_proc, t
 
 
 def test_language_from_manifest_or_script():
-    from ark_ray.opd.qwen3_teacher import guess_language, language_name
+    from ark_ray.eval.language import guess_language, language_name
 
     assert language_name("en") == "English" and language_name("ZH") == "Chinese" and language_name("German") == "German"
     assert guess_language("今日は", None) == "Japanese" and guess_language("你好", "yue") == "Cantonese"

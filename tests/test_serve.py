@@ -140,6 +140,7 @@ def test_every_response_format_with_openai_client(client, reference):
     vj = client.audio.transcriptions.create(model=MODEL, file=f, response_format="verbose_json",
                                             language="en", timestamp_granularities=["segment"])
     assert vj.text == ref.text and vj.duration == pytest.approx(3.0) and vj.language == "en"
+    assert vj.model_extra["language_source"] == "request"
     assert len(vj.segments) == 1
     seg = vj.segments[0]
     assert (seg.start, seg.end, seg.tokens) == (0.0, pytest.approx(3.0), ref.token_ids)
@@ -169,6 +170,8 @@ def test_long_clip_is_chunked_with_segment_timestamps(client, reference, server)
     f = ("long.wav", data, "audio/wav")
     vj = client.audio.transcriptions.create(model=MODEL, file=f, response_format="verbose_json")
     assert vj.duration == pytest.approx(45.0) and vj.text == ref.text
+    # no language sent: ARK-ASR identifies none, so the reported one is a guess and says so
+    assert (vj.language, vj.model_extra["language_source"]) == ("english", "script_guess")
     assert [(s.start, s.end, s.text) for s in vj.segments] == [
         (pytest.approx(s.start_s, abs=1e-3), pytest.approx(s.end_s, abs=1e-3), s.text) for s in ref.segments]
     assert vj.segments[0].start == 0.0 and vj.segments[0].end == vj.segments[1].start

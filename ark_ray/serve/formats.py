@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ark_ray.engines.base import Transcript
+from ark_ray.eval.language import guess_language
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 
@@ -77,14 +78,26 @@ def token_usage(t: Transcript, prompt_tokens: int) -> dict:
             "total_tokens": prompt_tokens + out}
 
 
+def reported_language(requested: Optional[str], text: str) -> tuple[str, str]:
+    """(language, where it came from) for verbose_json. ARK-ASR identifies no language: the
+    request's `language` as sent (`request`), else a guess from the transcript's script, as the
+    lower-case English name OpenAI's API uses (`script_guess`; Latin text reads as english)."""
+    if requested:
+        return requested, "request"
+    return guess_language(text).lower(), "script_guess"
+
+
 def to_verbose(t: Transcript, stats: Sequence[SegmentStats], language: Optional[str]) -> dict:
-    """OpenAI's TranscriptionVerbose. `no_speech_prob` is 0.0: ARK-ASR has no no-speech head."""
+    """OpenAI's TranscriptionVerbose, plus `language_source` (`request` or `script_guess`: the
+    language is a guess unless the request named it). `no_speech_prob` is 0.0: ARK-ASR has no
+    no-speech head."""
     segments = [{
         "id": i, "seek": int(round(s.start_s * 100)), "start": round(s.start_s, 3), "end": round(s.end_s, 3),
         "text": s.text, "tokens": list(s.token_ids), "temperature": st.temperature,
         "avg_logprob": st.avg_logprob, "compression_ratio": compression_ratio(s.text), "no_speech_prob": 0.0,
     } for i, (s, st) in enumerate(zip(t.segments, stats))]
-    return {"task": "transcribe", "language": language or "unknown", "duration": round(t.duration_s, 3),
+    lang, source = reported_language(language, t.text)
+    return {"task": "transcribe", "language": lang, "language_source": source, "duration": round(t.duration_s, 3),
             "text": t.text, "segments": segments, "usage": duration_usage(t)}
 
 
