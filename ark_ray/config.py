@@ -492,7 +492,7 @@ def parse_job_args(cls: type[T], argv: list[str], default_config: str | os.PathL
             path, i = a.split("=", 1)[1], i + 1
             continue
         if a in ("-h", "--help"):
-            print(render_markdown([cls]))
+            print(render_help(cls))
             raise SystemExit(0)
         rest.append(a)
         i += 1
@@ -535,6 +535,28 @@ def iter_keys(cls: type, prefix: str = ""):
         else:
             default = "(required)"
         yield (prefix + f.name, _type_name(tp), default, doc)
+
+
+def render_help(cls: type, prog: Optional[str] = None) -> str:
+    """A job's `--help`: the usage line, what the job does, then every key with its type, default
+    and meaning (the same text as docs/config.md), wrapped for a terminal."""
+    import shutil
+    import sys
+    import textwrap
+
+    prog = prog or f"python {os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else 'JOB'}"
+    width = min(shutil.get_terminal_size((100, 24)).columns, 110)
+    out = [f"usage: {prog} [--config FILE.yaml] [--key=value ...] [--debug]", "",
+           (cls.__doc__ or "").strip().splitlines()[0], "",
+           "--debug shows the traceback of a bad-usage error (otherwise one line and exit status 2).", "",
+           "keys:"]
+    for key, tname, default, doc in iter_keys(cls):
+        if default == "(section)":
+            out += ["", f"  [{key}] {doc}"]
+            continue
+        out.append(f"  --{key}  ({tname}, default {default!r})")
+        out += textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
 
 
 def render_markdown(classes: list[type]) -> str:
