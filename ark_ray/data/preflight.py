@@ -154,22 +154,20 @@ def _is_folder(storage: RunStorage, rel: str) -> bool:
 
 def claim_run(storage: RunStorage, *, resume: bool, overwrite: bool, artefacts: Iterable[str],
               key: str = "output_dir") -> str:
-    """Decide what this job does with its run folder: 'new' (no run there), 'resume' (continue it),
-    'overwrite' (the job's `artefacts`, the files and folders a run of it writes, are deleted now;
-    nothing else in the folder is touched). A run folder that holds any artefact, without
-    `resume` or `overwrite`, is refused; so is `resume` with nothing to resume."""
+    """Decide what this job does with its run folder: 'new' (no run there, with or without
+    `resume`: a job submitted with --resume on every try starts the first one fresh), 'resume'
+    (continue the run there), 'overwrite' (the job's `artefacts`, the files and folders a run of it
+    writes, are deleted now; nothing else in the folder is touched). A run folder that holds any
+    artefact, without `resume` or `overwrite`, is refused."""
     artefacts = list(artefacts)
     if resume and overwrite:
         raise UserError("resume and overwrite exclude each other: --resume continues the run in "
                         f"{storage.uri}, --overwrite deletes it")
     present = [a for a in artefacts if storage.exists(a)]
-    if resume:
-        if not present:
-            raise UserError(f"{key}: nothing to resume in {storage.uri} (no run there); drop --resume to "
-                            "start a new run")
-        return "resume"
     if not present:
-        return "new"
+        return "new"     # also with resume: a job resubmitted with --resume on every try starts its first
+    if resume:
+        return "resume"
     if overwrite:
         for a in present:
             storage.delete(a)
