@@ -167,6 +167,10 @@ class EngineConfig(Validated):
     max_chunk_s: float = opt(30.0, "Long audio is cut by the shared chunker into windows of at most this many seconds.")
     num_gpus: float = opt(0.0, "GPUs per engine actor (0 on CPU).")
     num_cpus: float = opt(1.0, "CPUs per engine actor.")
+    cache_dir: Optional[str] = opt(
+        "~/.cache/ark-ray/engine", "Where vLLM engines keep what they compile, on each node (VLLM_CACHE_ROOT, "
+        "TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under it; a variable already set wins): an engine started on "
+        "a node that has run one before reuses it. None: the libraries' own defaults.")
 
     def validate(self) -> None:
         need(self.dtype in ENGINE_DTYPES, "dtype", f"{self.dtype!r} is not one of {list(ENGINE_DTYPES)}")
@@ -857,14 +861,20 @@ class OpdConfig(Validated):
 @job_config
 @dataclass
 class TranscribeConfig(Validated):
-    """jobs/transcribe.py: batch transcription of an S3 prefix, a folder or a manifest (decode -> engines -> parts)."""
+    """jobs/transcribe.py and the transcriber (`ark_ray.data.build_transcriber`): decode -> engines -> part files."""
     input: str = opt("assets/demo_corpus/test.jsonl", "What to transcribe: s3://bucket/prefix or a local folder "
-                     "(audio files listed recursively by extension), or a .jsonl/.parquet manifest (local or s3://).")
+                     "(audio files listed recursively by extension), a .jsonl/.parquet manifest (local or s3://), "
+                     "or demo://heldout (the demo's 300 held-out clips, made on first use).")
     output: str = opt("runs/transcribe", "Output folder or s3://bucket/prefix; one part file per block. "
-                      "Rerunning into it skips inputs already done.")
+                      "Rerunning into it skips inputs already done. The job's log (job.log) goes here, or for an "
+                      "s3:// output to a local folder the job prints.")
     format: Literal["jsonl", "parquet"] = opt("jsonl", "Output file format.")
     model: Optional[str] = opt(None, "HF-format ARK-ASR directory. None: the bundled demo model "
                                "(assets/models/teacher, else assets/models/student).")
+    audio_column: str = opt("audio", "The transcriber's input column: a path or URI (local, s3://), the file's "
+                            "bytes, an array of samples (rate in a `sample_rate` column, else 16 kHz) or Hugging "
+                            "Face's audio struct. Optional `begin_time`/`end_time` columns (seconds; negative = "
+                            "unset) cut a segment.")
     extensions: list = opt(list(AUDIO_EXTENSIONS),
                            "File extensions listed as audio (case-insensitive); undecodable ones become error rows.")
     max_audio_s: float = opt(3600.0, "Longer inputs (after the segment cut) are `too_long` error rows.")
@@ -872,42 +882,47 @@ class TranscribeConfig(Validated):
                               "(still transcribed: a quiet recording is data).")
     silent_is_error: bool = opt(False, "The old behaviour: silent inputs become `silent` error rows instead of "
                                 "flagged transcripts.")
-    num_engines: int = opt(0, "Engine actors. 0: engines_per_gpu per GPU of the cluster when engine.num_gpus > 0, "
-                           "else 1.")
+    num_engines: int = opt(0, "Most engine actors: the Ray Data actor pool autoscales from min_engines up to "
+                           "this. 0: engines_per_gpu per GPU of the cluster when engine.num_gpus > 0, else 1.")
+    min_engines: int = opt(0, "Engine actors started at once (the pool's minimum; it grows while blocks queue "
+                           "up). 0: num_engines (a fixed pool).")
     engines_per_gpu: int = opt(1, "Engine actors sharing each GPU (with engine.num_gpus > 0): each gets "
                                "engine.num_gpus / N of a GPU and its share of the card's memory; they start one "
                                "after another. 1 (the default) measured faster to start and as fast to run.")
-    files_per_block: int = opt(16, "Files in each of the first blocks (a block: one decode task, one engine call, "
-                               "one part file, the unit of retries); every block's size when block_audio_s is 0.")
-    block_audio_s: float = opt(240.0, "Audio seconds per block once the first blocks' durations are known "
-                               "(blocks are cut by audio, not file counts). 0: files_per_block files each.")
-    engine_queue_audio_s: float = opt(0.0, "Audio seconds handed to each engine and not yet transcribed: "
-                                      "enough queued work keeps its batches full while blocks decode, transfer "
-                                      "and get written. 0: 40 s per engine.max_num_seqs (about 2.5 queued clips "
-                                      "of 15 s per batch slot).")
-    decode_ahead: int = opt(0, "Blocks decoding or decoded and waiting for an engine, at most. 0: two per CPU "
-                            "of the cluster.")
+    files_per_block: int = opt(16, "Rows in each block: one decode task, one engine call, one part file (the "
+                               "unit of retries and of resume).")
+    engine_calls: int = opt(0, "Blocks each engine actor holds at once (threads of the actor; its feeder keeps "
+                            "vLLM's continuous batching supplied from all of them). 0: enough blocks for 2.5 "
+                            "clips per engine.max_num_seqs slot.")
     label_field: Optional[str] = opt(None, "Also copy pred_text into this column (an existing one is kept as "
                                      "`reference_<name>`) and write manifest.<format>: the successful rows, "
                                      "a training manifest for jobs/sft.py.")
     overwrite: bool = opt(False, "Delete the output's part files first instead of skipping inputs already done.")
     retry_errors: bool = opt(False, "On a rerun, try inputs whose earlier row is an error again (that row is replaced).")
     progress: bool = opt(True, "Show a progress bar.")
+    quiet: bool = opt(True, "Send vLLM, Ray and transformers output to job.log instead of the terminal.")
     sampling: SamplingConfig = opt(SamplingConfig(), "Decoding (greedy by default).")
     engine: EngineConfig = opt(EngineConfig(), "Inference engine of each actor (num_gpus/num_cpus: per actor).")
     s3: S3Config = opt(S3Config(), "S3 endpoint and credentials (default: the standard AWS environment variables).")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
 
-    removed_keys = {"as_manifest": "it was the same as label_field=text; set --label_field=text"}
+    removed_keys = {"as_manifest": "it was the same as label_field=text; set --label_field=text",
+                    "block_audio_s": "blocks are files_per_block rows each (Ray Data batches by rows)",
+                    "engine_queue_audio_s": "each engine holds engine_calls blocks at once; set --engine_calls",
+                    "decode_ahead": "Ray Data's backpressure bounds the decoded blocks waiting for an engine"}
 
     def validate(self) -> None:
         at_least(self, 1, "files_per_block", "engines_per_gpu")
-        at_least(self, 0, "num_engines", "block_audio_s", "engine_queue_audio_s", "decode_ahead")
+        at_least(self, 0, "num_engines", "min_engines", "engine_calls")
+        need(self.min_engines <= self.num_engines or self.num_engines == 0, "min_engines",
+             f"({self.min_engines}) must be <= num_engines ({self.num_engines}), or num_engines 0 (sized from the "
+             "cluster's GPUs)")
         need(self.max_audio_s > 0, "max_audio_s", f"must be > 0, got {self.max_audio_s}")
         need(bool(self.extensions) and all(isinstance(e, str) and e.strip(".") for e in self.extensions),
              "extensions", f"must list at least one file extension like .wav, got {self.extensions!r}")
         need(self.label_field is None or self.label_field.strip() != "", "label_field",
              "is empty: set a column name (text for a training manifest) or leave it null")
+        need(bool(self.audio_column), "audio_column", "is empty: name the column that holds the audio")
 
     def model_dir(self) -> str:
         """`model`, or the bundled demo teacher/student; checked in the driver, not in a remote actor."""

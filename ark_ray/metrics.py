@@ -248,7 +248,7 @@ def record_opd_queues(**depths: int) -> None:
 
 
 def record_batch_block(files: int, audio_s: float, errors_by_reason: Mapping[str, int]) -> None:
-    """One written block of a batch transcription job (the counts row `write_batch` returns)."""
+    """One written block of a batch transcription job (the counts row `write_part` returns)."""
     record("ark_batch_files_total", files)
     record("ark_batch_audio_seconds_total", audio_s)
     for reason, n in errors_by_reason.items():

@@ -1,23 +1,51 @@
-"""Batch transcription: python jobs/transcribe.py --input {s3://bucket/prefix | dir | manifest} --output {s3://... | dir}
+"""Batch transcription: python jobs/transcribe.py --input {s3://bucket/prefix | dir | manifest | demo://heldout} --output {s3://... | dir}
 
     [--format jsonl|parquet] [--model DIR] [--label_field=text] [--config FILE] [--key=value ...]
 
-Runs on the cluster in $RAY_ADDRESS (as under `ray job submit`) or a local Ray. Prints a
-progress bar and a closing summary; every key is in docs/config.md (TranscribeConfig).
+Runs on the cluster in $RAY_ADDRESS (as under `ray job submit`) or a local Ray, as one Ray Data
+pipeline (ark_ray/data/transcribe_pipeline.py). The terminal shows a header, one progress bar, a
+line per event that matters (an engine ready, a node lost or joined) and the closing table; vLLM,
+Ray and transformers output goes to job.log in the output folder (for an s3:// output, a local
+folder the job names). Every key is in docs/config.md (TranscribeConfig).
 """
 import json
+import pathlib
 import sys
 
-from ark_ray.config import TranscribeConfig, parse_job_args
-from ark_ray.data.transcribe_pipeline import format_summary, run_transcribe
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:   # `python jobs/transcribe.py` from a clone, without an installed package
+    sys.path.insert(0, str(REPO))
+
+from ark_ray.runtime import cpu_env_defaults  # noqa: E402
 
 
 def main(argv=None) -> dict:
+    cpu_env_defaults()   # before torch/vLLM read the environment (a plain shell has none of it)
+    from ark_ray.config import TranscribeConfig, parse_job_args
+    from ark_ray.console import JobConsole
+    from ark_ray.data.transcribe_pipeline import format_summary, run_folder, run_transcribe
+
     cfg = parse_job_args(TranscribeConfig, sys.argv[1:] if argv is None else argv)
-    summary = run_transcribe(cfg)
-    print(format_summary(summary))
-    print("SUMMARY_JSON " + json.dumps(summary))
-    return summary
+    console = JobConsole(run_folder(cfg), quiet=cfg.quiet)
+    try:
+        console.line(f"transcribe: {cfg.input} -> {cfg.output} ({cfg.format}); model {cfg.model_dir()}; "
+                     f"engine caches {cfg.engine.cache_dir}")
+        if console.quiet:
+            console.line(f"vLLM / Ray / transformers logs: {console.log_path}")
+        summary = run_transcribe(cfg, console)
+        console.line()
+        console.line(format_summary(summary))
+        console.line("SUMMARY_JSON " + json.dumps(summary))
+        if console.quiet:
+            console.line(f"log: {console.log_path}")
+        return summary
+    except BaseException:
+        console.restore()   # the traceback goes to the terminal
+        if console.quiet:
+            print(f"(full log: {console.log_path})", file=sys.stderr)
+        raise
+    finally:
+        console.restore()
 
 
 if __name__ == "__main__":

@@ -139,8 +139,7 @@ RULES = [
     (C.TranscribeConfig, ["--files_per_block=0"], "files_per_block must be >= 1"),
     (C.TranscribeConfig, ["--engines_per_gpu=0"], "engines_per_gpu must be >= 1"),
     (C.TranscribeConfig, ["--num_engines=-1"], "num_engines must be >= 0"),
-    (C.TranscribeConfig, ["--block_audio_s=-1"], "block_audio_s must be >= 0"),
-    (C.TranscribeConfig, ["--decode_ahead=-1"], "decode_ahead must be >= 0"),
+    (C.TranscribeConfig, ["--min_engines=3", "--num_engines=2"], "min_engines (3) must be <= num_engines (2)"),
     (C.TranscribeConfig, ["--max_audio_s=0"], "max_audio_s must be > 0"),
     (C.TranscribeConfig, ["--extensions=[]"], "extensions must list at least one"),
     (C.TranscribeConfig, ["--label_field="], "label_field is empty"),
@@ -180,6 +179,7 @@ def test_every_rule_refuses_its_case(repo_root, cls, overrides, msg):
 
 @pytest.mark.parametrize("cls,old,new", [
     (C.TranscribeConfig, "--as_manifest", "label_field=text"),
+    (C.TranscribeConfig, "--block_audio_s=240", "blocks are files_per_block rows"),
     (C.ServeConfig, "--model_dir=/m", "renamed to model"),
     (C.SftConfig, "--init_model=/m", "renamed to model"),
     (C.SftConfig, "--dev_manifest=d.jsonl", "renamed to eval_manifest"),

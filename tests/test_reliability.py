@@ -67,7 +67,7 @@ def seed_manifest(tmp_path_factory):
 def test_seed_manifest_one_row_per_line_with_reasons(ray_local, model_dir, seed_manifest, tmp_path):
     cfg = load_config(TranscribeConfig, None, [
         f"--input={seed_manifest}", f"--output={tmp_path / 'out'}", f"--model={model_dir}", "--engine.backend=hf",
-        "--sampling.max_new_tokens=4", "--files_per_block=4", "--block_audio_s=0", "--progress=false",
+        "--sampling.max_new_tokens=4", "--files_per_block=4", "--progress=false",
         "--label_field=text"])
     summary = run_transcribe(cfg)
     rows = read_output(str(tmp_path / "out"))

@@ -116,7 +116,7 @@ def _job(address: str, manifest, out, model_dir) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "transcribe.py"), f"--input={manifest}", f"--output={out}",
          f"--model={model_dir}", "--engine.backend=hf", "--sampling.max_new_tokens=3", "--files_per_block=8",
-         "--block_audio_s=0", "--progress=false", "--format=parquet"],
+         "--progress=false", "--format=parquet"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

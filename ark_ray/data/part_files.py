@@ -1,8 +1,10 @@
-"""Stage 3 of the batch job and its output folder: part files, what is done, the label manifest.
+"""The batch job's writes and its output folder: part files, what is done, the label manifest.
 
 Why part files: each block is written as one file named by the hash of its input keys, so a
 retried write task replaces its file instead of adding a second copy; a rerun into the same
 output reads the keys already written (`done_keys`) and skips them, dropping any duplicate first.
+The job writes through `write_part` as a Ray Data stage (its counts stream back to the driver's
+progress bar); `PartFileSink` is the same write as a Ray Data Datasink for users' pipelines.
 Files are read back through the shared reader, `ark_ray.data.row_files`.
 """
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import pickle
 import posixpath
 from collections import Counter
 from typing import Iterable, Optional
@@ -18,17 +19,16 @@ from typing import Iterable, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+from ray.data import Datasink
 
 from ark_ray.config import S3Config
 from ark_ray.data.listing import InputError
 from ark_ray.data.row_files import read_table
 from ark_ray.data.s3 import resolve, to_uri, write_bytes_atomic
 
-OUTPUT_FIELDS = [pa.field("key", pa.string()), pa.field("pred_text", pa.string()),
-                 pa.field("pred_text_raw", pa.string()), pa.field("duration_s", pa.float64()),
-                 pa.field("silent", pa.bool_()), pa.field("error", pa.string()),
-                 pa.field("error_detail", pa.string())]
 PART_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
+#: Columns the transcriber adds to every row (a label field never takes one of these names).
+OUTPUT_COLUMNS = ("pred_text", "pred_text_raw", "segments", "duration_s", "silent", "error", "error_detail")
 
 
 def part_name(keys: Iterable[str], fmt: str) -> str:
@@ -37,48 +37,62 @@ def part_name(keys: Iterable[str], fmt: str) -> str:
     return f"part-{h}{PART_SUFFIX[fmt]}"
 
 
-def output_rows(batch: dict, label_field: Optional[str] = None) -> list[dict]:
-    """Input metadata + key + pred_text, pred_text_raw, duration_s, silent, error, error_detail."""
-    rows = []
-    for i in range(len(batch["key"])):
-        row = pickle.loads(batch["meta"][i])
-        failed = bool(batch["error"][i])
-        row.update(key=str(batch["key"][i]),
-                   pred_text=None if failed else str(batch["pred_text"][i]),
-                   pred_text_raw=None if failed else str(batch["pred_text_raw"][i]),
-                   duration_s=float(batch["duration_s"][i]),
-                   silent=None if failed else bool(batch["silent"][i]),
-                   error=str(batch["error"][i]) if failed else None,
-                   error_detail=str(batch["error_detail"][i]) if failed else None)
-        if label_field:
-            if label_field in row and label_field not in {f.name for f in OUTPUT_FIELDS}:
-                row[f"reference_{label_field}"] = row.pop(label_field)
-            row[label_field] = row["pred_text"] or ""
-        rows.append(row)
-    return rows
+def with_label(table: pa.Table, label_field: Optional[str]) -> pa.Table:
+    """`label_field` = the transcript ("" for error rows); an input column of that name is kept as
+    `reference_<name>` (teacher labelling keeps the original text beside the teacher's)."""
+    if not label_field or label_field in OUTPUT_COLUMNS:
+        return table
+    if label_field in table.column_names:
+        i = table.column_names.index(label_field)
+        table = table.rename_columns([f"reference_{label_field}" if j == i else c
+                                      for j, c in enumerate(table.column_names)])
+    return table.append_column(label_field, pc.fill_null(table.column("pred_text"), ""))
 
 
-def encode_rows(rows: list[dict], fmt: str, schema: pa.Schema) -> bytes:
+def encode_table(table: pa.Table, fmt: str) -> bytes:
+    """A part file's bytes: JSON lines (one object per row) or Parquet (the table's own schema)."""
     if fmt == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode()
+        return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in table.to_pylist()).encode()
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    pq.write_table(table, buf)
     return buf.getvalue()
 
 
-def write_batch(batch: dict, *, output: str, fmt: str, schema: pa.Schema, label_field: Optional[str],
-                s3: Optional[S3Config] = None) -> dict:
-    """Remote task: writes the block's rows as one part file; returns its counts (all the driver sees)."""
-    rows = output_rows(batch, label_field)
+def write_part(table: pa.Table, *, output: str, fmt: str, label_field: Optional[str] = None,
+               s3: Optional[S3Config] = None, key_column: str = "key") -> pa.Table:
+    """map_batches fn (pyarrow): the block's rows as one part file, named by its keys and written
+    atomically; returns one row of counts (rows, audio_s, errors, reasons as JSON), all the driver sees."""
+    if key_column not in table.column_names:
+        raise KeyError(f"no key column {key_column!r} to name the part file by (columns: {table.column_names})")
+    table = with_label(table, label_field)
     fs, root = resolve(output, s3)
-    write_bytes_atomic(fs, posixpath.join(root, part_name((r["key"] for r in rows), fmt)),
-                       encode_rows(rows, fmt, schema))
-    reasons = Counter(r["error"] for r in rows if r["error"] is not None)
-    return {"rows": len(rows), "audio_s": float(sum(r["duration_s"] for r in rows)),
-            "errors": sum(reasons.values()), "reasons": json.dumps(reasons)}
+    write_bytes_atomic(fs, posixpath.join(root, part_name(map(str, table.column(key_column).to_pylist()), fmt)),
+                       encode_table(table, fmt))
+    reasons = Counter(e for e in table.column("error").to_pylist() if e)
+    return pa.table({"rows": [table.num_rows], "audio_s": [float(pc.sum(table.column("duration_s")).as_py() or 0.0)],
+                     "errors": [sum(reasons.values())], "reasons": [json.dumps(reasons)]})
 
+
+class PartFileSink(Datasink):
+    """`ds.write_datasink(PartFileSink(output, "parquet"))`: the job's part files for any Dataset with
+    a key column (one file per block, named by its keys, written atomically, so a retried write
+    replaces its file and `done_keys` can resume the work later)."""
+
+    def __init__(self, output: str, fmt: str = "parquet", *, label_field: Optional[str] = None,
+                 s3: Optional[S3Config] = None, key_column: str = "key"):
+        self.output, self.fmt, self.label_field, self.s3, self.key_column = output, fmt, label_field, s3, key_column
+
+    def on_write_start(self, schema=None) -> None:
+        prepare_output(self.output, self.s3)
+
+    def write(self, blocks, ctx) -> list[dict]:
+        from ray.data.block import BlockAccessor
+
+        return [write_part(BlockAccessor.for_block(b).to_arrow(), output=self.output, fmt=self.fmt,
+                           label_field=self.label_field, s3=self.s3, key_column=self.key_column).to_pylist()[0]
+                for b in blocks if BlockAccessor.for_block(b).num_rows()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,8 +132,14 @@ def done_keys(output: str, s3: Optional[S3Config] = None, retry_errors: bool = F
     differently; this makes a rerun leave exactly one row per key. With `retry_errors`, error
     rows are removed too, so their inputs are tried again (e.g. after a transient engine failure).
     """
+    return clean_output(output, s3, retry_errors)[0]
+
+
+def clean_output(output: str, s3: Optional[S3Config] = None, retry_errors: bool = False) -> tuple[set[str], int]:
+    """(done_keys, rows removed): every key left in exactly one part file (see done_keys)."""
     fs, root = resolve(output, s3)
     seen: set[str] = set()
+    removed = 0
     for path in list_parts(fs, root):
         keys, failed = _part_keys(fs, path)
         keep = []
@@ -129,13 +149,13 @@ def done_keys(output: str, s3: Optional[S3Config] = None, retry_errors: bool = F
                 keep.append(i)
         if len(keep) == len(keys):
             continue
+        removed += len(keys) - len(keep)
         if not keep:
             fs.delete_file(path)
             continue
         fmt = "parquet" if path.endswith(".parquet") else "jsonl"
-        kept = read_table(path, fs).take(keep)
-        write_bytes_atomic(fs, path, encode_rows(kept.to_pylist(), fmt, kept.schema))
-    return seen
+        write_bytes_atomic(fs, path, encode_table(read_table(path, fs).take(keep), fmt))
+    return seen, removed
 
 
 def write_manifest(output: str, fmt: str, label_field: str, s3: Optional[S3Config] = None) -> tuple[str, int]:
@@ -149,8 +169,9 @@ def write_manifest(output: str, fmt: str, label_field: str, s3: Optional[S3Confi
               if t.num_rows]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({label_field: []})
     table = table.drop_columns([c for c in ("silent", "error", "error_detail") if c in table.column_names])
+    table = table.drop_columns([c for c in ("segments",) if c in table.column_names])
     path = posixpath.join(root, f"manifest{PART_SUFFIX[fmt]}")
-    write_bytes_atomic(fs, path, encode_rows(table.to_pylist(), fmt, table.schema))
+    write_bytes_atomic(fs, path, encode_table(table, fmt))
     return to_uri(fs, path), table.num_rows
 
 

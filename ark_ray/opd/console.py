@@ -1,9 +1,8 @@
 """What an OPD run shows its user: one progress bar, a line per evaluation, the closing table.
 
 Everything else the run prints (vLLM, Ray, transformers and DeepSpeed logs, the worker output Ray
-forwards to the driver, Python warnings) goes to `<run>/job.log`: the console moves the process's
-stdout/stderr file descriptors onto that file at the OS level, so C++ and subprocess output
-follows too, and keeps a duplicate of the terminal for itself. The controller reports through
+forwards to the driver, Python warnings) goes to `<run>/job.log` (ark_ray/console.py, the shape
+every job's console shares). The controller reports through
 `on_step` / `on_eval` (its hooks); `curves.png` is drawn from what they saw.
 """
 from __future__ import annotations
@@ -12,32 +11,17 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 from typing import Optional
 
+from ark_ray.console import JobConsole, table  # noqa: F401  (table: jobs/opd.py's closing table)
 
-class Console:
-    """Terminal output of one run; `quiet` moves everything else to `log_path`."""
+
+class Console(JobConsole):
+    """Terminal output of one OPD run; `quiet` moves everything else to `log_path`."""
 
     def __init__(self, run_dir: str | os.PathLike, quiet: bool = True):
-        self.run_dir = pathlib.Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.run_dir / "job.log"
-        self.quiet = quiet
-        self._saved: Optional[tuple[int, int]] = None
-        if quiet:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            self._saved = (os.dup(1), os.dup(2))
-            self.term = os.fdopen(os.dup(self._saved[0]), "w", buffering=1)
-            fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-        else:
-            self.term = sys.stdout
-        self.bar = None
+        super().__init__(run_dir, quiet)
         self.total = 0
         self.t_train: Optional[float] = None
         self.samples = 0
@@ -45,34 +29,11 @@ class Console:
         self.evals: list[dict] = []          # step, who, wer
         self.teacher_wer: Optional[float] = None
 
-    # ------------------------------------------------------------------ plain lines
-    def line(self, msg: str = "") -> None:
-        """A line on the terminal, above the progress bar."""
-        if self.bar is not None:
-            self.bar.write(msg, file=self.term)
-        else:
-            print(msg, file=self.term, flush=True)
-
-    def restore(self) -> None:
-        """Give the terminal back to stdout/stderr (on failure, so the traceback is seen)."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self._saved is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(self._saved[0], 1)
-            os.dup2(self._saved[1], 2)
-            self._saved = None
-
     # ------------------------------------------------------------------ controller hooks
     def start(self, total_steps: int) -> None:
-        from tqdm import tqdm
-
         self.total = total_steps
         self.t_train = time.perf_counter()
-        self.bar = tqdm(total=total_steps, file=self.term, desc="OPD", unit="step", dynamic_ncols=True,
-                        mininterval=0.5, bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
+        self.start_bar(total_steps, "OPD", "step")
 
     def on_step(self, rec: dict) -> None:
         if self.bar is None:
@@ -93,11 +54,6 @@ class Console:
         label = "teacher" if who == "teacher" else "student"
         self.line(f"step {step:>4}  {label} held-out WER {wer:.3f}")
 
-    def close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
     # ------------------------------------------------------------------ outputs
     def save_curves(self, path: Optional[str | os.PathLike] = None) -> Optional[pathlib.Path]:
         """KL and held-out WER by step (teacher's WER as a line) as a PNG; None if Pillow is missing."""
@@ -109,15 +65,6 @@ class Console:
                                self.teacher_wer, path)
         except ImportError:
             return None
-
-
-def table(rows: list[tuple[str, str]], title: str = "") -> str:
-    """A two-column Markdown table."""
-    w = max(len(k) for k, _ in rows)
-    out = [title] if title else []
-    out += [f"| {'metric'.ljust(w)} | value |", f"|{'-' * (w + 2)}|-------|"]
-    out += [f"| {k.ljust(w)} | {v} |" for k, v in rows]
-    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------- the plot (Pillow only)
