@@ -169,8 +169,9 @@ class EngineConfig(Validated):
     num_cpus: float = opt(1.0, "CPUs per engine actor.")
     cache_dir: Optional[str] = opt(
         "~/.cache/ark-ray/engine", "Where vLLM engines keep what they compile, on each node (VLLM_CACHE_ROOT, "
-        "TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under it; a variable already set wins): an engine started on "
-        "a node that has run one before reuses it. None: the libraries' own defaults.")
+        "TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, FLASHINFER_WORKSPACE_BASE and CUDA_CACHE_PATH under it; a "
+        "variable already set wins): an engine started on a node that has run one before reuses it. None: the "
+        "libraries' own defaults.")
 
     def validate(self) -> None:
         need(self.dtype in ENGINE_DTYPES, "dtype", f"{self.dtype!r} is not one of {list(ENGINE_DTYPES)}")

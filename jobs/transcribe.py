@@ -25,7 +25,10 @@ def main(argv=None) -> dict:
     from ark_ray.console import JobConsole
     from ark_ray.data.transcribe_pipeline import format_summary, run_folder, run_transcribe
 
+    import ray
+
     cfg = parse_job_args(TranscribeConfig, sys.argv[1:] if argv is None else argv)
+    own_ray = not ray.is_initialized()    # a caller's Ray session (tests, notebooks) is left as it was
     console = JobConsole(run_folder(cfg), quiet=cfg.quiet)
     try:
         console.line(f"transcribe: {cfg.input} -> {cfg.output} ({cfg.format}); model {cfg.model_dir()}; "
@@ -38,6 +41,8 @@ def main(argv=None) -> dict:
         console.line("SUMMARY_JSON " + json.dumps(summary))
         if console.quiet:
             console.line(f"log: {console.log_path}")
+        if own_ray:
+            ray.shutdown()                # Ray's last forwarded worker lines land in job.log, not after the table
         return summary
     except BaseException:
         console.restore()   # the traceback goes to the terminal

@@ -114,9 +114,9 @@ class ClusterWatch:
             if r.get("kind") != "engine":
                 continue
             self.engines.append(r)
-            again = " (a restart)" if len(self.engines) > 1 and self.lost else ""
+            after = f", after the loss of node {_node_name(self.lost[-1])}" if self.lost else ""
             self.on_line(f"engine {len(self.engines)} ready on node {_node_name(r['node'])} at "
-                         f"{r['t'] - self.t0:.0f} s (built in {r['build_s']:.1f} s){again}")
+                         f"{r['t'] - self.t0:.0f} s (built in {r['build_s']:.1f} s{after})")
 
     def stop(self) -> None:
         self._stop.set()

@@ -7,42 +7,15 @@ the allowed-token mask, long-audio chunking and output cleanup behave the same e
 from __future__ import annotations
 
 import abc
-import dataclasses
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ark_ray.config import SamplingConfig
+from ark_ray.engines.long_audio import join_chunks, split_long_audio
+from ark_ray.engines.transcript import Segment, Transcript
 
-
-@dataclass
-class Segment:
-    """One chunk of a long clip (the shared chunker's window) and its transcript."""
-    start_s: float
-    end_s: float
-    text: str
-    token_ids: list[int]
-
-
-@dataclass
-class Transcript:
-    """The result for one clip and one sample (`sample_index` < n)."""
-    clip_index: int
-    sample_index: int
-    token_ids: list[int]                      # generated ids, EOS included when generated
-    text: str                                 # pred_text: cleaned
-    text_raw: str                             # pred_text_raw: decoded up to EOS
-    prompt_ids: list[int] = field(default_factory=list)
-    token_logprobs: Optional[np.ndarray] = None   # [T] log-prob of each generated token
-    topk_ids: Optional[np.ndarray] = None         # [T, k] int64, when sampling.logprobs_topk > 0
-    topk_logprobs: Optional[np.ndarray] = None    # [T, k] float32
-    segments: list[Segment] = field(default_factory=list)
-    duration_s: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+__all__ = ["Transcriber", "AsyncTranscriber", "Transcript", "Segment"]
 
 
 class Transcriber(abc.ABC):
@@ -108,8 +81,6 @@ class AsyncTranscriber(abc.ABC):
                          sampling: Optional[SamplingConfig] = None) -> list[Transcript]:
         """Like `Transcriber.transcribe`: every window of every clip in flight at once."""
         import asyncio
-
-        from ark_ray.engines.long_audio import join_chunks, split_long_audio
 
         sampling = sampling or SamplingConfig()
         pieces, owners = split_long_audio(audios, self.max_chunk_s)

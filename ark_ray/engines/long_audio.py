@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ark_ray.audio import SAMPLE_RATE, AudioChunk, chunk_audio
-from ark_ray.engines.base import Segment, Transcript
+from ark_ray.engines.transcript import Segment, Transcript
 
 
 def split_long_audio(audios: Sequence[np.ndarray], max_chunk_s: float

@@ -294,12 +294,13 @@ def gpu_engine_env() -> None:
 
 
 #: The compile caches an engine reuses across starts on one node, each under EngineConfig.cache_dir.
-CACHE_VARS = {"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+CACHE_VARS = {"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
+              "FLASHINFER_WORKSPACE_BASE": "flashinfer", "CUDA_CACHE_PATH": "cuda"}
 
 
 def use_cache_dir(cache_dir: Optional[str]) -> dict:
-    """Point vLLM's, torch.compile's and Triton's caches under `cache_dir` (a variable already set
-    wins); returns what it set. Why: on the H200 most of a fresh engine's 90-160 s start is
+    """Point vLLM's, torch.compile's, Triton's, FlashInfer's and CUDA's JIT caches under `cache_dir` (a
+    variable already set wins); returns what it set. Why: on the H200 most of a fresh engine's 90-160 s start is
     compiling (torch.compile graphs, Triton kernels, CUDA-graph sizes); with the caches kept on
     the node, the next engine there loads them instead. Call before the engine is built."""
     if not cache_dir:
@@ -312,17 +313,23 @@ def use_cache_dir(cache_dir: Optional[str]) -> dict:
     return set_now
 
 
-def _quiet_cpu_thread_warning() -> None:
-    """vLLM's CPU worker, built inside this process, replaces `torch.set_num_threads` with a function
-    that logs "CPU backend doesn't allow to use torch.set_num_threads" and does nothing (the worker
-    has bound its threads). vLLM's front end then calls it twice around every multimodal request,
-    so a batch job logged the warning twice per clip. The skip is kept, the warning dropped."""
-    import torch
+class _NoSkippedThreadWarning:
+    """vLLM's CPU worker, built inside this process (engine_core_in_process), binds its threads and
+    replaces `torch.set_num_threads` with a function that logs "CPU backend doesn't allow to use
+    torch.set_num_threads after the thread binding, skip it". vLLM's own front end then calls it
+    twice around every multimodal request (and in its warm-up), so a batch job logged it twice per
+    clip. The skip is right (the threads stay bound); the warning is dropped, nothing else."""
 
-    if getattr(torch.set_num_threads, "__name__", "") == "skip_set_num_threads":
-        def keep_bound_threads(n: int) -> None:
-            """vLLM's CPU worker bound this process's threads; later requests to change them are ignored."""
-        torch.set_num_threads = keep_bound_threads
+    def filter(self, record) -> bool:
+        return "doesn't allow to use `torch.set_num_threads`" not in record.getMessage()
+
+
+def _quiet_cpu_thread_warning() -> None:
+    import logging
+
+    log = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _NoSkippedThreadWarning) for f in log.filters):
+        log.addFilter(_NoSkippedThreadWarning())
 
 
 @contextmanager
@@ -338,11 +345,11 @@ def engine_core_in_process(on_gpu: bool):
         yield
         return
     os.environ[key] = "0"
+    _quiet_cpu_thread_warning()
     try:
         yield
     finally:
         os.environ.pop(key, None)
-        _quiet_cpu_thread_warning()
 
 
 class VllmEngine(Transcriber):
