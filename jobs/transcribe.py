@@ -27,7 +27,18 @@ def main(argv=None) -> dict:
 
     import ray
 
-    cfg = parse_job_args(TranscribeConfig, sys.argv[1:] if argv is None else argv)
+    from ark_ray.config import ConfigError
+    from ark_ray.data.listing import InputError
+    from ark_ray.data.manifest import ManifestError
+    from ark_ray.data.row_files import RowFileError
+    from ark_ray.data.s3 import StorageError
+
+    USER_ERRORS = (ConfigError, InputError, ManifestError, RowFileError, StorageError)
+    try:
+        cfg = parse_job_args(TranscribeConfig, sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"transcribe: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     own_ray = not ray.is_initialized()    # a caller's Ray session (tests, notebooks) is left as it was
     console = JobConsole(run_folder(cfg), quiet=cfg.quiet)
     try:
@@ -44,6 +55,10 @@ def main(argv=None) -> dict:
         if own_ray:
             ray.shutdown()                # Ray's last forwarded worker lines land in job.log, not after the table
         return summary
+    except USER_ERRORS as e:   # a bad input or setting: one line that says what, no traceback
+        console.restore()
+        print(f"transcribe: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except BaseException:
         console.restore()   # the traceback goes to the terminal
         if console.quiet:
