@@ -6,7 +6,8 @@ Runs on the cluster in $RAY_ADDRESS (as under `ray job submit`) or a local Ray, 
 pipeline (ark_ray/data/transcribe_pipeline.py). The terminal shows a header, one progress bar, a
 line per event that matters (an engine ready, a node lost or joined) and the closing table; vLLM,
 Ray and transformers output goes to job.log in the output folder (for an s3:// output, a local
-folder the job names). Every key is in docs/config.md (TranscribeConfig).
+folder the job names, copied beside the part files at the end). Every key is in docs/config.md
+(TranscribeConfig).
 """
 import json
 import pathlib
@@ -23,7 +24,8 @@ def main(argv=None) -> dict:
     cpu_env_defaults()   # before torch/vLLM read the environment (a plain shell has none of it)
     from ark_ray.config import TranscribeConfig, parse_job_args
     from ark_ray.console import JobConsole
-    from ark_ray.data.transcribe_pipeline import format_summary, run_folder, run_transcribe
+    from ark_ray.data.run_storage import RunStorage
+    from ark_ray.data.transcribe_pipeline import format_summary, run_transcribe
 
     import ray
 
@@ -40,7 +42,12 @@ def main(argv=None) -> dict:
         print(f"transcribe: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     own_ray = not ray.is_initialized()    # a caller's Ray session (tests, notebooks) is left as it was
-    console = JobConsole(run_folder(cfg), quiet=cfg.quiet)
+    try:   # the output folder; for an s3:// one, a local folder for job.log (and a bad bucket fails here)
+        storage = RunStorage(cfg.output, cfg.s3)
+    except USER_ERRORS as e:
+        print(f"transcribe: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    console = JobConsole(storage.local_dir, quiet=cfg.quiet)
     try:
         console.line(f"transcribe: {cfg.input} -> {cfg.output} ({cfg.format}); model {cfg.model_dir()}; "
                      f"engine caches {cfg.engine.cache_dir}")
@@ -51,7 +58,7 @@ def main(argv=None) -> dict:
         console.line(format_summary(summary))
         console.line("SUMMARY_JSON " + json.dumps(summary))
         if console.quiet:
-            console.line(f"log: {console.log_path}")
+            console.line(f"log: {storage.upload('job.log') if not storage.is_local else console.log_path}")
         if own_ray:
             ray.shutdown()                # Ray's last forwarded worker lines land in job.log, not after the table
         return summary

@@ -18,7 +18,6 @@ work redone after the loss.
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from collections import Counter
 from typing import Callable, Optional
@@ -31,7 +30,6 @@ from ark_ray.console import JobConsole, table
 from ark_ray.data.listing import load_inputs
 from ark_ray.data.part_files import OUTPUT_COLUMNS, clean_output, list_parts, prepare_output, write_manifest, write_part
 from ark_ray.data.row_files import table_of
-from ark_ray.data.s3 import is_s3, resolve, split_s3
 
 
 def inputs_table(rows: list[dict]) -> pa.Table:
@@ -66,14 +64,6 @@ def _uniform_types(rows: list[dict]) -> None:
             for m in rows:
                 if name in m and m[name] is not None and not isinstance(m[name], str):
                     m[name] = json.dumps(m[name], ensure_ascii=False, default=str)
-
-
-def run_folder(cfg: TranscribeConfig) -> pathlib.Path:
-    """Where job.log goes: the output folder, or for an s3:// output a local folder named after it."""
-    if is_s3(cfg.output):
-        bucket, key = split_s3(cfg.output)
-        return pathlib.Path("runs", "transcribe-logs", bucket, *[p for p in key.split("/") if p])
-    return pathlib.Path(resolve(cfg.output, cfg.s3)[1])
 
 
 def resolve_input(cfg: TranscribeConfig, console: Optional[JobConsole] = None) -> str:
