@@ -234,6 +234,17 @@ def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, c
     assert {r["key"] for r in read_output(str(out))} == {r["key"] for r in rows} - failed
 
 
+def test_an_engine_that_cannot_start_fails_the_job_with_its_error(ray_local, model_dir, corpus, tmp_path):
+    """Errors travel: an engine whose model cannot load fails the job with the engine's own error
+    (after Ray Data's retries), not a hang or a log line."""
+    bad = tmp_path / "broken-model"
+    shutil.copytree(model_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception) as failed:
+        run_transcribe(cfg_for(bad, corpus / "m.jsonl", tmp_path / "out"))
+    assert "safetensors" in str(failed.value).lower() or "header" in str(failed.value).lower(), failed.value
+
+
 def test_transcriber_composes_into_a_user_pipeline(ray_local, model_dir, tmp_path):
     """A user's Ray Data pipeline: read_parquet -> filter -> the transcriber -> their own evaluation ->
     the job's part files through a Datasink. Every column of theirs is kept; a clip longer than the

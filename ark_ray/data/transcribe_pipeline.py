@@ -28,8 +28,12 @@ from ark_ray import metrics
 from ark_ray.config import TranscribeConfig
 from ark_ray.console import JobConsole, table
 from ark_ray.data.listing import load_inputs
-from ark_ray.data.part_files import OUTPUT_COLUMNS, clean_output, list_parts, prepare_output, write_manifest, write_part
+from ark_ray.data.part_files import OUTPUT_COLUMNS, clean_output, prepare_output, write_manifest, write_part
 from ark_ray.data.row_files import table_of
+
+
+#: Engine actors in a row that may die while starting before the job fails (Ray Data's default: 0).
+ENGINE_INIT_DEATHS = 2
 
 
 def inputs_table(rows: list[dict]) -> pa.Table:
@@ -113,6 +117,10 @@ def run_transcribe(cfg: TranscribeConfig, console: Optional[JobConsole] = None,
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False          # the job's own bar; Ray Data's stats go to job.log
         ctx.print_on_execution_start = False
+        # an engine whose node dies while it starts is replaced, not fatal; one that fails to build
+        # every time (a bad model) still fails the job, with its error, on the third try
+        if 0 <= ctx.max_consecutive_actor_init_deaths < ENGINE_INIT_DEATHS:     # -1: unlimited, kept
+            ctx.max_consecutive_actor_init_deaths = ENGINE_INIT_DEATHS
         channel = job_events.new_channel()
         transcribe = build_transcriber(cfg, events=channel)
         summary["engines"] = (f"{transcribe.min_engines}" if transcribe.min_engines == transcribe.max_engines
@@ -127,29 +135,16 @@ def run_transcribe(cfg: TranscribeConfig, console: Optional[JobConsole] = None,
             write_part, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
             fn_kwargs=dict(output=cfg.output, fmt=cfg.format, label_field=cfg.label_field, s3=cfg.s3))
         watch = job_events.ClusterWatch(channel, say, t0=time.time() - (time.perf_counter() - t0))
-        reasons: Counter = Counter()
-        audio = 0.0
-        bar = console.start_bar(len(todo), "transcribe", "file", disable=not cfg.progress)
+        tally = _Tally(console.start_bar(len(todo), "transcribe", "file", disable=not cfg.progress), t0, on_block)
         try:
             for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for c in counts.to_pylist():
                     startup.setdefault("first_written_s", time.perf_counter() - t0)
-                    block_reasons = json.loads(c["reasons"])
-                    summary["rows_written"] += c["rows"]
-                    summary["error_rows"] += c["errors"]
-                    audio += c["audio_s"]
-                    reasons.update(block_reasons)
-                    wall = time.perf_counter() - t0
-                    bar.update(c["rows"])
-                    bar.set_postfix_str(f"{audio / 3600:.2f} h audio | {audio / wall:.1f}x real time | "
-                                        f"{summary['error_rows']} errors", refresh=False)
-                    metrics.record_batch_block(c["rows"], c["audio_s"], block_reasons)
-                    metrics.record_batch_speed(audio, wall)
-                    if on_block is not None:
-                        on_block(c["rows"], c["audio_s"])
+                    tally.add(c)
         finally:
             console.close_bar()
             watch.stop()
+        summary.update(rows_written=tally.rows, error_rows=tally.errors)
         startup["last_written_s"] = time.perf_counter() - t0
         startup.update({k: v for k, v in watch.summary().items() if k.startswith("engine")})
         summary["nodes_lost"] = len(watch.lost)
@@ -158,8 +153,8 @@ def run_transcribe(cfg: TranscribeConfig, console: Optional[JobConsole] = None,
             if twice:
                 say(f"removed {twice} row(s) written twice by work redone after the node loss")
                 summary["rows_written"] -= twice
-        summary["errors_by_reason"] = dict(reasons)
-        summary["audio_hours"] = audio / 3600
+        summary["errors_by_reason"] = dict(tally.reasons)
+        summary["audio_hours"] = tally.audio_s / 3600
     if cfg.label_field:
         summary["manifest"], summary["manifest_rows"] = write_manifest(cfg.output, cfg.format, cfg.label_field, cfg.s3)
     summary["wall_s"] = time.perf_counter() - t0
@@ -168,6 +163,31 @@ def run_transcribe(cfg: TranscribeConfig, console: Optional[JobConsole] = None,
     if summary["rows_written"]:  # Ray is up: the job's final speed
         metrics.record_batch_speed(summary["audio_hours"] * 3600, summary["wall_s"])
     return summary
+
+
+class _Tally:
+    """The counts rows of the part files as they land: totals, the progress bar, the metrics."""
+
+    def __init__(self, bar, t0: float, on_block: Optional[Callable[[int, float], None]]):
+        self.bar, self.t0, self.on_block = bar, t0, on_block
+        self.rows = self.errors = 0
+        self.audio_s = 0.0
+        self.reasons: Counter = Counter()
+
+    def add(self, c: dict) -> None:
+        block_reasons = json.loads(c["reasons"])
+        self.rows += c["rows"]
+        self.errors += c["errors"]
+        self.audio_s += c["audio_s"]
+        self.reasons.update(block_reasons)
+        wall = time.perf_counter() - self.t0
+        self.bar.update(c["rows"])
+        self.bar.set_postfix_str(f"{self.audio_s / 3600:.2f} h audio | {self.audio_s / wall:.1f}x real time | "
+                                 f"{self.errors} errors", refresh=False)
+        metrics.record_batch_block(c["rows"], c["audio_s"], block_reasons)
+        metrics.record_batch_speed(self.audio_s, wall)
+        if self.on_block is not None:
+            self.on_block(c["rows"], c["audio_s"])
 
 
 def _engine_resources(eng) -> str:

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 from ark_ray.config import ConfigError, EngineConfig, TranscribeConfig
 
 #: vLLM batch slots worth of clips each engine holds queued (engine_calls = 0).
 QUEUED_CLIPS_PER_SLOT = 2.5
+#: Memory a decode task asks for per row: 30 s at 16 kHz in float32, about three times over (the file's
+#: samples, the resampled wave, the Arrow column).
+DECODE_BYTES_PER_ROW = 8 << 20
 
 
 def engine_pool(cfg: TranscribeConfig) -> tuple[int, int, EngineConfig]:
@@ -61,10 +64,6 @@ def engine_calls(cfg: TranscribeConfig) -> int:
     return max(2, math.ceil(QUEUED_CLIPS_PER_SLOT * cfg.engine.max_num_seqs / cfg.files_per_block))
 
 
-def _spread() -> dict:
-    return {"scheduling_strategy": "SPREAD"}
-
-
 @dataclasses.dataclass
 class TranscribeProcessor:
     """What `build_transcriber` returns: call it on a Dataset. Its fields say what it will start."""
@@ -84,11 +83,12 @@ class TranscribeProcessor:
         from ark_ray.runtime import engine_actor_options
 
         cfg = self.cfg
-        # decode tasks spread over the nodes (Ray Data's default for tasks, said through ray_remote_args_fn:
-        # an op with one is never fused, so decoding stays in CPU tasks that run while the engines start
-        # instead of moving into the engine actors)
+        # a decode task asks for the memory its block's waves take; being unlike the engine actors'
+        # resources, it also keeps Ray Data from fusing decoding into them, so CPU tasks decode on any
+        # node while the engines start
         ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=cfg.files_per_block, num_cpus=1,
-                            ray_remote_args_fn=_spread, fn_kwargs=dict(audio_column=cfg.audio_column, s3=cfg.s3, max_audio_s=cfg.max_audio_s,
+                            memory=cfg.files_per_block * DECODE_BYTES_PER_ROW,
+                            fn_kwargs=dict(audio_column=cfg.audio_column, s3=cfg.s3, max_audio_s=cfg.max_audio_s,
                                            silence_dbfs=cfg.silence_dbfs, silent_is_error=cfg.silent_is_error))
         return ds.map_batches(
             EngineStage, batch_format="pyarrow", batch_size=cfg.files_per_block,
