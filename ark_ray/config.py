@@ -893,7 +893,7 @@ class TranscribeConfig(Validated):
     files_per_block: int = opt(16, "Rows in each block: one decode task, one engine call, one part file (the "
                                "unit of retries and of resume).")
     engine_calls: int = opt(0, "Blocks each engine actor holds at once (threads of the actor; its feeder keeps "
-                            "vLLM's continuous batching supplied from all of them). 0: enough blocks for 2.5 "
+                            "vLLM's continuous batching supplied from all of them). 0: enough blocks for 4 "
                             "clips per engine.max_num_seqs slot.")
     label_field: Optional[str] = opt(None, "Also copy pred_text into this column (an existing one is kept as "
                                      "`reference_<name>`) and write manifest.<format>: the successful rows, "

@@ -130,7 +130,9 @@ def run_transcribe(cfg: TranscribeConfig, console: Optional[JobConsole] = None,
             f"blocks of {cfg.files_per_block}")
         t = inputs_table(todo)
         n = cfg.files_per_block
-        ds = ray.data.from_arrow([t.slice(i, n) for i in range(0, t.num_rows, n)])
+        # from_blocks: one block per files_per_block rows, its metadata computed here (from_arrow would
+        # first run a remote task per block, and on a fresh cluster wait for a worker to start)
+        ds = ray.data.from_blocks([t.slice(i, n) for i in range(0, t.num_rows, n)])
         ds = transcribe(ds).map_batches(
             write_part, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
             fn_kwargs=dict(output=cfg.output, fmt=cfg.format, label_field=cfg.label_field, s3=cfg.s3))

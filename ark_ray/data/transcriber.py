@@ -28,7 +28,7 @@ from typing import Optional
 from ark_ray.config import ConfigError, EngineConfig, TranscribeConfig
 
 #: vLLM batch slots worth of clips each engine holds queued (engine_calls = 0).
-QUEUED_CLIPS_PER_SLOT = 2.5
+QUEUED_CLIPS_PER_SLOT = 4
 #: Memory a decode task asks for per row: 30 s at 16 kHz in float32, about three times over (the file's
 #: samples, the resampled wave, the Arrow column).
 DECODE_BYTES_PER_ROW = 8 << 20
