@@ -8,6 +8,7 @@ line per event that matters (an engine ready, a node lost or joined) and the clo
 Ray and transformers output goes to job.log in the output folder (for an s3:// output, a local
 folder the job names, copied beside the part files at the end). Every key is in docs/config.md
 (TranscribeConfig).
+A bad input, model, output or key is one line on stderr and exit status 2 (`--debug` for the traceback).
 """
 import json
 import pathlib
@@ -17,36 +18,29 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # `python jobs/transcribe.py` from a clone, without an installed package
     sys.path.insert(0, str(REPO))
 
-from ark_ray.runtime import cpu_env_defaults  # noqa: E402
+from ark_ray.cli import run_job  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    cpu_env_defaults()   # before torch/vLLM read the environment (a plain shell has none of it)
+    """Parse, check the input, model and output (a user error is one line and exit 2 under run_job,
+    before Ray starts), then run the pipeline under the job console."""
     from ark_ray.config import TranscribeConfig, parse_job_args
-    from ark_ray.console import JobConsole
-    from ark_ray.data.run_storage import RunStorage
-    from ark_ray.data.transcribe_pipeline import format_summary, run_transcribe
+    from ark_ray.data.preflight import check_input, check_model, open_output
 
+    cfg = parse_job_args(TranscribeConfig, sys.argv[1:] if argv is None else argv)
+    check_input(cfg.input, "input", cfg.s3)
+    check_model(cfg.model_dir(), "model")
+    storage = open_output(cfg.output, "output", cfg.s3)   # for an s3:// output, a local folder for job.log
+
+    from ark_ray.runtime import cpu_env_defaults
+
+    cpu_env_defaults()   # before torch/vLLM read the environment (a plain shell has none of it)
     import ray
 
-    from ark_ray.config import ConfigError
-    from ark_ray.data.listing import InputError
-    from ark_ray.data.manifest import ManifestError
-    from ark_ray.data.row_files import RowFileError
-    from ark_ray.data.s3 import StorageError
+    from ark_ray.console import JobConsole
+    from ark_ray.data.transcribe_pipeline import format_summary, run_transcribe
 
-    USER_ERRORS = (ConfigError, InputError, ManifestError, RowFileError, StorageError)
-    try:
-        cfg = parse_job_args(TranscribeConfig, sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"transcribe: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     own_ray = not ray.is_initialized()    # a caller's Ray session (tests, notebooks) is left as it was
-    try:   # the output folder; for an s3:// one, a local folder for job.log (and a bad bucket fails here)
-        storage = RunStorage(cfg.output, cfg.s3)
-    except USER_ERRORS as e:
-        print(f"transcribe: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     console = JobConsole(storage.local_dir, quiet=cfg.quiet)
     try:
         console.line(f"transcribe: {cfg.input} -> {cfg.output} ({cfg.format}); model {cfg.model_dir()}; "
@@ -62,12 +56,8 @@ def main(argv=None) -> dict:
         if own_ray:
             ray.shutdown()                # Ray's last forwarded worker lines land in job.log, not after the table
         return summary
-    except USER_ERRORS as e:   # a bad input or setting: one line that says what, no traceback
-        console.restore()
-        print(f"transcribe: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     except BaseException:
-        console.restore()   # the traceback goes to the terminal
+        console.restore()   # run_job's one line (a user error) or the traceback goes to the terminal
         if console.quiet:
             print(f"(full log: {console.log_path})", file=sys.stderr)
         raise
@@ -76,4 +66,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job("transcribe", main)

@@ -44,6 +44,10 @@ def _cases(tmp) -> dict:
                                      "evaluate: output: cannot create /proc/ark-usage"),
         "evaluate-bad-value": ("evaluate", ["--predictions", preds, "--normalizer", "klingon"],
                                "normalizer: 'klingon' is not one of"),
+        "transcribe-missing-input": ("transcribe", ["--input", str(tmp / "nope"), "--output", str(tmp / "out")],
+                                     "transcribe: input: "),
+        "transcribe-not-a-model": ("transcribe", ["--input", preds, "--output", str(tmp / "out"), "--model", str(tmp)],
+                                   "not an HF-format model directory"),
     }
 
 
