@@ -591,6 +591,11 @@ def job_config_classes() -> list[type]:
     return list(_JOB_CONFIGS)
 
 
+def documented_classes() -> list[type]:
+    """Every class docs/config.md documents: the shared sections, then the job configs."""
+    return [RayConfig, SamplingConfig, EngineConfig, LearnerConfig, CanaryConfig] + job_config_classes()
+
+
 _JOB_CONFIGS: list[type] = []
 
 
@@ -607,6 +612,24 @@ def job_config(cls: type[T]) -> type[T]:
 # >>> job configs >>>
 
 
+@dataclass
+class CanaryConfig(Validated):
+    """ArkIngress's `user_config`: a share of transcription requests goes to a candidate model.
+
+    jobs/promote.py sets it in the deployed Serve config (`deployments: [{name: ArkIngress,
+    user_config: {...}}]`); Serve hands it to the running ingress replicas without restarting them.
+    The candidate runs as its own Serve application (`ark_ray.serve.app:build_model_app`, no route).
+    """
+    app: Optional[str] = opt(None, "Serve application whose ArkTranscriber serves the candidate (None: no canary).")
+    version: str = opt("", "The candidate's version label (shown in /v1/models, the response header and the metrics).")
+    fraction: float = opt(0.0, "Share of transcription requests sent to the candidate, in [0, 1].")
+
+    def validate(self) -> None:
+        need(0.0 <= self.fraction <= 1.0, "fraction", f"must be in [0, 1], got {self.fraction}")
+        need(self.fraction == 0.0 or bool(self.app), "app", "is empty: name the candidate's Serve application "
+             "or set fraction to 0")
+
+
 @job_config
 @dataclass
 class ServeConfig(Validated):
@@ -614,6 +637,9 @@ class ServeConfig(Validated):
     model: str = opt("assets/models/student", "HF-format ARK-ASR directory the replicas load; `$VAR`/`${VAR}` "
                      "are expanded from the environment of `serve run`, relative paths from its directory.")
     model_name: str = opt("ark-asr", "Model id clients pass as `model` and GET /v1/models lists.")
+    model_version: Optional[str] = opt(None, "Version label of the model, shown in GET /v1/models, the "
+                                       "X-Ark-Model-Version response header and the per-version metrics. None: the "
+                                       "model directory's name and a fingerprint of its files (jobs/promote.py sets it).")
     engine: EngineConfig = opt(EngineConfig(), "Inference engine of each model replica (num_gpus/num_cpus: per replica).")
     max_new_tokens: int = opt(128, "Most transcript tokens per 30 s window.")
     max_batch_size: int = opt(16, "HF engine only: most audio windows one replica decodes together (@serve.batch). "
@@ -628,6 +654,9 @@ class ServeConfig(Validated):
     api_key_env: Optional[str] = opt("ARK_SERVE_API_KEY", "Environment variable read for the API key when api_key is unset.")
     ingress_max_ongoing_requests: int = opt(1000, "Concurrent HTTP requests one ingress replica accepts "
                                             "(high: it only decodes audio and waits, so /health stays responsive).")
+    window_retries: int = opt(2, "Times the ingress resubmits an audio window whose model replica was lost (node "
+                              "gone, actor died) to another replica; a window is idempotent, so the client sees no "
+                              "error. After the last: 503 replica_lost with Retry-After.")
 
     removed_keys = {"model_dir": "renamed to model (every job names the model it runs `model`)"}
 
@@ -635,6 +664,9 @@ class ServeConfig(Validated):
         at_least(self, 1, "max_batch_size", "max_new_tokens", "max_ongoing_requests", "ingress_max_ongoing_requests")
         at_least(self, 0, "batch_wait_timeout_s")
         at_least(self, -1, "max_queued_requests")
+        at_least(self, 0, "window_retries")
+        need(self.model_version is None or bool(self.model_version.strip()), "model_version",
+             "is empty: set a label or leave it null (the directory's fingerprint)")
         need(self.max_ongoing_requests >= self.max_batch_size, "max_ongoing_requests",
              f"({self.max_ongoing_requests}) must be >= max_batch_size ({self.max_batch_size}), or batches can "
              "never fill")
@@ -973,8 +1005,55 @@ class EvaluateConfig(Validated):
         need(bool(self.predictions), "predictions", "is empty: pass --predictions FILE_OR_DIR [...]")
 
 
+@job_config
+@dataclass
+class PromoteConfig(Validated):
+    """jobs/promote.py: gate a candidate model on held-out WER against the one a running Serve app serves, roll it out in place (optionally after a canary), or roll back."""
+    candidate: Optional[str] = opt("runs/opd", "The model to promote: an HF-format ARK-ASR directory, a training run "
+                                   "folder (its `final` export), or an s3:// URI of either (downloaded to model_store).")
+    app: str = opt("ark-asr", "The running Serve application (its name in the Serve config).")
+    eval_manifest: str = opt("assets/demo_corpus/test.jsonl", "Held-out manifest both models transcribe (JSONL or "
+                             "Parquet, local or s3://; `demo://heldout[-N]`: the demo's held-out set).")
+    min_gain: float = opt(0.005, "The candidate is rolled out only if its held-out WER is at least this much below "
+                          "the served model's (absolute: 0.01 is one WER point) and it has no more error rows.")
+    normalizer: Literal["auto", "english", "basic", "chinese", "seed", "none"] = opt(
+        "auto", "Text normaliser of the WER (auto: Chinese for CJK references, else Whisper English); the WER is "
+        "J/WER: CER for references in CJK scripts.")
+    canary_fraction: float = opt(0.0, "Share of transcription requests the candidate serves, as a second model "
+                                 "application behind the ingress, before the rollout (0: no canary).")
+    canary_s: float = opt(300.0, "How long the canary serves its share before the rollout.")
+    canary_max_error_ratio: float = opt(0.01, "The canary is stopped and the served model kept if the share of the "
+                                        "canary's requests answered 5xx exceeds the served model's by more than this.")
+    rollback: bool = opt(False, "Return the application to the model it served before the last promotion "
+                         "(no scoring); if a canary was left running, only remove the canary.")
+    version: Optional[str] = opt(None, "Version label of the candidate (None: its directory's name and a "
+                                 "fingerprint of its files).")
+    state_dir: str = opt("runs/promote", "Promotion history (<app>/history.json), cached held-out transcripts of "
+                         "each model version (<app>/scores/) and job.log; local or s3://.")
+    model_store: Optional[str] = opt(None, "Where an s3:// candidate is downloaded: a path every node of the cluster "
+                                     "reads (shared storage). None: <state_dir>/models when state_dir is local.")
+    rescore: bool = opt(False, "Transcribe the held-out set again even when a version's transcripts are cached.")
+    score_engines: int = opt(1, "Engine actors transcribing the held-out set, with the application's engine "
+                             "settings (the same engine kind as the replicas).")
+    timeout_s: float = opt(1800.0, "Longest wait for an application to run on a new config; a rollout that does "
+                           "not finish is undone (the served model's config is applied again).")
+    s3: S3Config = opt(S3Config(), "S3 endpoint and credentials (s3:// candidates, manifests, state_dir).")
+    ray: RayConfig = opt(RayConfig(), "Ray connection (the cluster the application runs on).")
+
+    def validate(self) -> None:
+        need(self.rollback or bool(self.candidate), "candidate", "is empty: name the model to promote "
+             "(a model directory, a run folder or an s3:// URI), or pass --rollback")
+        need(self.min_gain >= 0, "min_gain", f"must be >= 0 (0: not worse), got {self.min_gain}")
+        need(0.0 <= self.canary_fraction <= 1.0, "canary_fraction", f"must be in [0, 1], got {self.canary_fraction}")
+        at_least(self, 0, "canary_s", "canary_max_error_ratio")
+        at_least(self, 1, "score_engines")
+        need(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+        need(bool(self.app), "app", "is empty: name the Serve application")
+        need(self.version is None or bool(self.version.strip()), "version", "is empty: set a label or leave it null")
+
+
 # <<< job configs <<<
 
 
 if __name__ == "__main__":
-    print(render_markdown([RayConfig, SamplingConfig, EngineConfig, LearnerConfig] + job_config_classes()))
+    print(render_markdown(documented_classes()))

@@ -114,6 +114,14 @@ _SPECS = (
     MetricSpec("ark_serve_audio_seconds_total", "counter", "Seconds of audio in successful transcriptions."),
     MetricSpec("ark_serve_errors_total", "counter", "Requests answered with an error, by status code.",
                ("status",)),
+    MetricSpec("ark_serve_model_requests_total", "counter",
+               "Transcription requests by the model version they were routed to (the served model or a canary) "
+               "and status (499: the client went away).", ("version", "status")),
+    MetricSpec("ark_serve_model_latency_seconds", "histogram",
+               "Transcription time by model version, from routing to the last byte.", ("version",), _LATENCY_BUCKETS),
+    MetricSpec("ark_serve_window_retries_total", "counter",
+               "Audio windows resubmitted to another replica because theirs was lost (node gone, actor died), "
+               "by model version.", ("version",)),
 )
 
 REGISTRY: Mapping[str, MetricSpec] = MappingProxyType({s.name: s for s in _SPECS})
@@ -271,6 +279,12 @@ def record_serve_request(route: str, status: int, latency_s: float, audio_s: Opt
         record("ark_serve_errors_total", 1, {"status": status})
     elif audio_s is not None:
         record("ark_serve_audio_seconds_total", audio_s)
+
+
+def record_model_request(version: str, status: int, latency_s: float) -> None:
+    """One transcription routed to model `version` (served or canary): count and latency."""
+    record("ark_serve_model_requests_total", 1, {"version": version, "status": int(status)})
+    record("ark_serve_model_latency_seconds", latency_s, {"version": version})
 
 
 def markdown_table() -> str:

@@ -144,6 +144,8 @@ BATCH = Dashboard(
     ],
 )
 
+MODEL_5XX = m("ark_serve_model_requests_total", extra='status=~"5.."')
+
 SERVE = Dashboard(
     "ark-serve", "ARK-Ray / Serving",
     "The OpenAI-compatible transcription endpoint: traffic, latency, audio served and errors.",
@@ -170,6 +172,22 @@ SERVE = Dashboard(
         Panel("Requests in window", "Requests answered in the selected time range, by status.",
               [(f"sum by (status) (increase({m('ark_serve_requests_total')}[$__range]))", "{{status}}")],
               kind="stat"),
+        Panel("Transcriptions by model version", "Transcriptions per second by the model version they went to "
+              "(the served model, and a canary while jobs/promote.py runs one) and status.",
+              [(f"sum by (version, status) (rate({m('ark_serve_model_requests_total')}[{RATE}]))",
+                "{{version}} {{status}}")], unit="reqps"),
+        Panel("Error ratio by model version", "Share of each version's transcriptions answered with a server "
+              "error (5xx): a canary worse than the served model shows here first.",
+              [(f"sum by (version) (rate({MODEL_5XX}[{RATE}])) / "
+                f"sum by (version) (rate({m('ark_serve_model_requests_total')}[{RATE}]))", "{{version}}")],
+              unit="percentunit", min=0),
+        Panel("Latency by model version", "Transcription latency quantiles per model version.",
+              [(quantile(0.5, "ark_serve_model_latency_seconds", "version"), "{{version}} p50"),
+               (quantile(0.95, "ark_serve_model_latency_seconds", "version"), "{{version}} p95")], unit="s"),
+        Panel("Windows retried after replica loss", "Audio windows the ingress resubmitted to another replica "
+              "because theirs was lost (node gone, actor died, stopped past its drain time); the client saw "
+              "no error unless every attempt failed.",
+              [(f"sum by (version) (increase({m('ark_serve_window_retries_total')}[{RATE}]))", "{{version}}")]),
     ],
 )
 

@@ -215,7 +215,8 @@ class SimCluster:
     This test process does not connect to it (it stays on `ray_local`): jobs run against it as
     subprocesses with RAY_ADDRESS set, as under `ray job submit`. `kill(node_id)` removes a node hard
     (`allow_graceful=False`: a spot instance vanishing); `replace(node_id)` also adds a fresh node,
-    as an autoscaler would. Worker nodes get the resource {"sim_node": 1} for tests that pin work.
+    as an autoscaler would. Worker nodes get the resource {"sim_node": 1} for tests that pin work,
+    the head {"sim_head": 1} for work that must outlive every node loss (e.g. a Serve ingress).
     """
 
     def __init__(self, n_workers: int = 2, cpus: int = 4, object_store_mb: int = 300):
@@ -225,7 +226,7 @@ class SimCluster:
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
             num_cpus=0, gcs_server_port=free_port(), include_dashboard=True, dashboard_host="127.0.0.1",
             dashboard_port=free_port(), dashboard_agent_listen_port=free_port(),
-            object_store_memory=self.object_store,
+            object_store_memory=self.object_store, resources={"sim_head": 1},
             # a lost node is declared dead after ~10 s of missed health checks (default ~15-30 s);
             # not shorter: a raylet on this loaded 2-core box must not be declared dead by mistake
             _system_config={"health_check_period_ms": 2000, "health_check_failure_threshold": 5}))
@@ -265,6 +266,11 @@ class SimCluster:
 
         out = list_actors(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], limit=10000)
         return [a for a in out if class_name is None or a.class_name == class_name]
+
+    def metrics_urls(self) -> list[str]:
+        """Every live node's Prometheus endpoint (Ray's metrics agent)."""
+        nodes = [self.cluster.head_node, *self.cluster.worker_nodes]
+        return [f"http://{n.node_ip_address}:{n.metrics_export_port}/metrics" for n in nodes]
 
     def env(self, **extra) -> dict:
         """The environment of a job run against this cluster (RAY_ADDRESS set)."""

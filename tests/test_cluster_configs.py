@@ -200,15 +200,22 @@ def test_rayjob_runs_the_opd_job(repo_root):
 
 
 def test_rayservice_serves_the_gpu_serve_config(repo_root):
+    """serveConfigV2 is serve_configs/gpu.yaml key for key (once it still set HF-only batch keys that
+    gpu.yaml had dropped), and both are valid Serve configs whose args are valid ServeConfigs."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from ark_ray.config import ServeConfig, load_config
+
     doc = load(repo_root / "cluster" / "kuberay" / "rayservice.yaml")
     ours = yaml.safe_load(doc["spec"]["serveConfigV2"])
     theirs = load(repo_root / "serve_configs" / "gpu.yaml")
-
-    def shape(cfg):
-        return [(a["name"], a["route_prefix"], a["import_path"], sorted(d["name"] for d in a["deployments"]))
-                for a in cfg["applications"]]
-
-    assert shape(ours) == shape(theirs)
+    assert ours == theirs
+    ServeDeploySchema.model_validate(ours)
+    for app in ours["applications"]:
+        load_config(ServeConfig, overrides=dict(app["args"]))       # unknown or bad keys fail here
     assert ours["applications"][0]["args"]["model"] == "${ARK_MODEL_DIR}"
     head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "ARK_MODEL_DIR", "value": "/mnt/ark/models/ark-asr-0.6b"} in head["env"]
+    drifted = copy.deepcopy(ours)
+    drifted["applications"][0]["args"]["max_batch_size"] = 64
+    assert drifted != theirs                                         # the comparison can fail

@@ -12,6 +12,11 @@ streams in, a 400 that names the AudioError reason, API keys). Our plugin still 
 `vllm serve <model_dir>` a working OpenAI endpoint — bench/serve_load.py measures it as the
 baseline. Here the ingress owns the HTTP contract and a model deployment owns the engine,
 batched with `@serve.batch`, and Serve's autoscaling and back-pressure apply to it.
+
+`build_model_app` is the model deployment alone (no ingress, no route): jobs/promote.py runs a
+candidate that way as a canary, next to the served application, whose ingress sends it a share of
+the requests (CanaryConfig). Both builders label the model with `model_version` (ServeConfig), or
+the directory's fingerprint (serve/versions.py).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from ark_ray.config import ConfigError, ServeConfig, load_config, to_dict
 from ark_ray.runtime import engine_actor_options
 from ark_ray.serve.ingress import Ingress
 from ark_ray.serve.replica import TranscriberReplica
+from ark_ray.serve.versions import model_version
 
 _UNSET_VAR = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
 
@@ -47,11 +53,14 @@ def resolve_api_key(cfg: ServeConfig) -> Optional[str]:
     return os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
 
 
-def build_app(args: Optional[dict[str, Any]] = None) -> Application:
-    """The ingress bound to one model deployment; `args` are ServeConfig keys (nested dicts), checked
-    by ServeConfig.validate when loaded."""
-    cfg = args if isinstance(args, ServeConfig) else load_config(ServeConfig, overrides=dict(args or {}))
+def _config(args) -> ServeConfig:
+    return args if isinstance(args, ServeConfig) else load_config(ServeConfig, overrides=dict(args or {}))
+
+
+def _model(cfg: ServeConfig) -> tuple[Application, str]:
+    """The model deployment (bound) and its version label."""
     model_dir = resolve_model_dir(cfg.model)
+    version = cfg.model_version or model_version(model_dir)
     # CPUs and GPUs; on CPU memory= the model plus its sized KV cache (the app's runtime env
     # carries the environment)
     options = {k: v for k, v in engine_actor_options(model_dir, cfg.engine).items() if k != "runtime_env"}
@@ -59,7 +68,21 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         ray_actor_options=options,
-    ).bind(model_dir, to_dict(cfg.engine), cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    ).bind(model_dir, to_dict(cfg.engine), cfg.max_batch_size, cfg.batch_wait_timeout_s, version)
+    return replica, version
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> Application:
+    """The ingress bound to one model deployment; `args` are ServeConfig keys (nested dicts), checked
+    by ServeConfig.validate when loaded."""
+    cfg = _config(args)
+    replica, version = _model(cfg)
     return Ingress.options(max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(
         replica, cfg.model_name, max_chunk_s=cfg.engine.max_chunk_s, max_new_tokens=cfg.max_new_tokens,
-        max_upload_mb=cfg.max_upload_mb, max_audio_s=cfg.max_audio_s, api_key=resolve_api_key(cfg))
+        max_upload_mb=cfg.max_upload_mb, max_audio_s=cfg.max_audio_s, api_key=resolve_api_key(cfg),
+        model_version=version, window_retries=cfg.window_retries)
+
+
+def build_model_app(args: Optional[dict[str, Any]] = None) -> Application:
+    """The model deployment alone, for a canary: another application's ingress routes to it."""
+    return _model(_config(args))[0]

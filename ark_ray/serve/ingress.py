@@ -8,12 +8,20 @@ request's windows), and joins the answers with the engines' own `join_chunks`. W
 leave as `transcript.text.delta` events.
 Every failure is one OpenAI-style error object: {"error": {message, type, param, code}}.
 Every answer is counted in the ark_serve_* metrics (`RequestMetrics`).
+
+Versions: the served model's version shows in GET /v1/models and, on every transcription, in the
+`X-Ark-Model-Version` header (the version of the replicas that answered). A canary (a second
+model application, named in this deployment's `user_config`, see CanaryConfig) takes a share of
+the requests; a request goes to one model, all its windows with it. Transcriptions are also
+counted per version (`ark_serve_model_*`), which the serving dashboard plots side by side.
+A window whose replica is lost is resubmitted on another one (serve/windows.py).
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import random
 import re
 import time
 from typing import AsyncIterator, Optional
@@ -27,11 +35,21 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from ark_ray import metrics
 from ark_ray.audio import SAMPLE_RATE, AudioError, load_audio
+from ark_ray.config import CanaryConfig, load_config
 from ark_ray.engines.long_audio import join_chunks, split_long_audio
 from ark_ray.serve import formats
 from ark_ray.serve.page import render_page
 from ark_ray.serve.request_metrics import RequestMetrics
+from ark_ray.serve.windows import LOST_REPLICA as _LOST_REPLICA
+from ark_ray.serve.windows import RESTART, ReplicaLost, Target, WindowCall
+
+#: Response header naming the model version(s) that produced a transcription.
+VERSION_HEADER = "X-Ark-Model-Version"
+MODEL_DEPLOYMENT = "ArkTranscriber"
+#: Status counted for a request whose client went away before its answer (nginx's convention).
+CLIENT_CLOSED = 499
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?$")
 _FORM_OVERHEAD = 64 * 1024  # room for the non-file fields and multipart boundaries
@@ -52,17 +70,19 @@ class ApiError(Exception):
 
 
 def _cancel(calls) -> None:
-    """Best-effort cancel of window calls; one that already failed re-raises its error on cancel()."""
+    """Best-effort cancel of window calls (WindowCall.cancel swallows a call's own failure)."""
     for c in calls:
-        try:
-            c.cancel()
-        except Exception:  # noqa: BLE001 - its outcome no longer matters
-            pass
+        c.cancel()
 
 
 def _overloaded() -> ApiError:
     return ApiError(503, "The server is at capacity; retry shortly.", type="server_error",
                     code="overloaded", headers={"Retry-After": "1"})
+
+
+def _lost(e: ReplicaLost) -> ApiError:
+    return ApiError(503, f"The transcription could not finish: {e}; retry shortly.", type="server_error",
+                    code="replica_lost", headers={"Retry-After": "1"})
 
 
 app = FastAPI(title="ark-ray ARK-ASR transcription", docs_url=None, redoc_url=None)
@@ -85,14 +105,23 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
         yield chunk
 
 
-@serve.deployment(name="ArkIngress")
+#: A rollout starts new ingress replicas before it stops old ones; a stopping one finishes the
+#: HTTP requests it holds (long uploads included) before it exits.
+INGRESS_DRAIN_S = 300.0
+
+
+@serve.deployment(name="ArkIngress", max_surge_percent=100, graceful_shutdown_timeout_s=INGRESS_DRAIN_S)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, transcriber: DeploymentHandle, model_name: str, *, max_chunk_s: float,
-                 max_new_tokens: int, max_upload_mb: float, max_audio_s: float, api_key: Optional[str]):
+                 max_new_tokens: int, max_upload_mb: float, max_audio_s: float, api_key: Optional[str],
+                 model_version: str = "", window_retries: int = 2):
         """Every limit comes from ServeConfig (build_app passes them; no second set of defaults here)."""
+        self.stable = Target("stable", model_version, transcriber)
+        self.canary: Optional[Target] = None
+        self.canary_fraction = 0.0
+        self.window_retries = window_retries
         self.transcriber = transcriber
-        self.streamer = transcriber.options(stream=True)
         self.model_name = model_name
         self.max_chunk_s = max_chunk_s
         self.max_new_tokens = max_new_tokens
@@ -103,7 +132,34 @@ class Ingress:
         self._processor = None
         self._processor_lock = asyncio.Lock()
 
+    def reconfigure(self, user_config: Optional[dict]) -> None:
+        """Serve calls this with the deployment's `user_config` (a CanaryConfig), at start and
+        whenever it changes, without restarting the replica: it routes a share of the
+        transcriptions to the candidate's application, or stops doing so."""
+        cfg = load_config(CanaryConfig, overrides=dict(user_config or {}))
+        if cfg.app and cfg.fraction > 0:
+            handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=cfg.app)
+            self.canary, self.canary_fraction = Target("canary", cfg.version or cfg.app, handle), cfg.fraction
+        else:
+            self.canary, self.canary_fraction = None, 0.0
+
+    def info(self) -> dict:
+        """The models this replica routes to (jobs/promote.py reads it through the app's handle)."""
+        out = {"model": self.model_name, "version": self.stable.version}
+        if self.canary is not None:
+            out["canary"] = {"version": self.canary.version, "fraction": self.canary_fraction}
+        return out
+
     # ------------------------------------------------------------------ helpers
+    def _pick(self) -> Target:
+        """The model a new request goes to (all its windows with it)."""
+        if self.canary is not None and random.random() < self.canary_fraction:
+            return self.canary
+        return self.stable
+
+    def _on_retry(self, call: WindowCall, err: BaseException) -> None:
+        metrics.record("ark_serve_window_retries_total", 1, {"version": call.target.version})
+
     def _authorize(self, request: Request) -> None:
         if not self.api_key:
             return
@@ -115,8 +171,14 @@ class Ingress:
 
     async def _get_processor(self):
         async with self._processor_lock:
-            if self._processor is None:
-                self._processor = await self._call(self.transcriber.processor.remote())
+            for attempt in range(self.window_retries + 1):
+                if self._processor is not None:
+                    break
+                try:
+                    self._processor = await self._call(self.transcriber.processor.remote())
+                except _LOST_REPLICA:
+                    if attempt == self.window_retries:
+                        raise
         return self._processor
 
     @staticmethod
@@ -125,6 +187,8 @@ class Ingress:
             return await response
         except BackPressureError:
             raise _overloaded() from None
+        except ReplicaLost as e:
+            raise _lost(e) from None
 
     async def _form(self, request: Request) -> dict:
         ctype = request.headers.get("content-type", "")
@@ -208,27 +272,29 @@ class Ingress:
             raise ApiError(400, f"Cannot use the audio ({e.reason}): {e.message}", code=e.reason,
                            param="file") from None
 
-    def _submit(self, pieces, opts: dict, stream: bool = False) -> list:
+    def _submit(self, target: Target, pieces, opts: dict, stream: bool = False) -> list[WindowCall]:
         """Send every window; the handle may refuse one (queue full) right here or when awaited."""
-        method = self.streamer.stream_window if stream else self.transcriber.transcribe_window
-        calls = []
+        calls: list[WindowCall] = []
         try:
-            for p in pieces:
-                calls.append(method.remote(
-                    {"samples": p.samples, "temperature": opts["temperature"],
-                     "max_new_tokens": opts["max_new_tokens"], "logprobs": opts["response_format"] == "verbose_json"}))
+            for i, p in enumerate(pieces):
+                item = {"samples": p.samples, "temperature": opts["temperature"],
+                        "max_new_tokens": opts["max_new_tokens"], "logprobs": opts["response_format"] == "verbose_json"}
+                calls.append(WindowCall(target, item, stream=stream, retries=self.window_retries,
+                                        on_retry=self._on_retry, label=f"window {i + 1}/{len(pieces)}"))
         except BackPressureError:
             _cancel(calls)
             raise _overloaded() from None
         return calls
 
     @staticmethod
-    async def _next(parts):
-        """The next part of a streamed window ({"delta": ids} or {"done": result})."""
+    async def _next(call: WindowCall) -> dict:
+        """The next part of a streamed window ({"delta": ids}, {"done": result} or RESTART)."""
         try:
-            return await parts.__anext__()
+            return await call.next_part()
         except BackPressureError:
             raise _overloaded() from None
+        except ReplicaLost as e:
+            raise _lost(e) from None
         except StopAsyncIteration:
             raise ApiError(500, "The model replica ended a window without a result.", type="server_error") from None
 
@@ -244,9 +310,14 @@ class Ingress:
 
     @app.get("/v1/models")
     def models(self, request: Request) -> dict:
+        """OpenAI's model list; `version` is the served model's (extra fields are allowed in
+        OpenAI's Model object), `canary` the candidate taking a share of requests, if any."""
         self._authorize(request)
-        return {"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ark-ray"}]}
+        model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ark-ray",
+                 "version": self.stable.version}
+        if self.canary is not None:
+            model["canary"] = {"version": self.canary.version, "fraction": self.canary_fraction}
+        return {"object": "list", "data": [model]}
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(self, request: Request) -> Response:
@@ -257,27 +328,42 @@ class Ingress:
         request.state.audio_s = len(wave) / SAMPLE_RATE   # counted by RequestMetrics if this succeeds
         processor = await self._get_processor()
         pieces, owners = await asyncio.to_thread(split_long_audio, [wave], self.max_chunk_s)
-        calls = self._submit(pieces, opts, stream=opts["stream"])
-        if opts["stream"]:
+        target, t0 = self._pick(), time.perf_counter()
+        status = 500
+        try:
+            calls = self._submit(target, pieces, opts, stream=opts["stream"])
+            if opts["stream"]:
+                try:
+                    first = await self._next(calls[0])  # errors before the first byte keep their status code
+                except BaseException:
+                    _cancel(calls)
+                    raise
+                status = 0   # the stream records its own outcome when it ends
+                return StreamingResponse(self._stream(wave, pieces, owners, calls, first, processor, target, t0),
+                                         media_type="text/event-stream", headers={VERSION_HEADER: target.version})
             try:
-                first = await self._next(calls[0])  # errors before the first byte keep their status code
+                results = await asyncio.gather(*(self._call(c.result()) for c in calls))
             except BaseException:
                 _cancel(calls)
                 raise
-            return StreamingResponse(self._stream(wave, pieces, owners, calls, first, processor),
-                                     media_type="text/event-stream")
-        try:
-            results = await asyncio.gather(*(self._call(c) for c in calls))
-        except BaseException:
-            _cancel(calls)
+            t = join_chunks([wave], pieces, owners, [[r] for r in results], 1, processor)[0]
+            stats = [formats.SegmentStats(formats.avg_logprob(r["token_logprobs"]), opts["temperature"])
+                     for r in results]
+            body, media = formats.render(t, opts["response_format"], stats, opts["language"])
+            status = 200
+            return Response(body, media_type=media, headers={VERSION_HEADER: _versions(results, target)})
+        except ApiError as e:
+            status = e.status
             raise
-        t = join_chunks([wave], pieces, owners, [[r] for r in results], 1, processor)[0]
-        stats = [formats.SegmentStats(formats.avg_logprob(r["token_logprobs"]), opts["temperature"])
-                 for r in results]
-        body, media = formats.render(t, opts["response_format"], stats, opts["language"])
-        return Response(body, media_type=media)
+        except (asyncio.CancelledError, GeneratorExit):
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            if status:
+                metrics.record_model_request(target.version, status, time.perf_counter() - t0)
 
-    async def _stream(self, wave, pieces, owners, calls, first, processor) -> AsyncIterator[str]:
+    async def _stream(self, wave, pieces, owners, calls, first, processor, target: Target,
+                      t0: float) -> AsyncIterator[str]:
         """`transcript.text.delta` events as tokens are decoded, then `transcript.text.done`.
 
         Each delta is what new tokens add to the text decoded so far (all windows before, then
@@ -290,11 +376,15 @@ class Ingress:
         before: list[int] = []          # tokens of the finished windows, their EOS dropped
         shown = ""
         part = first
+        status = 500
         try:
             for gen in calls:
                 window: list[int] = []
                 while True:
                     part = part if part is not None else await self._next(gen)
+                    if part is RESTART:       # resubmitted on another replica: its tokens start over
+                        window, part = [], None
+                        continue
                     if "done" in part:
                         break
                     window += part["delta"]
@@ -316,7 +406,20 @@ class Ingress:
                 yield formats.sse(formats.delta_event(t.text[len(shown):]))
             yield formats.sse(formats.done_event(t, sum(len(r["prompt_ids"]) for r in results)))
             yield "data: [DONE]\n\n"
+            status = 200
         except ApiError as e:
+            status = e.status
             yield formats.sse({"type": "error", "error": json.loads(e.response().body)["error"]})
+        except (asyncio.CancelledError, GeneratorExit):
+            status = CLIENT_CLOSED
+            raise
         finally:
             _cancel(calls[len(results):])
+            metrics.record_model_request(target.version, status, time.perf_counter() - t0)
+
+
+def _versions(results: list[dict], target: Target) -> str:
+    """The model versions that produced a request's windows (two only while a rollout replaces
+    replicas under it), in window order."""
+    seen = [r.get("model_version") or target.version for r in results] or [target.version]
+    return ",".join(dict.fromkeys(seen))

@@ -12,6 +12,12 @@ Serve's `max_ongoing_requests` (windows in the engine at once) and `max_queued_r
 (windows waiting for a replica) bound the work in flight: past them the ingress's handle call
 raises `BackPressureError` and the client gets a 503 with Retry-After, not a growing queue.
 Autoscaling counts the same ongoing windows.
+
+Every result carries the replica's `model_version`, so the ingress can say which model answered
+(during a rollout old and new replicas serve side by side). A rollout starts the new replicas
+before it stops old ones (`max_surge_percent`), and a stopping replica finishes the windows it
+holds (`graceful_shutdown_timeout_s`); a window whose replica is lost anyway is resubmitted by the
+ingress (serve/windows.py).
 """
 from __future__ import annotations
 
@@ -31,12 +37,21 @@ def _sampling(item: dict) -> SamplingConfig:
     return SamplingConfig(temperature=item["temperature"], max_new_tokens=item["max_new_tokens"])
 
 
-@serve.deployment(name="ArkTranscriber")
+#: A rollout may start this share of the target replicas (rounded up: at least one) before
+#: stopping old ones, so capacity never drops, also with a single replica.
+MAX_SURGE_PERCENT = 25
+#: How long a stopping replica may finish the windows it holds (a window is <= 30 s of audio).
+DRAIN_S = 60.0
+
+
+@serve.deployment(name="ArkTranscriber", max_surge_percent=MAX_SURGE_PERCENT, graceful_shutdown_timeout_s=DRAIN_S)
 class TranscriberReplica:
-    def __init__(self, model_dir: str, engine: dict, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, model_dir: str, engine: dict, max_batch_size: int, batch_wait_timeout_s: float,
+                 model_version: str = ""):
         """Settings from ServeConfig (build_app passes them; no second set of defaults here)."""
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model_dir {model_dir!r} is not a directory on this node")
+        self.model_version = model_version
         self.engine_cfg = load_config(EngineConfig, overrides=dict(engine))
         self.streaming = self.engine_cfg.backend == "vllm"
         if self.streaming:
@@ -55,8 +70,9 @@ class TranscriberReplica:
         if self.streaming:
             (result,) = await self.engine.transcribe_window(item["samples"], _sampling(item),
                                                             logprobs=item.get("logprobs", True))
-            return result
-        return await self._batched(item)
+        else:
+            result = await self._batched(item)
+        return dict(result, model_version=self.model_version)
 
     async def stream_window(self, item: dict) -> AsyncIterator[dict]:
         """{"delta": [token ids]} as they are decoded, then {"done": result}; the HF engine
@@ -64,9 +80,11 @@ class TranscriberReplica:
         if self.streaming:
             async for part in self.engine.stream_window(item["samples"], _sampling(item),
                                                         logprobs=item.get("logprobs", True)):
+                if "done" in part:
+                    part = {"done": dict(part["done"], model_version=self.model_version)}
                 yield part
         else:
-            yield {"done": await self._batched(item)}
+            yield {"done": dict(await self._batched(item), model_version=self.model_version)}
 
     # ------------------------------------------------------------------ HF fallback
     def _run(self, items: list[dict]) -> list[dict]:
