@@ -10,7 +10,8 @@ model on the same manifest with the application's engine settings, prints both W
 candidate onto the application in place if it is better by `min_gain` (optionally after serving a
 canary share of the traffic); otherwise keeps the served model and says why. The served version
 then shows in GET /v1/models and the X-Ark-Model-Version header. Exit status: 0 promoted (or
-rolled back, or nothing to do), 3 refused by the gate, 1 failed (the served model is kept).
+rolled back, or nothing to do), 3 refused by the gate, 1 failed (the served model is kept), 2 a bad
+key or value.
 Ray and transcription logs go to <state_dir>/<app>/job.log. Every key: docs/config.md (PromoteConfig).
 """
 import pathlib
@@ -24,7 +25,7 @@ if str(REPO) not in sys.path:   # `python jobs/promote.py` from a clone, without
 from ark_ray.opd.console import Console, table  # noqa: E402
 from ark_ray.runtime import cpu_env_defaults  # noqa: E402
 
-REFUSED = 3
+REFUSED, FAILED = 3, 1
 
 
 def closing_rows(s: dict) -> list[tuple[str, str]]:
@@ -50,8 +51,9 @@ def closing_rows(s: dict) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     cpu_env_defaults()
-    from ark_ray.config import PromoteConfig, parse_job_args
+    from ark_ray.config import ConfigError, PromoteConfig, parse_job_args
     from ark_ray.serve import promote as P
+    from ark_ray.serve.control import ServeControlError
 
     cfg = parse_job_args(PromoteConfig, sys.argv[1:] if argv is None else argv)
     storage = P.state_storage(cfg)
@@ -86,11 +88,18 @@ def main(argv=None) -> int:
             shown = [float("inf")]
 
             def tick(left: float) -> None:       # a line every 30 s of the canary
-                if shown[0] - left >= 30 or (left == 0 and shown[0] > 0):
+                if shown[0] - left >= 30:
                     shown[0] = left
-                    console.line(f"  canary: {left:.0f} s left")
+                    line(f"  canary: {left:.0f} s left")
 
-            s = P.promote(cfg, console.line, rows, tick)
+            def line(msg: str) -> None:          # an event line ends the scoring bar above it
+                nonlocal bar
+                if bar is not None:
+                    bar.close()
+                    bar = console.bar = None
+                console.line(msg)
+
+            s = P.promote(cfg, line, rows, tick)
         if bar is not None:
             bar.close()
             console.bar = None
@@ -100,6 +109,13 @@ def main(argv=None) -> int:
         console.line(f"log: {console.log_path}")
         storage.upload("job.log")
         return REFUSED if s["decision"] == "refused" else 0
+    except (P.PromoteError, ServeControlError, ConfigError) as e:    # what the user can act on: one line
+        if bar is not None:
+            bar.close()
+            console.bar = None
+        console.line(f"promote failed: {e}")
+        console.line(f"log: {console.log_path}")
+        return FAILED
     except BaseException:
         console.restore()   # the traceback goes to the terminal
         print(f"(full log: {console.log_path})", file=sys.stderr)
@@ -107,4 +123,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ark_ray.config import ConfigError
+
+    try:
+        sys.exit(main())
+    except ConfigError as e:       # a bad key or value on the command line: no traceback
+        print(f"promote: {e}", file=sys.stderr)
+        sys.exit(2)

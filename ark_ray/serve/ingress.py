@@ -85,6 +85,14 @@ def _lost(e: ReplicaLost) -> ApiError:
                     code="replica_lost", headers={"Retry-After": "1"})
 
 
+# Helpers the routes call live above the class: @serve.ingress pickles the routes as the class is defined.
+def _versions(results: list[dict], target: Target) -> str:
+    """The model versions that produced a request's windows (two only while a rollout replaces
+    replicas under it), in window order."""
+    seen = [r.get("model_version") or target.version for r in results] or [target.version]
+    return ",".join(dict.fromkeys(seen))
+
+
 app = FastAPI(title="ark-ray ARK-ASR transcription", docs_url=None, redoc_url=None)
 app.add_middleware(RequestMetrics)  # ark_serve_* metrics for every answer, errors included
 
@@ -417,9 +425,3 @@ class Ingress:
             _cancel(calls[len(results):])
             metrics.record_model_request(target.version, status, time.perf_counter() - t0)
 
-
-def _versions(results: list[dict], target: Target) -> str:
-    """The model versions that produced a request's windows (two only while a rollout replaces
-    replicas under it), in window order."""
-    seen = [r.get("model_version") or target.version for r in results] or [target.version]
-    return ",".join(dict.fromkeys(seen))

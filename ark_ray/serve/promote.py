@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Callable, Optional
@@ -218,16 +219,21 @@ def _ingress_canary(app_cfg: dict, canary: Optional[dict]) -> dict:
     return out
 
 
-def _canary_app(app_cfg: dict, cand: Model) -> dict:
+def _canary_app(app_cfg: dict, cand: Model, fraction: float) -> dict:
     """The candidate as its own application: the model deployment alone, no route, the served
-    application's arguments and model deployment options."""
+    application's arguments and model deployment options; a fixed replica count is scaled to the
+    canary's share (at least one), an autoscaling config is kept as it is."""
     out = {"name": canary_name(app_cfg["name"]), "import_path": "ark_ray.serve.app:build_model_app",
-           "args": dict(app_cfg.get("args") or {}, model=cand.model, model_version=cand.version)}
+           "route_prefix": None, "args": dict(app_cfg.get("args") or {}, model=cand.model,
+                                              model_version=cand.version)}
     if app_cfg.get("runtime_env"):
         out["runtime_env"] = copy.deepcopy(app_cfg["runtime_env"])
-    models = [d for d in app_cfg.get("deployments") or [] if d.get("name") == control.MODEL]
+    models = [copy.deepcopy(d) for d in app_cfg.get("deployments") or [] if d.get("name") == control.MODEL]
+    for d in models:
+        if isinstance(d.get("num_replicas"), int):
+            d["num_replicas"] = max(1, math.ceil(d["num_replicas"] * fraction))
     if models:
-        out["deployments"] = copy.deepcopy(models)
+        out["deployments"] = models
     return out
 
 
@@ -248,7 +254,7 @@ def run_canary(app: str, app_cfg: dict, served: Model, cand: Model, cfg: Promote
     routing is removed before returning (the canary application is left for `end_canary`)."""
     name = canary_name(app)
     report(f"canary: starting {cand.version} as application '{name}' ...")
-    since = control.apply({name: _canary_app(app_cfg, cand)})[name]
+    since = control.apply({name: _canary_app(app_cfg, cand, cfg.canary_fraction)})[name]
     control.wait_running(name, since, cfg.timeout_s)
     route = {"app": name, "version": cand.version, "fraction": cfg.canary_fraction}
     since = control.apply({app: _ingress_canary(app_cfg, route)})[app]
