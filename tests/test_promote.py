@@ -137,25 +137,35 @@ def clip(student):
 
 class Load:
     """Client loops posting the clip back to back until stopped (bounded: `threads` requests at
-    once), recording (start, end, status, version header, text) of every answer."""
+    once, the last `streams` of them with stream=true), recording (start, end, status, version
+    header, text) of every answer; a stream that ends without its done event counts as a 500."""
 
-    def __init__(self, url: str, data: bytes, threads: int = 2):
+    def __init__(self, url: str, data: bytes, threads: int = 2, streams: int = 0):
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         self.data, self.stop_event = data, threading.Event()
         self.records: list[tuple] = []
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+        self.threads = [threading.Thread(target=self._loop, args=(i >= threads - streams,), daemon=True)
+                        for i in range(threads)]
 
-    def _loop(self) -> None:
+    def _one(self, stream: bool) -> tuple:
+        raw = self.client.audio.transcriptions.with_raw_response.create(
+            model=MODEL, file=("clip.wav", self.data, "audio/wav"), **({"stream": True} if stream else {}))
+        version = raw.headers.get("x-ark-model-version")
+        if not stream:
+            return raw.status_code, version, raw.parse().text
+        done = [e.text for e in raw.parse() if e.type == "transcript.text.done"]
+        return (raw.status_code, version, done[0]) if done else (500, version, "stream ended without done")
+
+    def _loop(self, stream: bool) -> None:
         while not self.stop_event.is_set():
             t0 = time.monotonic()
             try:
-                raw = self.client.audio.transcriptions.with_raw_response.create(
-                    model=MODEL, file=("clip.wav", self.data, "audio/wav"))
-                rec = (t0, time.monotonic(), raw.status_code, raw.headers.get("x-ark-model-version"), raw.parse().text)
+                out = self._one(stream)
+                rec = (t0, time.monotonic(), *out)
             except openai.APIStatusError as e:
                 rec = (t0, time.monotonic(), e.status_code, None, e.message)
-            except openai.APIConnectionError as e:
+            except (openai.APIConnectionError, openai.APIError) as e:   # a stream's error event too
                 rec = (t0, time.monotonic(), 0, None, str(e))
             with self.lock:
                 self.records.append(rec)
@@ -201,7 +211,7 @@ def test_replica_loss_costs_no_request(ray_cluster, served, clip):
     assert len(nodes) == 2 and len(set(nodes)) == 2, f"model replicas not on two nodes: {replicas(ray_cluster)}"
     victim = nodes[0]
     retried_before = retried_windows(ray_cluster)
-    with Load(served, data, threads=3) as load:
+    with Load(served, data, threads=3, streams=1) as load:
         wait_for("steady answers", lambda: load.count() >= 6, timeout_s=300, every_s=0.2)
         t_kill = time.monotonic()
         ray_cluster.replace(victim)                       # hard: raylet and workers gone at once
