@@ -257,13 +257,13 @@ def run_canary(app: str, app_cfg: dict, served: Model, cand: Model, cfg: Promote
     since = control.apply({name: _canary_app(app_cfg, cand, cfg.canary_fraction)})[name]
     control.wait_running(name, since, cfg.timeout_s)
     route = {"app": name, "version": cand.version, "fraction": cfg.canary_fraction}
-    since = control.apply({app: _ingress_canary(app_cfg, route)})[app]
-    control.wait_running(app, since, cfg.timeout_s)
-    report(f"canary: {cfg.canary_fraction:.0%} of requests go to {cand.version} for {cfg.canary_s:.0f} s")
-    start = _counts((served.version, cand.version))
-    t_end, verdict = time.monotonic() + cfg.canary_s, (True, "")
     delta: dict = {}
     try:
+        since = control.apply({app: _ingress_canary(app_cfg, route)})[app]
+        control.wait_running(app, since, cfg.timeout_s)
+        report(f"canary: {cfg.canary_fraction:.0%} of requests go to {cand.version} for {cfg.canary_s:.0f} s")
+        start = _counts((served.version, cand.version))
+        t_end, verdict = time.monotonic() + cfg.canary_s, (True, "")
         while True:
             left = t_end - time.monotonic()
             if on_tick is not None:
@@ -282,7 +282,7 @@ def run_canary(app: str, app_cfg: dict, served: Model, cand: Model, cfg: Promote
             if left <= 0:
                 break
             time.sleep(min(5.0, left))
-    finally:
+    finally:      # no request may go to the canary application once it is removed
         since = control.apply({app: _ingress_canary(app_cfg, None)})[app]
         control.wait_running(app, since, cfg.timeout_s)
     if verdict[0]:
