@@ -1,5 +1,5 @@
-"""Serving on the simulated multi-node cluster (`ray_cluster`), under steady load from bounded
-client loops (the real `openai` client, no retries):
+"""Serving on the simulated multi-node cluster (`ray_cluster`, two worker nodes), under steady load
+from bounded client loops (the real `openai` client, no retries):
 
 - a model replica's node removed hard (and a replacement added) costs no request: the ingress
   resubmits the lost windows on the other replica;
@@ -11,8 +11,10 @@ client loops (the real `openai` client, no retries):
   `--rollback` returns to the student.
 
 The application is `serve_configs/local.yaml` deployed with `serve deploy` by a subprocess (HF
-engines: light enough for three models on two 4-CPU nodes), two model replicas, the ingress and
-the HTTP proxy on the head (the head is never removed: this is about model replicas).
+engines: light enough for several models on two 4-CPU nodes), at most one model replica per node
+(as with one GPU per node): two for the replica loss, one for the promotion, so that a rollout's
+extra replica has a node. The ingress and the HTTP proxy run on the head (never removed: this is
+about model replicas).
 """
 from __future__ import annotations
 
@@ -40,16 +42,16 @@ TEACHER = REPO / "assets" / "models" / "teacher"
 CORPUS = REPO / "assets" / "demo_corpus"
 
 
-def app_config(port: int, model: str) -> dict:
-    """serve_configs/local.yaml on `port`, serving `model` with two HF replicas on different nodes
-    (as GPU replicas would be), one window per engine call (so an answer does not depend on what
-    else is in the batch)."""
+def app_config(port: int, model: str, replicas: int = 2) -> dict:
+    """serve_configs/local.yaml on `port`, serving `model` with HF replicas on different nodes (as
+    GPU replicas would be), one window per engine call (so an answer does not depend on what else
+    is in the batch)."""
     cfg = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
     cfg["http_options"]["port"] = port
     (app,) = cfg["applications"]
     app["args"].update(model=model, max_new_tokens=MAX_NEW, max_batch_size=1,
                        engine={"backend": "hf", "num_cpus": 1, "max_chunk_s": 30})
-    app["deployments"] = [{"name": REPLICA, "num_replicas": 2, "max_replicas_per_node": 1},
+    app["deployments"] = [{"name": REPLICA, "num_replicas": replicas, "max_replicas_per_node": 1},
                           {"name": "ArkIngress", "num_replicas": 1,
                            "ray_actor_options": {"num_cpus": 0, "resources": {"sim_head": 0.01}}}]
     return cfg
@@ -102,18 +104,29 @@ def student():
     return str(demo_student.ensure())
 
 
+class Served:
+    """The application on the cluster, deployed from a config file by `serve deploy`."""
+
+    def __init__(self, cluster, model: str, folder: pathlib.Path):
+        self.cluster, self.model, self.port = cluster, model, free_port()
+        self.path, self.url = folder / "serve.yaml", f"http://127.0.0.1:{self.port}"
+
+    def deploy(self, n: int) -> None:
+        """(Re)deploy with `n` model replicas; wait until exactly those run."""
+        self.path.write_text(yaml.safe_dump(app_config(self.port, self.model, n)))
+        serve_cli(self.cluster, "deploy", str(self.path))
+        wait_for(f"{n} running replicas", lambda: (app_details(self.cluster).get(APP) or {}).get(
+            "status") == "RUNNING" and len(running(self.cluster)) == n == len(replicas(self.cluster)))
+
+
 @pytest.fixture(scope="module")
 def served(ray_cluster, student, tmp_path_factory):
-    """The application on the cluster, deployed from a config by `serve deploy`; shut down after.
-    Three worker nodes: two for the replicas, one for the replica a rollout starts before it stops
-    an old one (an autoscaler would add it)."""
-    ray_cluster.ensure_workers(3)
-    port = free_port()
-    path = tmp_path_factory.mktemp("serve_cluster") / "serve.yaml"
-    path.write_text(yaml.safe_dump(app_config(port, student)))
-    serve_cli(ray_cluster, "deploy", str(path))
-    wait_for("the application to run", lambda: (app_details(ray_cluster).get(APP) or {}).get("status") == "RUNNING")
-    yield f"http://127.0.0.1:{port}"
+    """The application on the cluster with two model replicas on the two worker nodes; shut down
+    after the module."""
+    ray_cluster.ensure_workers(2)
+    app = Served(ray_cluster, student, tmp_path_factory.mktemp("serve_cluster"))
+    app.deploy(2)
+    yield app
     serve_cli(ray_cluster, "shutdown", "-y")
 
 
@@ -207,11 +220,14 @@ def retried_windows(cluster) -> float:
 # ------------------------------------------------------------------------------------------------
 def test_replica_loss_costs_no_request(ray_cluster, served, clip):
     data, _ = clip
+    served.deploy(2)
     nodes = running(ray_cluster)
     assert len(nodes) == 2 and len(set(nodes)) == 2, f"model replicas not on two nodes: {replicas(ray_cluster)}"
     victim = nodes[0]
     retried_before = retried_windows(ray_cluster)
-    with Load(served, data, threads=3, streams=1) as load:
+    # five clients on two replicas: each replica always holds windows (one per engine call, the
+    # rest queued in it), so the lost one takes some with it
+    with Load(served.url, data, threads=5, streams=1) as load:
         wait_for("steady answers", lambda: load.count() >= 6, timeout_s=300, every_s=0.2)
         t_kill = time.monotonic()
         ray_cluster.replace(victim)                       # hard: raylet and workers gone at once
@@ -246,24 +262,28 @@ def models(url: str) -> dict:
 
 
 def test_promote_canary_gate_and_rollback(ray_cluster, served, clip, student, tmp_path):
+    """One model replica (a config change, no restart): the rollout's surge replica takes the other
+    worker node."""
     from ark_ray.serve.versions import model_version
 
     data, texts = clip
+    served.deploy(1)
+    url = served.url
     v_student, v_teacher = model_version(student), model_version(TEACHER)
     lines = (CORPUS / "test.jsonl").read_text().splitlines()[:16]
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps(dict(json.loads(x), audio=str(CORPUS / json.loads(x)["audio"]))) + "\n"
                                for x in lines))
     common = [f"--eval_manifest={heldout}", f"--state_dir={tmp_path / 'state'}", "--min_gain=0.05"]
-    assert models(served)["version"] == v_student
+    assert models(url)["version"] == v_student
     seen_models: list[dict] = []
-    with Load(served, data, threads=2) as load:
+    with Load(url, data, threads=2) as load:
         wait_for("steady answers", lambda: load.count() >= 4, timeout_s=300, every_s=0.2)
         stop_polling = threading.Event()
 
         def poll():
             while not stop_polling.is_set():
-                seen_models.append(models(served))
+                seen_models.append(models(url))
                 time.sleep(0.5)
 
         poller = threading.Thread(target=poll, daemon=True)
@@ -272,19 +292,19 @@ def test_promote_canary_gate_and_rollback(ray_cluster, served, clip, student, tm
         stop_polling.set()
         poller.join()
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-5000:]
-        assert models(served)["version"] == v_teacher
+        assert models(url)["version"] == v_teacher
         n = load.count()
         wait_for("answers after the rollout", lambda: load.count() >= n + 4, timeout_s=300, every_s=0.2)
         t_promoted = time.monotonic()       # routers know the new replica set by now
 
         worse = promote(ray_cluster, f"--candidate={student}", *common)
         assert worse.returncode == 3, worse.stdout[-3000:] + worse.stderr[-5000:]
-        assert models(served)["version"] == v_teacher
+        assert models(url)["version"] == v_teacher
 
         t_rollback = time.monotonic()
         back = promote(ray_cluster, "--rollback", *common[1:])
         assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-5000:]
-        assert models(served)["version"] == v_student
+        assert models(url)["version"] == v_student
         n = load.count()
         wait_for("answers after the rollback", lambda: load.count() >= n + 4, timeout_s=300, every_s=0.2)
         t_back = time.monotonic()

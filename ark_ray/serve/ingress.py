@@ -43,7 +43,7 @@ from ark_ray.serve import formats
 from ark_ray.serve.page import render_page
 from ark_ray.serve.request_metrics import RequestMetrics
 from ark_ray.serve.windows import LOST_REPLICA as _LOST_REPLICA
-from ark_ray.serve.windows import RESTART, ReplicaLost, Target, WindowCall
+from ark_ray.serve.windows import ReplicaLost, Target, WindowCall
 
 #: Response header naming the model version(s) that produced a transcription.
 VERSION_HEADER = "X-Ark-Model-Version"
@@ -390,7 +390,7 @@ class Ingress:
                 window: list[int] = []
                 while True:
                     part = part if part is not None else await self._next(gen)
-                    if part is RESTART:       # resubmitted on another replica: its tokens start over
+                    if "restart" in part:     # resubmitted on another replica: its tokens start over
                         window, part = [], None
                         continue
                     if "done" in part:

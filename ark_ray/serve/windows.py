@@ -30,7 +30,8 @@ from ray.serve.handle import DeploymentHandle
 #: Errors that mean "the replica holding this window is gone", not "the window failed".
 LOST_REPLICA = (RayActorError, ReplicaUnavailableError, ObjectLostError)
 
-#: What `WindowCall.next_part` returns when a streamed window starts over on another replica.
+#: What `WindowCall.next_part` returns when a streamed window starts over on another replica
+#: (compared by its key: the ingress's routes are pickled with copies of the globals they use).
 RESTART = {"restart": True}
 
 logger = logging.getLogger("ray.serve")
@@ -88,7 +89,7 @@ class WindowCall:
                 await self._again(e)
 
     async def next_part(self) -> dict:
-        """{"delta": ids}, {"done": result}, or RESTART when the window starts over elsewhere."""
+        """{"delta": ids}, {"done": result}, or RESTART ({"restart": True}) when the window starts over elsewhere."""
         try:
             return await self.call.__anext__()
         except LOST_REPLICA as e:
