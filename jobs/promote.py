@@ -10,8 +10,8 @@ model on the same manifest with the application's engine settings, prints both W
 candidate onto the application in place if it is better by `min_gain` (optionally after serving a
 canary share of the traffic); otherwise keeps the served model and says why. The served version
 then shows in GET /v1/models and the X-Ark-Model-Version header. Exit status: 0 promoted (or
-rolled back, or nothing to do), 3 refused by the gate, 1 failed (the served model is kept), 2 a bad
-key or value.
+rolled back, or nothing to do), 3 refused by the gate, 1 the rollout failed (the served model is
+kept), 2 a bad key, input or application (one line on stderr, checked before Ray starts).
 Ray and transcription logs go to <state_dir>/<app>/job.log. Every key: docs/config.md (PromoteConfig).
 """
 import pathlib
@@ -23,7 +23,6 @@ if str(REPO) not in sys.path:   # `python jobs/promote.py` from a clone, without
     sys.path.insert(0, str(REPO))
 
 from ark_ray.opd.console import Console, table  # noqa: E402
-from ark_ray.runtime import cpu_env_defaults  # noqa: E402
 
 REFUSED, FAILED = 3, 1
 
@@ -49,14 +48,13 @@ def closing_rows(s: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def main(argv=None) -> int:
-    cpu_env_defaults()
-    from ark_ray.config import ConfigError, PromoteConfig, parse_job_args
+def main(argv: list[str]) -> int:
+    from ark_ray.config import PromoteConfig, parse_job_args
     from ark_ray.serve import promote as P
-    from ark_ray.serve.control import ServeControlError
+    from ark_ray.serve.control import NotRunning
 
-    cfg = parse_job_args(PromoteConfig, sys.argv[1:] if argv is None else argv)
-    storage = P.state_storage(cfg)
+    cfg = parse_job_args(PromoteConfig, argv)
+    storage = P.preflight(cfg)
     console = Console(storage.local(""))
     t0 = time.perf_counter()
     bar = None
@@ -72,7 +70,7 @@ def main(argv=None) -> int:
 
         init_ray(cfg.ray)
         if cfg.rollback:
-            s = P.rollback(cfg, console.line)
+            s = P.rollback(cfg, storage, console.line)
         else:
             from tqdm import tqdm
 
@@ -99,7 +97,7 @@ def main(argv=None) -> int:
                     bar = console.bar = None
                 console.line(msg)
 
-            s = P.promote(cfg, line, rows, tick)
+            s = P.promote(cfg, storage, line, rows, tick)
         if bar is not None:
             bar.close()
             console.bar = None
@@ -109,7 +107,7 @@ def main(argv=None) -> int:
         console.line(f"log: {console.log_path}")
         storage.upload("job.log")
         return REFUSED if s["decision"] == "refused" else 0
-    except (P.PromoteError, ServeControlError, ConfigError) as e:    # what the user can act on: one line
+    except (P.RolloutFailed, NotRunning) as e:    # the cluster's failure, not a bug: one line, the log
         if bar is not None:
             bar.close()
             console.bar = None
@@ -117,16 +115,12 @@ def main(argv=None) -> int:
         console.line(f"log: {console.log_path}")
         return FAILED
     except BaseException:
-        console.restore()   # the traceback goes to the terminal
+        console.restore()   # a user error's one line (ark_ray/cli.py) or the traceback goes to the terminal
         print(f"(full log: {console.log_path})", file=sys.stderr)
         raise
 
 
 if __name__ == "__main__":
-    from ark_ray.config import ConfigError
+    from ark_ray.cli import run_job
 
-    try:
-        sys.exit(main())
-    except ConfigError as e:       # a bad key or value on the command line: no traceback
-        print(f"promote: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_job("promote", main))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -327,6 +328,8 @@ def test_promote_canary_gate_and_rollback(ray_cluster, served, clip, student, tm
     assert (refused["decision"], refused["served_now"]) == ("refused", v_teacher)
     assert "not below the served" in refused["why"] and "cached" in worse.stdout   # transcripts reused
     assert closing(back.stdout)["served_now"] == v_student
+    nope = promote(ray_cluster, "--rollback", "--app=nope", *common[1:])
+    assert nope.returncode == 2 and "app: no Serve application 'nope' is running" in nope.stderr, nope.stderr[-2000:]
     history = json.loads((tmp_path / "state" / APP / "history.json").read_text())
     assert [e["action"] for e in history] == ["promoted", "refused", "rolled_back"]
     assert history[0]["to"]["version"] == v_teacher and history[2]["to"]["version"] == v_student
@@ -379,3 +382,15 @@ def test_s3_candidate_is_a_run_folder_downloaded_once(s3_client, aws_env, tmp_pa
     assert candidate_dir(cfg.candidate, cfg, lines.append) == local and len(lines) == 1     # cached
     with pytest.raises(Exception, match="no config.json"):
         candidate_dir("s3://ark-promote/runs/none", cfg, lines.append)
+
+
+def test_bad_candidate_or_manifest_is_one_line_before_ray_starts(tmp_path):
+    state = f"--state_dir={tmp_path / 'state'}"
+    for args, words in (([f"--candidate={tmp_path}", state], f"promote: candidate: {tmp_path} has no config.json"),
+                        ([f"--candidate={TEACHER}", "--eval_manifest=/no/such.jsonl", state],
+                         "promote: eval_manifest: /no/such.jsonl not found")):
+        r = subprocess.run([sys.executable, str(REPO / "jobs" / "promote.py"), *args], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path, env={k: v for k, v in os.environ.items()
+                                                                      if k != "RAY_ADDRESS"})
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(words), r.stderr[-2000:]
+        assert "Traceback" not in r.stderr

@@ -21,31 +21,15 @@ the directory's fingerprint (serve/versions.py).
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Optional
 
 from ray.serve import Application
 
-from ark_ray.config import ConfigError, ServeConfig, load_config, to_dict
+from ark_ray.config import ServeConfig, load_config, to_dict
 from ark_ray.runtime import engine_actor_options
 from ark_ray.serve.ingress import Ingress
 from ark_ray.serve.replica import TranscriberReplica
-from ark_ray.serve.versions import model_version
-
-_UNSET_VAR = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
-
-
-def resolve_model_dir(path: str) -> str:
-    """Expand `$VAR` / `${VAR}`; a relative path that exists here becomes absolute (replicas'
-    working directory differs from `serve run`'s)."""
-    expanded = os.path.expandvars(path)
-    missing = _UNSET_VAR.findall(expanded)
-    if missing:
-        raise ConfigError(f"model {path!r}: environment variable {missing[0]} is not set")
-    if not os.path.isabs(expanded) and os.path.exists(expanded):
-        expanded = os.path.abspath(expanded)
-    return expanded
-
+from ark_ray.serve.versions import model_version, resolve_model_dir
 
 def resolve_api_key(cfg: ServeConfig) -> Optional[str]:
     if cfg.api_key:

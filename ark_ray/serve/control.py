@@ -23,11 +23,17 @@ import time
 import urllib.request
 from typing import Callable, Optional
 
+from ark_ray.config import UserError
+
 INGRESS, MODEL = "ArkIngress", "ArkTranscriber"
 
 
-class ServeControlError(RuntimeError):
-    """The Serve instance or application cannot do what was asked (named in the message)."""
+class ServeControlError(UserError):
+    """No Serve instance, no such application, or one that cannot be updated from its config."""
+
+
+class NotRunning(RuntimeError):
+    """An application did not come up on its new config (DEPLOY_FAILED, UNHEALTHY, or too slow)."""
 
 
 def _client():
@@ -60,10 +66,10 @@ def app_config(name: str) -> dict:
     """One application's deployed config; a clear error if it is missing or was deployed from Python."""
     apps = details().applications
     if name not in apps:
-        raise ServeControlError(f"no Serve application {name!r} is running (running: {sorted(apps) or 'none'})")
+        raise ServeControlError(f"app: no Serve application {name!r} is running (running: {sorted(apps) or 'none'})")
     cfg = apps[name].deployed_app_config
     if cfg is None:
-        raise ServeControlError(f"Serve application {name!r} was deployed from Python (serve.run), not from a "
+        raise ServeControlError(f"app: Serve application {name!r} was deployed from Python (serve.run), not from a "
                                 "config: deploy it with `serve deploy CONFIG.yaml` (or `serve run CONFIG.yaml`) "
                                 "so that it can be updated in place")
     return cfg.model_dump(exclude_unset=True)
@@ -102,7 +108,7 @@ def apply(changed: dict[str, Optional[dict]]) -> dict[str, float]:
 def wait_running(name: str, since: float, timeout_s: float,
                  on_change: Optional[Callable[[str, str], None]] = None) -> None:
     """Until application `name`, deployed again after `since`, is RUNNING (every deployment on the new
-    config, healthy); ServeControlError on DEPLOY_FAILED / UNHEALTHY or after `timeout_s`.
+    config, healthy); NotRunning on DEPLOY_FAILED / UNHEALTHY or after `timeout_s`.
     `on_change(status, message)` hears each status it passes through."""
     deadline = time.monotonic() + timeout_s
     last = None
@@ -115,10 +121,9 @@ def wait_running(name: str, since: float, timeout_s: float,
             if state == "RUNNING":
                 return
             if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise ServeControlError(f"application {name!r} is {state}: {message}")
+                raise NotRunning(f"application {name!r} is {state}: {message}")
         if time.monotonic() > deadline:
-            raise ServeControlError(f"application {name!r} not RUNNING after {timeout_s:.0f} s "
-                                    f"(status {state}: {message})")
+            raise NotRunning(f"application {name!r} not RUNNING after {timeout_s:.0f} s (status {state}: {message})")
         time.sleep(0.5)
 
 
@@ -126,7 +131,7 @@ def wait_deleted(name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while status(name)[0] != "NOT_STARTED":
         if time.monotonic() > deadline:
-            raise ServeControlError(f"application {name!r} still present after {timeout_s:.0f} s")
+            raise NotRunning(f"application {name!r} still present after {timeout_s:.0f} s")
         time.sleep(0.5)
 
 

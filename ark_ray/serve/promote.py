@@ -30,18 +30,21 @@ import os
 import time
 from typing import Callable, Optional
 
-from ark_ray.config import EngineConfig, PromoteConfig, SamplingConfig, TranscribeConfig, load_config
+from ark_ray.config import EngineConfig, PromoteConfig, SamplingConfig, TranscribeConfig, UserError, load_config
 from ark_ray.data.run_storage import RunStorage
 from ark_ray.data.s3 import is_s3, read_bytes, resolve
 from ark_ray.serve import control
-from ark_ray.serve.app import resolve_model_dir
-from ark_ray.serve.versions import model_name, model_version
+from ark_ray.serve.versions import model_name, model_version, resolve_model_dir
 
 Report = Callable[[str], None]
 
 
-class PromoteError(RuntimeError):
-    """A promotion or rollback that cannot go on; the message says what the application serves now."""
+class PromoteError(UserError):
+    """A promotion or rollback the user's settings or history make impossible (named in the message)."""
+
+
+class RolloutFailed(RuntimeError):
+    """The application did not come up on the new model; its previous config was applied again."""
 
 
 @dataclasses.dataclass
@@ -58,17 +61,25 @@ class Model:
 
 # ---------------------------------------------------------------------------------- the candidate
 def candidate_dir(spec: str, cfg: PromoteConfig, report: Report) -> str:
-    """A local model directory for `spec`: a model directory, a run folder's `final` export, or an
-    s3:// URI of either, downloaded once into model_store (which every node must read)."""
+    """A local model directory for `spec`: a model directory, a run folder's `final` export, an
+    s3:// URI of either (downloaded once into model_store, which every node must read), or the
+    demo's `demo://student`."""
+    if spec.startswith("demo://"):
+        from ark_ray.demo import student as demo_student
+
+        if spec != demo_student.SCHEME:
+            raise PromoteError(f"candidate: {spec} is not a demo model (the demo's is {demo_student.SCHEME})")
+        return str(demo_student.ensure())
     if is_s3(spec):
         fs, root = resolve(spec, cfg.s3)
         sub = "" if _exists(fs, f"{root.rstrip('/')}/config.json") else "final"
         if sub and not _exists(fs, f"{root.rstrip('/')}/final/config.json"):
-            raise PromoteError(f"candidate {spec}: no config.json there or under final/ (not an HF-format export)")
+            raise PromoteError(f"candidate: {spec} has no config.json, nor final/config.json (not an HF-format "
+                               "export or a training run's output folder)")
         store = cfg.model_store or (None if is_s3(cfg.state_dir) else os.path.join(cfg.state_dir, "models"))
         if store is None:
-            raise PromoteError("an s3:// candidate needs model_store (a path every node reads) when state_dir is "
-                               "on S3 too")
+            raise PromoteError("model_store: an s3:// candidate needs a path every node reads to download it to "
+                               "when state_dir is on S3 too")
         key = hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:10]
         local = os.path.abspath(os.path.join(store, f"{model_name(spec.rstrip('/') + ('/final' if sub else ''))}-{key}"))
         if not os.path.isfile(os.path.join(local, "config.json")):
@@ -84,7 +95,7 @@ def candidate_dir(spec: str, cfg: PromoteConfig, report: Report) -> str:
     for d in (path, os.path.join(path, "final")):
         if os.path.isfile(os.path.join(d, "config.json")):
             return os.path.abspath(d)
-    raise PromoteError(f"candidate {spec}: no config.json there or under final/ (not an HF-format model "
+    raise PromoteError(f"candidate: {spec} has no config.json, nor final/config.json (not an HF-format model "
                        "directory or a training run's output folder)")
 
 
@@ -106,7 +117,7 @@ def _manifest(cfg: PromoteConfig, report: Report) -> tuple[str, str]:
     try:
         data = read_bytes(fs, path)
     except OSError as e:
-        raise PromoteError(f"eval_manifest {cfg.eval_manifest}: {e}") from None
+        raise PromoteError(f"eval_manifest: cannot read {cfg.eval_manifest}: {e}") from None
     return uri, hashlib.sha256(data).hexdigest()
 
 
@@ -199,11 +210,11 @@ def roll_out(app: str, app_cfg: dict, to: Model, cfg: PromoteConfig, report: Rep
     since = control.apply({app: new})[app]
     try:
         control.wait_running(app, since, cfg.timeout_s, on_change=lambda s, m: report(f"  {app}: {s} {m}".rstrip()))
-    except control.ServeControlError as e:
+    except control.NotRunning as e:
         report(f"rollout failed ({e}); restoring the previous config ...")
         since = control.apply({app: app_cfg})[app]
         control.wait_running(app, since, cfg.timeout_s)
-        raise PromoteError(f"rollout of {to.version} failed: {e}; '{app}' serves its previous model again") from None
+        raise RolloutFailed(f"rollout of {to.version} failed: {e}; '{app}' serves its previous model again") from None
     return time.perf_counter() - t0
 
 
@@ -301,16 +312,27 @@ def end_canary(app: str, report: Report) -> None:
         report(f"canary: application '{name}' removed")
 
 
-def state_storage(cfg: PromoteConfig) -> RunStorage:
-    return RunStorage(f"{cfg.state_dir.rstrip('/')}/{cfg.app}", cfg.s3)
+def preflight(cfg: PromoteConfig) -> RunStorage:
+    """Before Ray starts: the state folder is writable, the manifest readable, the candidate a
+    model (one line and exit 2 otherwise, ark_ray/cli.py). Returns `<state_dir>/<app>`."""
+    from ark_ray.data.preflight import check_input, open_output
+
+    storage = open_output(f"{cfg.state_dir.rstrip('/')}/{cfg.app}", "state_dir", cfg.s3)
+    if not cfg.rollback:
+        if is_s3(cfg.candidate):
+            check_input(cfg.candidate, "candidate", cfg.s3)
+        elif not cfg.candidate.startswith("demo://"):
+            candidate_dir(cfg.candidate, cfg, lambda _: None)
+        check_input(cfg.eval_manifest, "eval_manifest", cfg.s3)
+    return storage
 
 
 # ---------------------------------------------------------------------------------- the jobs
-def promote(cfg: PromoteConfig, report: Report, on_rows: Optional[Callable[[str, int], None]] = None,
+def promote(cfg: PromoteConfig, storage: RunStorage, report: Report,
+            on_rows: Optional[Callable[[str, int], None]] = None,
             on_tick: Optional[Callable[[float], None]] = None) -> dict:
-    """Score, gate, (canary,) roll out, record. Returns the summary (`decision`: promoted, refused,
-    unchanged)."""
-    storage = state_storage(cfg)
+    """Score, gate, (canary,) roll out, record in `storage` (`<state_dir>/<app>`). Returns the
+    summary (`decision`: promoted, refused, unchanged)."""
     history = History(storage)
     app_cfg = control.app_config(cfg.app)
     args = app_cfg.get("args") or {}
@@ -358,9 +380,8 @@ def promote(cfg: PromoteConfig, report: Report, on_rows: Optional[Callable[[str,
     return summary
 
 
-def rollback(cfg: PromoteConfig, report: Report) -> dict:
+def rollback(cfg: PromoteConfig, storage: RunStorage, report: Report) -> dict:
     """Undo the last promotion of the served version, or remove a canary left running."""
-    storage = state_storage(cfg)
     history = History(storage)
     app_cfg = control.app_config(cfg.app)
     served = served_model(cfg.app, app_cfg)
@@ -377,11 +398,11 @@ def rollback(cfg: PromoteConfig, report: Report) -> dict:
         return summary
     target = history.undo_target(served.version)
     if target is None:
-        raise PromoteError(f"no promotion of {served.version} on '{cfg.app}' in {storage.uri_of('history.json')}: "
-                           "nothing to roll back to")
+        raise PromoteError(f"rollback: no promotion of {served.version} on '{cfg.app}' in "
+                           f"{storage.uri_of('history.json')}: nothing to roll back to")
     to = Model(target["model"], target["version"])
     if not os.path.isfile(os.path.join(to.model, "config.json")):
-        raise PromoteError(f"the previous model {to.version} is gone from {to.model}")
+        raise PromoteError(f"rollback: the previous model {to.version} is gone from {to.model}")
     report(f"rolling back '{cfg.app}': {served.version} -> {to.version}")
     summary["rollout_s"] = roll_out(cfg.app, app_cfg, to, cfg, report)
     history.add({"action": "rolled_back", "from": served.to_dict(), "to": to.to_dict()})

@@ -1,4 +1,5 @@
-"""A model directory's version label: what `GET /v1/models`, the `X-Ark-Model-Version` header, the
+"""Model directories as a Serve config names them: the path (`resolve_model_dir`) and the version
+label (`model_version`): what `GET /v1/models`, the `X-Ark-Model-Version` header, the
 per-version metrics and the promotion history call a model.
 
 Why a fingerprint and not the path: a promotion copies an export into place, a rollback names an
@@ -13,9 +14,25 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
+
+from ark_ray.config import ConfigError
 
 _EDGE = 1 << 20
+_UNSET_VAR = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
 _WHOLE = (".json", ".jinja", ".txt", ".model")
+
+
+def resolve_model_dir(path: str) -> str:
+    """Expand `$VAR` / `${VAR}`; a relative path that exists here becomes absolute (replicas'
+    working directory differs from `serve run`'s)."""
+    expanded = os.path.expandvars(path)
+    missing = _UNSET_VAR.findall(expanded)
+    if missing:
+        raise ConfigError(f"model {path!r}: environment variable {missing[0]} is not set")
+    if not os.path.isabs(expanded) and os.path.exists(expanded):
+        expanded = os.path.abspath(expanded)
+    return expanded
 
 
 def fingerprint(model_dir: str | os.PathLike) -> str:
