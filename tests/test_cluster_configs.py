@@ -214,8 +214,10 @@ def test_rayservice_serves_the_gpu_serve_config(repo_root):
     for app in ours["applications"]:
         load_config(ServeConfig, overrides=dict(app["args"]))       # unknown or bad keys fail here
     assert ours["applications"][0]["args"]["model"] == "${ARK_MODEL_DIR}"
-    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {"name": "ARK_MODEL_DIR", "value": "/mnt/ark/models/ark-asr-0.6b"} in head["env"]
+    cluster = doc["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:      # built and served anywhere
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": "ARK_MODEL_DIR", "value": "/mnt/ark/models/ark-asr-0.6b"} in container["env"]
     drifted = copy.deepcopy(ours)
     drifted["applications"][0]["args"]["max_batch_size"] = 64
     assert drifted != theirs                                         # the comparison can fail
