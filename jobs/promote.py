@@ -22,7 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # `python jobs/promote.py` from a clone, without an installed package
     sys.path.insert(0, str(REPO))
 
-from ark_ray.opd.console import Console, table  # noqa: E402
+from ark_ray.console import JobConsole, table  # noqa: E402
 
 REFUSED, FAILED = 3, 1
 
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
 
     cfg = parse_job_args(PromoteConfig, argv)
     storage = P.preflight(cfg)
-    console = Console(storage.local(""))
+    console = JobConsole(storage.local(""))
     t0 = time.perf_counter()
     bar = None
     try:
