@@ -25,12 +25,13 @@ def main(argv=None) -> dict:
     """Parse, check the input, model and output (a user error is one line and exit 2 under run_job,
     before Ray starts), then run the pipeline under the job console."""
     from ark_ray.config import TranscribeConfig, parse_job_args
-    from ark_ray.data.preflight import check_input, check_model, open_output
+    from ark_ray.data.preflight import check_input, check_model, check_part_format, open_output
 
     cfg = parse_job_args(TranscribeConfig, sys.argv[1:] if argv is None else argv)
     check_input(cfg.input, "input", cfg.s3)
     check_model(cfg.model_dir(), "model")
     storage = open_output(cfg.output, "output", cfg.s3)   # for an s3:// output, a local folder for job.log
+    check_part_format(storage, cfg.format, cfg.overwrite)
 
     from ark_ray.runtime import cpu_env_defaults
 

@@ -36,6 +36,9 @@ def _cases(tmp) -> dict:
     """name -> (job, argv, text the one line must contain)."""
     (tmp / "preds.jsonl").write_text('{"text": "a b", "pred_text": "a b"}\n')
     preds = str(tmp / "preds.jsonl")
+    jsonl_run = tmp / "jsonl_run"          # an earlier transcribe run's output, in JSONL
+    jsonl_run.mkdir(exist_ok=True)
+    (jsonl_run / "part-0123456789abcdef0123.jsonl").write_text('{"key": "a", "pred_text": "a"}\n')
     return {
         "evaluate-unknown-key": ("evaluate", ["--predictionz", preds], "evaluate: unknown config key predictionz "
                                  "(did you mean predictions?)"),
@@ -48,6 +51,9 @@ def _cases(tmp) -> dict:
                                      "transcribe: input: "),
         "transcribe-not-a-model": ("transcribe", ["--input", preds, "--output", str(tmp / "out"), "--model", str(tmp)],
                                    "not an HF-format model directory"),
+        "transcribe-other-format": ("transcribe", ["--input", preds, "--output", str(jsonl_run), "--format", "parquet"],
+                                    "holds 1 jsonl part file(s) of an earlier run, and a rerun skips their inputs, "
+                                    "so --format parquet would write nothing new; pass --format jsonl"),
     }
 
 

@@ -23,10 +23,9 @@ from ray.data import Datasink
 
 from ark_ray.config import S3Config
 from ark_ray.data.listing import InputError
-from ark_ray.data.row_files import read_table
+from ark_ray.data.row_files import PART_SUFFIX, list_parts, read_table  # noqa: F401 - re-exported
 from ark_ray.data.s3 import resolve, to_uri, write_bytes_atomic
 
-PART_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
 #: Columns the transcriber adds to every row (a label field never takes one of these names).
 OUTPUT_COLUMNS = ("pred_text", "pred_text_raw", "segments", "duration_s", "silent", "error", "error_detail")
 
@@ -98,17 +97,6 @@ class PartFileSink(Datasink):
 # --------------------------------------------------------------------------------------------
 # The output folder: what is done, duplicates, overwrite, the label manifest
 # --------------------------------------------------------------------------------------------
-
-
-def list_parts(fs: pafs.FileSystem, root: str) -> list[str]:
-    """The part files under `root` (not the label manifest, not temp files), sorted."""
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    except FileNotFoundError:
-        return []
-    return sorted(fi.path for fi in infos if fi.type == pafs.FileType.File
-                  and posixpath.basename(fi.path).startswith("part-")
-                  and fi.path.endswith(tuple(PART_SUFFIX.values())))
 
 
 def read_output(output: str, s3: Optional[S3Config] = None) -> list[dict]:

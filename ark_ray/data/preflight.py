@@ -10,6 +10,8 @@ its config.
 - `check_input`: a manifest, folder or s3:// prefix exists and can be read (one GET of a byte).
 - `open_output`: the run folder (`RunStorage`), writable: a probe file written and deleted.
 - `check_model`: an HF-format model directory (config.json, weights).
+- `check_part_format`: a batch output's part files are in the format asked for (a rerun skips
+  the inputs they hold, so another `--format` would silently write nothing).
 - `claim_run`: no silent overwrite. A run folder that already holds a run is continued only with
   `resume`, emptied of the job's artefacts only with `overwrite`, and otherwise refused, so one
   metrics.jsonl never mixes two runs.
@@ -24,6 +26,7 @@ import pyarrow.fs as pafs
 
 from ark_ray.config import S3Config, UserError
 from ark_ray.data.listing import InputError
+from ark_ray.data.row_files import PART_SUFFIX, list_parts
 from ark_ray.data.run_storage import RunStorage
 from ark_ray.data.s3 import StorageError, is_s3, resolve
 
@@ -146,6 +149,21 @@ def check_model(path: Optional[str], key: str, demo: tuple[str, ...] = DEMO_MODE
         raise InputError(f"{key}: {path} has no config.json (not an HF-format model directory)")
     if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
         raise InputError(f"{key}: {path} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def check_part_format(storage: RunStorage, fmt: str, overwrite: bool, key: str = "output") -> None:
+    """The batch job's output holds no part files of a format other than `fmt` (unless `overwrite`
+    deletes them): a rerun counts their inputs as done, so `--format parquet` into a folder of JSONL
+    parts would write nothing new and mix two formats in one output."""
+    if overwrite:
+        return
+    parts = list_parts(storage.fs, storage.root)
+    for found, suffix in PART_SUFFIX.items():
+        n = sum(p.endswith(suffix) for p in parts)
+        if found != fmt and n:
+            raise UserError(f"{key}: {storage.uri} holds {n} {found} part file(s) of an earlier run, and a rerun "
+                            f"skips their inputs, so --format {fmt} would write nothing new; pass --format {found} to "
+                            f"continue that run, --overwrite to redo it as {fmt}, or choose another output folder")
 
 
 def _is_folder(storage: RunStorage, rel: str) -> bool:

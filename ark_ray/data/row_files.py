@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from typing import Iterator, Optional, Sequence, Union
 
 import pyarrow as pa
@@ -17,6 +18,20 @@ from ark_ray.config import UserError
 
 #: File names read as row files (folders of shards are filtered by these).
 SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+#: The batch job's part files (`part-<hash><suffix>`, ark_ray/data/part_files.py) by --format.
+PART_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet"}
+
+
+def list_parts(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The batch job's part files under `root` (not the label manifest, not temp files), sorted.
+    Here, not in part_files, so the job's preflight lists them without importing Ray."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except FileNotFoundError:
+        return []
+    return sorted(fi.path for fi in infos if fi.type == pafs.FileType.File
+                  and posixpath.basename(fi.path).startswith("part-")
+                  and fi.path.endswith(tuple(PART_SUFFIX.values())))
 
 
 class RowFileError(UserError):
