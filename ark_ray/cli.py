@@ -13,15 +13,17 @@ Anything else is a bug (or a failure of the cluster) and keeps its traceback. `-
 ARK_DEBUG=1) shows the traceback of a user error too. Jobs check their inputs and outputs before
 they import Ray or start anything (`ark_ray.data.preflight`), so these lines come within seconds.
 
-This module imports nothing heavy (only the config module), so a job can use it first thing.
+This module imports nothing beyond the standard library until a job fails, so a job can use it
+first thing, even under a Python that lacks the project's libraries.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
-from ark_ray.config import UserError
+if TYPE_CHECKING:
+    from ark_ray.config import UserError
 
 T = TypeVar("T")
 
@@ -35,9 +37,16 @@ def split_debug(argv: list[str]) -> tuple[list[str], bool]:
     return rest, len(rest) != len(argv) or os.environ.get("ARK_DEBUG", "") not in ("", "0")
 
 
+def outside_venv() -> bool:
+    """This Python is a system one, not a virtual environment's (the jobs' dependencies live in .venv)."""
+    return sys.prefix == sys.base_prefix
+
+
 def user_error(e: BaseException) -> Optional[UserError]:
     """`e` as a UserError, also when Ray wrapped it (a RayTaskError of a task or actor that raised
     one carries it as `cause`); None for any other error."""
+    from ark_ray.config import UserError   # here: a system Python without yaml still gets run_job's one line
+
     cause = getattr(e, "cause", None)
     if isinstance(cause, UserError):
         return cause
@@ -52,7 +61,9 @@ def one_line(name: str, e: BaseException) -> str:
 
 def run_job(name: str, main: Callable[[list[str]], T], argv: Optional[list[str]] = None) -> T:
     """Run `main(argv)` (default: sys.argv[1:], `--debug` taken out) as the job `name`: a user
-    error exits 2 with one line on stderr; Ctrl-C exits 130 with one line."""
+    error exits 2 with one line on stderr; Ctrl-C exits 130 with one line; a missing library in a
+    Python outside any virtual environment (a plain `python jobs/X.py` before `source
+    .venv/bin/activate`) exits 2 with one line that says to activate it."""
     args, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     try:
         return main(args)
@@ -61,6 +72,12 @@ def run_job(name: str, main: Callable[[list[str]], T], argv: Optional[list[str]]
             raise
         print(f"{name}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except ModuleNotFoundError as e:
+        if debug or not outside_venv():
+            raise
+        print(f"{name}: {e} in {sys.executable}, which is not the project's Python: run `source .venv/bin/activate` "
+              f"first (or call .venv/bin/python); `bash scripts/setup.sh` makes .venv", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_EXIT) from None
     except BaseException as e:  # noqa: BLE001 - only user errors are handled; the rest is re-raised
         err = user_error(e)
         if err is None or debug:

@@ -114,6 +114,25 @@ def test_user_error_through_ray_is_still_one_line(capsys):
     assert capsys.readouterr().err == "transcribe: input: s3://b/x not found\n"
 
 
+def test_system_python_says_to_activate_the_venv(capsys, monkeypatch):
+    """`python jobs/X.py` before `source .venv/bin/activate`: a library the job needs is missing
+    from the system Python; one line says which Python ran and to activate .venv."""
+    from ark_ray.cli import run_job
+
+    def main(argv):
+        raise ModuleNotFoundError("No module named 'pyarrow'", name="pyarrow")
+
+    monkeypatch.setattr(sys, "prefix", sys.base_prefix)          # as outside any virtual environment
+    with pytest.raises(SystemExit) as e:
+        run_job("transcribe", main, [])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("transcribe: No module named 'pyarrow' in ") and "source .venv/bin/activate" in err
+    monkeypatch.setattr(sys, "prefix", sys.base_prefix + "/venv")  # inside one: a real bug, the traceback stays
+    with pytest.raises(ModuleNotFoundError):
+        run_job("transcribe", main, [])
+
+
 # --------------------------------------------------------------------------- the run-folder rule
 def test_claim_run_refuses_resumes_and_overwrites(tmp_path):
     from ark_ray.data.preflight import claim_run, open_output
