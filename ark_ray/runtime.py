@@ -97,6 +97,12 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         own = missing(ANY_MACHINE)       # before this process takes them: what the job's env lacks
+        if "://" not in address and address != "auto":
+            # the cluster's address for its workers too: a worker that calls the state API (Ray
+            # Train's PlacementGroupCleaner asks it whether the controller lives) otherwise asks the
+            # newest Ray instance on its machine, which may be another one (it then removes the live
+            # training group's placement group: measured with several Ray instances on one host)
+            own["RAY_ADDRESS"] = address
         cpu = missing(CPU_ONLY)
         cpu_env_defaults(cpu_only=False)
         ray.init(address=address, namespace=cfg.namespace, log_to_driver=True,
