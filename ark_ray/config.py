@@ -716,13 +716,31 @@ class SftConfig(Validated):
     eval_manifest: Optional[str] = opt("assets/demo_corpus/dev.jsonl", "Held-out manifest for periodic WER "
                                        "(None: no eval).")
     text_field: str = opt("text", "Manifest column holding the target text (`pred_text` for teacher labels).")
-    output_dir: str = opt("runs/sft", "Where checkpoints, metrics.jsonl and the final HF export go.")
+    output_dir: str = opt("runs/sft", "The run folder: a local path, s3://bucket/prefix or any URI pyarrow knows. "
+                          "Checkpoints (checkpoints/step_N, every rank's DeepSpeed shards, through Ray Train's storage), "
+                          "metrics.jsonl, summary.json, the final HF export (final/) and job.log go there.")
     steps: int = opt(20, "Learner steps (optimizer steps when learner.grad_accum_steps is 1).")
     batch_size: int = opt(8, "Utterances per optimizer step (split over learner ranks).")
     eval_every: int = opt(0, "Steps between eval_manifest WER evaluations (0: only at the end).")
     eval_max_samples: int = opt(64, "Most eval_manifest utterances scored per evaluation.")
     save_every: int = opt(0, "Steps between checkpoints (0: only at the end).")
-    resume: bool = opt(False, "Continue from the checkpoint in output_dir (same data order, no repeats or skips).")
+    resume: bool = opt(False, "Continue from the last checkpoint in output_dir, also on another cluster (same data "
+                       "order, no row repeated or skipped). Without it (or overwrite), an output_dir that holds a "
+                       "run is refused.")
+    overwrite: bool = opt(False, "Delete the run already in output_dir (checkpoints, metrics, summary, exports, "
+                          "init model, job.log; nothing else) and start a new one.")
+    max_failures: int = opt(3, "Learner-group restarts after a rank fails or is lost with its node (Ray Train's "
+                            "FailureConfig.max_failures): the group starts again where there is room and loads the last "
+                            "checkpoint (save_every), and the steps since are trained again on the same rows. Past it the "
+                            "job stops with one error line that says how to --resume. 0: never restart; -1: no limit.")
+    recovery_timeout_s: float = opt(600.0, "Longest wait for room for the learner group each time it starts or "
+                                    "restarts (e.g. for the autoscaler's replacement node); a start that cannot "
+                                    "place its ranks in time fails and counts like a failure.")
+    keep_checkpoints: int = opt(2, "Checkpoints kept in output_dir/checkpoints (older ones are deleted once a newer "
+                                "one is complete).")
+    local_dir: Optional[str] = opt(None, "For a remote output_dir: the driver's local folder for the live job.log and "
+                                   "the metrics buffer. None: <tmp>/ark-ray-runs/<scheme>/<bucket>/<prefix>. Must stay "
+                                   "unset for a local output_dir.")
     max_audio_s: float = opt(30.0, "Clips longer than this are error rows.")
     featurize_workers: int = opt(1, "Ray Data actors decoding audio and computing log-mel for the learner "
                                  "(1 leaves a small CPU to the learner; raise it on a GPU machine).")
@@ -733,7 +751,10 @@ class SftConfig(Validated):
                               "at load time with every bad line listed; true: skip them and log how many.")
     seed: int = opt(0, "Seed of the data order (the permutation of train_manifest, one per epoch); "
                     "learner.seed seeds parameter init and dropout.")
-    learner: LearnerConfig = opt(LearnerConfig(), "Learner group (DeepSpeed) settings.")
+    learner: LearnerConfig = opt(LearnerConfig(), "Learner ranks (Ray Train workers, DeepSpeed): num_workers, "
+                                 "num_gpus/num_cpus per rank, ZeRO stage, optimizer.")
+    s3: S3Config = opt(S3Config(), "S3 endpoint and credentials for s3:// manifests and output_dir (default: the "
+                       "standard AWS environment variables).")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
 
     removed_keys = {"init_model": "renamed to model (every job names the model it starts from `model`)",
@@ -743,6 +764,9 @@ class SftConfig(Validated):
     def validate(self) -> None:
         at_least(self, 1, "steps", "batch_size", "featurize_workers", "max_new_tokens")
         at_least(self, 0, "eval_every", "eval_max_samples", "save_every")
+        at_least(self, -1, "max_failures")
+        at_least(self, 1, "keep_checkpoints")
+        need(self.recovery_timeout_s > 0, "recovery_timeout_s", f"must be > 0 seconds, got {self.recovery_timeout_s}")
         need(self.max_audio_s > 0, "max_audio_s", f"must be > 0, got {self.max_audio_s}")
         need(bool(self.text_field), "text_field", "is empty: name the manifest column with the target text")
         need(not self.model_overrides or self.model.startswith("preset:"), "model_overrides",

@@ -97,6 +97,15 @@ _SPECS = (
     MetricSpec("ark_opd_unmapped_positions_total", "counter",
                "Response tokens left out of the loss because the teacher's vocabulary has no such token "
                "(qwen3_asr teacher; 0 with a shared vocabulary)."),
+    # ---------------------------------------------------------------- supervised fine-tuning
+    MetricSpec("ark_sft_step", "gauge", "SFT learner steps done in this run (it goes back when the group restarts "
+               "from a checkpoint)."),
+    MetricSpec("ark_sft_loss", "gauge", "SFT token cross-entropy of the last step."),
+    MetricSpec("ark_sft_samples_total", "counter", "Utterances the SFT learner trained on (steps trained again after "
+               "a restart count again)."),
+    MetricSpec("ark_sft_recoveries_total", "counter",
+               "Restarts of the SFT learner group from its last checkpoint after a rank failed or was lost with its "
+               "node, by role.", ("role",)),
     # ---------------------------------------------------------------- batch transcription
     MetricSpec("ark_batch_files_total", "counter", "Input files written as output rows (errors included)."),
     MetricSpec("ark_batch_audio_seconds_total", "counter", "Seconds of audio transcribed."),

@@ -50,6 +50,8 @@ def opd(seed: int, out: pathlib.Path, extra: list[str] = ()) -> dict:
 
 def sft(seed: int, out: pathlib.Path, init: str, manifest: str, steps: int, batch: int, lr: float,
         held_out: tuple[str, int]) -> dict:
+    if out.exists():   # an earlier run here: jobs/sft.py continues one only with --resume, so start afresh
+        out.rename(out.with_name(f"{out.name}.earlier-{int(time.time())}"))
     s = sh([PY, "jobs/sft.py", f"--model={init}", f"--train_manifest={manifest}",
             f"--eval_manifest={held_out[0]}", f"--eval_max_samples={held_out[1]}", f"--steps={steps}",
             f"--batch_size={batch}", f"--learner.lr={lr}", f"--learner.seed={seed}", f"--seed={seed}",

@@ -1,4 +1,4 @@
-"""Grafana dashboards for ark-ray, defined as code; writes ark_{opd,batch,serve}.json next to this file.
+"""Grafana dashboards for ark-ray, defined as code; writes ark_{opd,sft,batch,serve}.json next to this file.
 
 Why code: every PromQL expression is built from `ark_ray.metrics.REGISTRY`, so a renamed or
 removed metric fails here (and in tests/test_dashboards.py) instead of leaving an empty panel.
@@ -118,6 +118,22 @@ OPD = Dashboard(
     ],
 )
 
+SFT = Dashboard(
+    "ark-sft", "ARK-Ray / SFT training",
+    "Supervised fine-tuning on Ray Train: step, loss, trained utterances and learner-group recoveries.",
+    "ark_sft_step",
+    [
+        Panel("Learner step", "SFT steps done; it goes back to the checkpoint's step when the learner group "
+              "restarts, then climbs again.", [(f"max({m('ark_sft_step')})", "step")]),
+        Panel("Loss", "Token cross-entropy of the last step.", [(f"avg({m('ark_sft_loss')})", "loss")]),
+        Panel("Utterances per second", "Rate of trained utterances (steps trained again after a restart count "
+              "again).", [(f"sum(rate({m('ark_sft_samples_total')}[{RATE}]))", "utterances/s")]),
+        Panel("Recoveries", "Restarts of the learner group from its last checkpoint after a rank failed or was "
+              "lost with its node.",
+              [(f"sum by (role) ({m('ark_sft_recoveries_total')})", "{{role}}")], kind="stat"),
+    ],
+)
+
 BATCH = Dashboard(
     "ark-batch", "ARK-Ray / Batch transcription",
     "Ray Data transcription jobs: files and audio done, speed, error rows by reason.",
@@ -191,7 +207,7 @@ SERVE = Dashboard(
     ],
 )
 
-DASHBOARDS = {"ark_opd.json": OPD, "ark_batch.json": BATCH, "ark_serve.json": SERVE}
+DASHBOARDS = {"ark_opd.json": OPD, "ark_sft.json": SFT, "ark_batch.json": BATCH, "ark_serve.json": SERVE}
 
 
 def _panel_json(p: Panel, pid: int, x: int, y: int) -> dict:

@@ -35,6 +35,7 @@ finally:
 def _cases(tmp) -> dict:
     """name -> (job, argv, text the one line must contain)."""
     (tmp / "preds.jsonl").write_text('{"text": "a b", "pred_text": "a b"}\n')
+    (tmp / "metrics.jsonl").write_text('{"step": 1}\n')   # tmp holds a run (sft-run-there)
     preds = str(tmp / "preds.jsonl")
     jsonl_run = tmp / "jsonl_run"          # an earlier transcribe run's output, in JSONL
     jsonl_run.mkdir(exist_ok=True)
@@ -54,6 +55,10 @@ def _cases(tmp) -> dict:
         "transcribe-other-format": ("transcribe", ["--input", preds, "--output", str(jsonl_run), "--format", "parquet"],
                                     "holds 1 jsonl part file(s) of an earlier run, and a rerun skips their inputs, "
                                     "so --format parquet would write nothing new; pass --format jsonl"),
+        "sft-missing-manifest": ("sft", ["--train_manifest", str(tmp / "nope.jsonl"), "--output_dir", str(tmp / "sft")],
+                                 "sft: train_manifest: " + str(tmp / "nope.jsonl") + " not found"),
+        "sft-run-there": ("sft", ["--train_manifest", preds, "--eval_manifest", "null", "--output_dir", str(tmp)],
+                          "sft: output_dir: " + str(tmp) + " already holds a run (metrics.jsonl); pass --resume"),
     }
 
 

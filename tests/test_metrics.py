@@ -11,7 +11,7 @@ import pytest
 from ark_ray import metrics
 from ark_ray.metrics import REGISTRY, MetricSpec
 
-NAME = re.compile(r"^ark_(opd|batch|serve)_[a-z][a-z0-9_]*[a-z0-9]$")
+NAME = re.compile(r"^ark_(opd|sft|batch|serve)_[a-z][a-z0-9_]*[a-z0-9]$")
 
 
 def test_registry_follows_the_naming_rules():
@@ -40,6 +40,7 @@ def test_registry_covers_every_area_the_design_names():
         "ark_batch_files_total", "ark_batch_audio_seconds_total", "ark_batch_error_rows_total",
         "ark_batch_speed_times_realtime", "ark_serve_requests_total", "ark_serve_request_latency_seconds",
         "ark_serve_audio_seconds_total", "ark_serve_errors_total",
+        "ark_sft_step", "ark_sft_loss", "ark_sft_samples_total", "ark_sft_recoveries_total",
     }
     assert need <= set(REGISTRY)
     assert REGISTRY["ark_batch_error_rows_total"].tag_keys == ("reason",)
