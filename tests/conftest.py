@@ -119,6 +119,25 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def stop_serve(ray_local):
+    """`stop_serve()`: serve.shutdown() on `ray_local`, then wait until Serve's controller and
+    proxies are gone. serve.shutdown() gives up after 30 s and returns with them still stopping (a
+    loaded box); a `serve.start` in the next module would then find the old proxy by its name while
+    it is being killed and fail with ActorDiedError."""
+    def stop(timeout_s: float = 300) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        deadline = time.monotonic() + timeout_s
+        while left := [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"]:
+            assert time.monotonic() < deadline, f"Serve actors still alive {timeout_s} s after shutdown: {left}"
+            time.sleep(0.5)
+
+    return stop
+
+
+@pytest.fixture(scope="session")
 def moto_endpoint():
     """A real S3-protocol server (moto) on loopback for the whole session; its URL."""
     from moto.server import ThreadedMotoServer

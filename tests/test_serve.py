@@ -49,7 +49,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, model_dir):
+def server(ray_local, model_dir, stop_serve):
     from ray import serve
 
     port = free_port()
@@ -61,7 +61,7 @@ def server(ray_local, model_dir):
                      "max_audio_s": 60.0, "ingress_max_ongoing_requests": 100})
     serve.run(app, name="ark-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    stop_serve()
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ class Cdp:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tmp_path_factory):
+def server(ray_local, tmp_path_factory, stop_serve):
     from ray import serve
 
     d = tmp_path_factory.mktemp("page_tiny")
@@ -73,7 +73,7 @@ def server(ray_local, tmp_path_factory):
                          "engine": {"backend": "hf", "num_cpus": 1}, "max_batch_size": 4,
                          "max_ongoing_requests": 4}), name="ark-page", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    stop_serve()
 
 
 @pytest.fixture(scope="module")

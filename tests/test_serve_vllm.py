@@ -73,13 +73,11 @@ def replica_states() -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local):
-    from ray import serve
-
+def server(ray_local, stop_serve):
     port = free_port()
     deploy(local_config(port))
     yield {"url": f"http://127.0.0.1:{port}", "port": port}
-    serve.shutdown()
+    stop_serve()
 
 
 def speech(n_utts: int, offset: int = 0) -> bytes:
