@@ -112,6 +112,23 @@ class RayConfig(Validated):
 
 
 @dataclass
+class InputConfig(Validated):
+    """Training input through Ray Data (ark_ray/data/clip_stream.py): the manifest is read, and its
+    audio decoded, cut and resampled, by Ray Data tasks on any node, streamed to the workers."""
+    window_mb: float = opt(256.0, "Object-store memory (MiB) Ray Data may fill with decoded clips ahead of the "
+                           "consumers; with the batches in flight, this bounds the input's object-store use "
+                           "whatever the corpus size.")
+    num_cpus: float = opt(0.5, "CPUs per Ray Data task of the input (reading, sorting, decoding): fractional, "
+                          "so the input runs beside actors that hold most of a node's CPUs.")
+    block_rows: int = opt(8, "Clips per decode task (and per decoded block).")
+
+    def validate(self) -> None:
+        need(self.window_mb > 0, "window_mb", f"must be > 0, got {self.window_mb}")
+        need(self.num_cpus > 0, "num_cpus", f"must be > 0 (Ray Data tasks need a CPU share), got {self.num_cpus}")
+        need(self.block_rows >= 1, "block_rows", f"must be >= 1, got {self.block_rows}")
+
+
+@dataclass
 class SamplingConfig(Validated):
     """Decoding settings for an inference engine."""
     temperature: float = opt(0.0, "Sampling temperature; 0 means greedy.")
@@ -827,6 +844,7 @@ class OpdConfig(Validated):
     eval_max_samples: int = opt(60, "Most eval utterances scored.")
     save_every: int = opt(4, "Steps between checkpoints (0: only at the end).")
     max_audio_s: float = opt(30.0, "Longer clips are rejected when loaded.")
+    input: InputConfig = opt(InputConfig(), "Training and eval input (Ray Data): read-ahead window, CPUs per task.")
     max_actor_restarts: int = opt(3, "Restarts of a crashed rollout/teacher actor (its in-flight call is redone).")
     resume: bool = opt(False, "Continue from output_dir's latest checkpoint (output_dir/checkpoints/latest), also on "
                        "another cluster: no utterance repeated or skipped.")
@@ -851,8 +869,9 @@ class OpdConfig(Validated):
         "read by the teacher.")
     learner: LearnerConfig = opt(LearnerConfig(lr=2e-4), "Learner group (DeepSpeed) settings.")
     ray: RayConfig = opt(RayConfig(), "Ray connection.")
-    s3: S3Config = opt(S3Config(), "S3 endpoint and credentials for an s3:// output_dir (default: the standard AWS "
-                         "environment variables of the driver, handed to every learner rank).")
+    s3: S3Config = opt(S3Config(), "S3 endpoint and credentials for an s3:// output_dir, manifests and audio "
+                         "(default: the standard AWS environment variables of the driver, handed to every learner "
+                         "rank and input task).")
 
     removed_keys = {
         "teacher_num_gpus": "renamed to teacher_engine.num_gpus (every role's GPU share is `num_gpus` in its "

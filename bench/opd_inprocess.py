@@ -48,16 +48,16 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
 
     import numpy as np
-    import ray
     import torch
 
     from ark_ray.audio import load_audio
     from ark_ray.config import LearnerConfig, SamplingConfig
+    from ark_ray.data.clip_stream import ClipBatch, DataPositions
     from ark_ray.data.manifest import read_manifest
     from ark_ray.demo import heldout, student as demo_student, unlabelled
     from ark_ray.engines.hf import HFEngine
     from ark_ray.model import ArkAsrForConditionalGeneration
-    from ark_ray.opd.controller import DataPositions, _wer
+    from ark_ray.opd.controller import _wer
     from ark_ray.opd.loss import OpdLoss
     from ark_ray.opd.teacher import TeacherScorer
     from ark_ray.opd.trajectory import TrajectoryBatch
@@ -65,7 +65,6 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)   # TeacherScorer reads clips as refs
     student_dir = demo_student.resolve(a.student)
     rows = read_manifest(unlabelled.resolve(a.train_manifest), text_field=None)
 
@@ -114,7 +113,8 @@ def main(argv=None) -> dict:
             prompt_ids=[t.prompt_ids for t in outs], responses=[t.token_ids for t in outs],
             student_topk=[t.topk_ids for t in outs], policy_version=step, reference_texts=[""] * len(rs),
             pred_texts=[t.text for t in outs], k=a.topk)
-        batch = teacher.score(batch, [ray.put(w) for w in waves])
+        batch = teacher.score(batch, ClipBatch(positions=positions, ids=[r["id"] for r in rs], texts=[""] * len(rs),
+                                               waves=waves, columns={}))
         lb = {k: torch.as_tensor(np.asarray(v)) for k, v in batch.to_learner_batch(pad).items()}
         lb["input_features"] = lb["input_features"].float()
         if a.stale:   # the weights before this update: K steps behind when rolling out K updates later

@@ -14,6 +14,9 @@
   worker's error, and it counts as done only once every worker reports the new version.
 * Data: positions 0, 1, 2, ... index an endless sequence of epochs (epoch e = position // N, each
   epoch its own seeded permutation), so the source never runs dry however many samples are dropped.
+  The manifests are read and the audio decoded by Ray Data (ark_ray.data.clip_stream): the driver
+  holds positions and refs of decoded blocks only, each batch travels as a ClipRefs, and its blocks
+  are released once the learner has trained on it, so the object store holds the in-flight window.
 * Faults: rollout/teacher actors restart (max_restarts) and Ray retries their in-flight call on
   the new actor (max_task_retries), so the work is redone; a restarted rollout worker loads the
   WeightStore's copy first (published at each checkpoint).
@@ -32,13 +35,14 @@ import os
 import time
 from collections import deque
 from dataclasses import asdict
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import ray
 
 from ark_ray.config import OpdConfig, to_dict
-from ark_ray.data.manifest import read_manifest
+from ark_ray.data.clip_stream import ClipStream, DataPositions, StreamOptions, first_rows
+from ark_ray.data.manifest_dataset import open_manifest
 from ark_ray.data.run_storage import RunStorage
 from ark_ray.opd.loss import OpdLoss
 from ark_ray.opd.rollout import RolloutWorker
@@ -56,89 +60,10 @@ def _wer(refs: list[str], hyps: list[str]) -> float:
     return float(jwer([r for r, _ in pairs], [h for _, h in pairs], normalizer="auto")) if pairs else float("nan")
 
 
-@ray.remote(num_cpus=0.5)  # throttled: decoding is cheap, worker start-up is not
-def _load_clip(path: str, begin, end, max_s: float):
-    from ark_ray.audio import load_audio
-    return load_audio(path, begin_time=begin, end_time=end, max_duration_s=max_s)
-
-
 @ray.remote(num_cpus=0)
 def _all_done(*_) -> bool:
     """Resolves once every argument (the rollout engines' start-up) has."""
     return True
-
-
-class AudioStore:
-    """Each clip is decoded once into the object store; trajectories carry its id, never samples."""
-
-    def __init__(self, rows: list[dict], max_s: float):
-        self.rows = rows
-        self.max_s = max_s
-        self.refs: dict[str, ray.ObjectRef] = {}
-
-    def ref(self, i: int) -> ray.ObjectRef:
-        r = self.rows[i]
-        key = r["id"]
-        if key not in self.refs:
-            self.refs[key] = _load_clip.remote(r["audio"], r.get("begin_time"), r.get("end_time"), self.max_s)
-        return self.refs[key]
-
-
-class DataPositions:
-    """Which data positions are consumed (trained on or dropped): a watermark `low` below which all
-    are, plus the consumed ones at or above it. Positions run on over epochs without end."""
-
-    def __init__(self, n_rows: int, seed: int):
-        if n_rows == 0:
-            raise ValueError("the training manifest has no rows")
-        self.n, self.seed = n_rows, seed
-        self.low = 0
-        self.above: set[int] = set()
-        self.consumed_total = 0   # consume events; equals the consumed count unless a position repeats
-        self._perm: dict[int, np.ndarray] = {}
-
-    def consume(self, positions) -> None:
-        positions = [int(p) for p in positions]
-        self.consumed_total += len(positions)
-        self.above.update(p for p in positions if p >= self.low)
-        while self.low in self.above:
-            self.above.discard(self.low)
-            self.low += 1
-
-    def is_consumed(self, p: int) -> bool:
-        return p < self.low or p in self.above
-
-    def pending(self) -> Iterator[int]:
-        """Unconsumed positions in order, from the watermark on, forever."""
-        p = self.low
-        while True:
-            if p not in self.above:
-                yield p
-            p += 1
-
-    def row(self, p: int) -> int:
-        """The manifest row at position p: epoch p // n, shuffled by its own seed."""
-        epoch, k = divmod(p, self.n)
-        if epoch not in self._perm:
-            if len(self._perm) > 2:
-                self._perm.pop(min(self._perm))
-            self._perm[epoch] = np.random.default_rng(self.seed + epoch).permutation(self.n)
-        return int(self._perm[epoch][k])
-
-    def state(self) -> dict:
-        return {"low": self.low, "above": sorted(self.above), "epoch": self.low // self.n,
-                "index_in_epoch": self.low % self.n, "consumed_total": self.consumed_total}
-
-    def consumed(self) -> set[int]:
-        return set(range(self.low)) | self.above
-
-    def load(self, st: dict) -> None:
-        if "done" in st:   # checkpoints before the watermark: a plain list of consumed positions
-            self.low, self.above = 0, set()
-            self.consume(st["done"])
-        else:
-            self.low, self.above = int(st["low"]), set(st["above"])
-            self.consumed_total = int(st.get("consumed_total", self.low + len(self.above)))
 
 
 class OpdController:
@@ -149,12 +74,15 @@ class OpdController:
         self.storage = storage or RunStorage(cfg.output_dir, cfg.s3, cfg.local_dir)
         self.out = self.storage.local_dir          # the driver's local run folder (= output_dir when local)
         self.ckpts = Checkpoints(self.storage, keep=cfg.keep_checkpoints)
-        self.rows = read_manifest(cfg.train_manifest, text_field=None, skip_bad_rows=cfg.skip_bad_rows)
-        self.eval_rows = (read_manifest(cfg.eval_manifest, skip_bad_rows=cfg.skip_bad_rows)
-                          if cfg.eval_manifest else [])
-        self.audio = AudioStore(self.rows, cfg.max_audio_s)
-        self.eval_audio = AudioStore(self.eval_rows, cfg.max_audio_s)
-        self.data = DataPositions(len(self.rows), cfg.seed)
+        # the manifests are checked now (bad rows refused or skipped); their rows stay in the files
+        cpus = cfg.input.num_cpus
+        self.train_set = open_manifest(cfg.train_manifest, text_field=None, skip_bad_rows=cfg.skip_bad_rows,
+                                       s3=cfg.s3, num_cpus=cpus)
+        self.eval_set = (open_manifest(cfg.eval_manifest, skip_bad_rows=cfg.skip_bad_rows, s3=cfg.s3, num_cpus=cpus)
+                         if cfg.eval_manifest else None)
+        self.input_opts = StreamOptions(cfg.input, cfg.max_audio_s, cfg.s3)
+        self.data = DataPositions(self.train_set.rows, cfg.seed)
+        self.input: Optional[ClipStream] = None    # made when a loop starts (after a resume)
         self.store_name = f"ark-opd-weights-{os.getpid()}-{int(time.time())}"
         self.store = WeightStore.options(name=self.store_name).remote()
         self.startup: dict[str, float] = {}
@@ -174,7 +102,7 @@ class OpdController:
             num_cpus=te.num_cpus, num_gpus=te.num_gpus, **actor_opts,
         ).remote(cfg.teacher, cfg.student, cfg.topk, cfg.tau, device=te.device, dtype=te.dtype, gpu_gate=gate,
                  backend=cfg.teacher_backend, engine=te.backend, language=cfg.teacher_language,
-                 manifest=cfg.train_manifest, logprobs_k=cfg.teacher_logprobs_k,
+                 logprobs_k=cfg.teacher_logprobs_k,
                  engine_opts=dict(max_model_len=te.max_model_len, gpu_memory_utilization=te.gpu_memory_utilization,
                                   max_num_batched_tokens=te.max_num_batched_tokens))
             for _ in range(cfg.num_teacher_workers)]
@@ -212,13 +140,17 @@ class OpdController:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, who: str = "student") -> Optional[float]:
-        if not self.eval_rows:
+        """Held-out WER of the student (rollout worker 0) or the teacher: the eval manifest's first
+        eval_max_samples rows, decoded afresh by Ray Data (nothing of it kept between evaluations)."""
+        if self.eval_set is None or self.cfg.eval_max_samples == 0:
             return None
-        n = min(len(self.eval_rows), self.cfg.eval_max_samples)
-        refs = [self.eval_audio.ref(i) for i in range(n)]
-        texts = [self.eval_rows[i]["text"] for i in range(n)]
         actor = self.rollouts[0] if who == "student" else self.teachers[0]
-        hyps = ray.get(actor.transcribe_texts.remote(refs))
+        calls = [actor.transcribe_texts.remote(clips)
+                 for clips in first_rows(self.eval_set, self.cfg.eval_max_samples, self.input_opts)]
+        texts, hyps = [], []
+        for t, h in ray.get(calls):
+            texts += t
+            hyps += h
         return _wer(texts, hyps)
 
     def _report_eval(self, who: str, wer: Optional[float]) -> Optional[float]:
@@ -354,28 +286,27 @@ class OpdController:
         return rec
 
     # ------------------------------------------------------------------ the loops
-    def _batches(self):
-        """Batches of unconsumed positions, in order, without end (epochs follow one another)."""
-        pos = self.data.pending()
-        bs = self.cfg.rollout_batch_size
-        while True:
-            chunk = [next(pos) for _ in range(bs)]
-            rows = [self.data.row(p) for p in chunk]
-            yield (chunk, [self.rows[r]["id"] for r in rows], [self.audio.ref(r) for r in rows],
-                   [self.rows[r].get("text") or "" for r in rows])
+    def _start_input(self) -> ClipStream:
+        """The training input from the unconsumed positions on (positions a previous loop left in
+        flight are pending again: they are taken again, in order)."""
+        if self.input is not None:
+            self.input.close()
+        self.input = ClipStream(self.train_set, self.data, self.cfg.rollout_batch_size, self.input_opts)
+        return self.input
 
     def run_sync(self) -> None:
-        batches = self._batches()
+        source = self._start_input()
         while self.step < self.cfg.steps:
-            chunk, ids, refs, texts = next(batches)
-            traj = self.rollouts[0].rollout.remote(ids, refs, texts, chunk)
-            scored = ray.get(self.teachers[0].score.remote(traj, refs))
+            positions, clips = source.next_batch()
+            traj = self.rollouts[0].rollout.remote(clips, positions)
+            scored = ray.get(self.teachers[0].score.remote(traj, clips))
+            del traj, clips             # the batch's audio goes once nothing refers to its blocks
             self._collect_sync()
             self._train_on(scored, queues=dict(rollout=0, teacher=0, learner=0))
 
     def run_async(self) -> None:
-        batches = self._batches()
-        inflight_roll: dict = {}      # ref -> (refs, worker index)
+        source = self._start_input()
+        inflight_roll: dict = {}      # ref -> (clips, worker index)
         inflight_teach: dict = {}
         scored_q: deque = deque()
         free_workers = deque(range(len(self.rollouts)))
@@ -384,9 +315,9 @@ class OpdController:
             self._collect_sync()
             # keep every rollout worker busy while the queues have room
             while free_workers and len(inflight_roll) + len(inflight_teach) + len(scored_q) < self.cfg.max_inflight:
-                chunk, ids, refs, texts = next(batches)
+                positions, clips = source.next_batch()
                 w = free_workers.popleft()
-                inflight_roll[self.rollouts[w].rollout.remote(ids, refs, texts, chunk)] = (refs, w)
+                inflight_roll[self.rollouts[w].rollout.remote(clips, positions)] = (clips, w)
             if scored_q:
                 self._train_on(scored_q.popleft(), queues=dict(rollout=len(inflight_roll),
                                                                teacher=len(inflight_teach), learner=len(scored_q)))
@@ -394,11 +325,12 @@ class OpdController:
             ready, _ = ray.wait(list(inflight_roll) + list(inflight_teach), num_returns=1)
             ref = ready[0]
             if ref in inflight_roll:
-                refs, w = inflight_roll.pop(ref)
+                clips, w = inflight_roll.pop(ref)
                 free_workers.append(w)
                 t = self.teachers[teacher_rr % len(self.teachers)]
                 teacher_rr += 1
-                inflight_teach[t.score.remote(ref, refs)] = True
+                inflight_teach[t.score.remote(ref, clips)] = True
+                del clips                 # the teacher call holds the batch's blocks now
             else:
                 del inflight_teach[ref]
                 scored_q.append(ray.get(ref))   # a failed rollout or scoring raises here
@@ -456,6 +388,8 @@ class OpdController:
 
     def shutdown(self) -> None:
         self.metrics_f.close()   # uploads what a failed run logged, too
+        if self.input is not None:
+            self.input.close()
         self.learner.shutdown()
         for a in self.rollouts + self.teachers + [self.store]:
             ray.kill(a)

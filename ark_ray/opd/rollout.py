@@ -109,32 +109,39 @@ class RolloutWorker:
         return self.version
 
     # ------------------------------------------------------------------ rollouts
-    def rollout(self, sample_ids: list[str], audio_refs: list, reference_texts: list[str],
-                positions: list[int]) -> TrajectoryBatch:
+    def rollout(self, clips, positions: list[int]) -> TrajectoryBatch:
+        """Roll out the batch `clips` (a ClipRefs from the driver's ClipStream: this worker fetches
+        the decoded audio itself) holding data `positions`."""
         from ark_ray.audio import SAMPLE_RATE
+        from ark_ray.data.clip_stream import load_clips
 
         t0 = time.perf_counter()
-        waves = ray.get(list(audio_refs))
+        batch = load_clips(clips)
+        if list(batch.positions) != [int(p) for p in positions]:
+            raise RuntimeError(f"rollout: the clips hold positions {batch.positions}, not {list(positions)}")
+        waves = batch.waves
         outs = self.engine.transcribe(waves, self.sampling)
-        if len(outs) != len(sample_ids):
-            raise RuntimeError(f"{len(outs)} rollouts for {len(sample_ids)} clips (sampling.n must be 1)")
+        if len(outs) != len(waves):
+            raise RuntimeError(f"{len(outs)} rollouts for {len(waves)} clips (sampling.n must be 1)")
         return TrajectoryBatch.from_rollouts(
-            sample_ids=[sample_ids[t.clip_index] for t in outs],
-            positions=[positions[t.clip_index] for t in outs],
-            audio_refs=[sample_ids[t.clip_index] for t in outs],
+            sample_ids=[batch.ids[t.clip_index] for t in outs],
+            positions=[batch.positions[t.clip_index] for t in outs],
+            audio_refs=[batch.ids[t.clip_index] for t in outs],
             prompt_ids=[t.prompt_ids for t in outs],
             responses=[t.token_ids for t in outs],
             student_topk=[t.topk_ids if t.topk_ids is not None else np.zeros((len(t.token_ids), self.topk))
                           for t in outs],
             policy_version=self.version,
-            reference_texts=[reference_texts[t.clip_index] for t in outs],
+            reference_texts=[batch.texts[t.clip_index] for t in outs],
             pred_texts=[t.text for t in outs], k=self.topk,
             timings={"rollout_s": time.perf_counter() - t0,
                      "audio_s": float(sum(len(w) for w in waves) / SAMPLE_RATE)},
         )
 
-    def transcribe_texts(self, audio_refs: list) -> list[str]:
-        """Greedy transcripts with the current weights (for evaluation)."""
-        waves = ray.get(list(audio_refs))
+    def transcribe_texts(self, clips) -> tuple[list[str], list[str]]:
+        """(reference texts, greedy transcripts with the current weights) of `clips` (evaluation)."""
+        from ark_ray.data.clip_stream import load_clips
+
+        batch = load_clips(clips)
         greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens)
-        return [t.text for t in self.engine.transcribe(waves, greedy)]
+        return batch.texts, [t.text for t in self.engine.transcribe(batch.waves, greedy)]

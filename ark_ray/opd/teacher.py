@@ -33,23 +33,14 @@ def check_shared_vocabulary(teacher_tok, student_tok) -> None:
                          "vocabulary or an explicit, tested id map")
 
 
-def _manifest_languages(path: Optional[str]) -> dict:
-    """{row id: language} from a manifest's `language` column (rows without one are left out)."""
-    if not path:
-        return {}
-    from ark_ray.data.manifest import read_manifest
-
-    return {r["id"]: r["language"] for r in read_manifest(path, text_field=None) if r.get("language")}
-
-
 class TeacherScorer:
     def __init__(self, teacher_dir: str, student_dir: str, topk: int, tau: float = 1.0,
                  device: str = "auto", dtype: str = "auto", max_batch: int = 16, gpu_gate: Optional[list] = None,
                  backend: str = "ark", engine: str = "hf", language: Optional[str] = None,
-                 manifest: Optional[str] = None, logprobs_k: int = 0, engine_opts: Optional[dict] = None):
+                 logprobs_k: int = 0, engine_opts: Optional[dict] = None):
         """`gpu_gate`: [ObjectRef] to wait for before touching the GPU (the rollout engines' memory
         profile, on a shared card); the model loads on the CPU meanwhile. `backend`/`engine`: see
-        the module docstring; `language`, `manifest` (its rows' `language` by id), `logprobs_k` and
+        the module docstring; `language` (for rows whose manifest gives none), `logprobs_k` and
         `engine_opts` (vLLM: max_model_len, max_num_seqs, max_num_batched_tokens,
         gpu_memory_utilization) only matter for qwen3_asr."""
         from ark_ray.model import ArkAsrForConditionalGeneration
@@ -64,7 +55,7 @@ class TeacherScorer:
             allowed = self.processor.allowed_token_mask(len(self.processor.tokenizer)).numpy()
             self.qwen3 = Qwen3AsrTeacher(teacher_dir, self.processor.tokenizer, allowed, topk, tau, engine=engine,
                                          device=device, dtype=dtype, max_batch=max_batch, logprobs_k=logprobs_k,
-                                         language=language, languages=_manifest_languages(manifest),
+                                         language=language,
                                          engine_opts=engine_opts, gpu_gate=gpu_gate)
             self.topk, self.tau, self.max_batch = topk, tau, max_batch
             return
@@ -91,13 +82,21 @@ class TeacherScorer:
         return True
 
     @torch.inference_mode()
-    def score(self, batch: TrajectoryBatch, audio_refs: list) -> TrajectoryBatch:
-        """Fill teacher_ids / teacher_logprobs / teacher_tail_logprob and attach the features."""
+    def score(self, batch: TrajectoryBatch, clips) -> TrajectoryBatch:
+        """Fill teacher_ids / teacher_logprobs / teacher_tail_logprob and attach the features;
+        `clips` is the rollout's ClipRefs (this actor fetches the decoded audio itself)."""
+        from ark_ray.data.clip_stream import load_clips
         from ark_ray.opd.loss import gather_teacher_logprobs, union_topk
 
         t0 = time.perf_counter()
-        waves = ray.get(list(audio_refs))
+        loaded = load_clips(clips)
+        at = {p: i for i, p in enumerate(loaded.positions)}
+        order = [at[int(p)] for p in batch.position]   # the trajectory's rows, in its own order
+        waves = [loaded.waves[i] for i in order]
         if self.qwen3 is not None:
+            # the prompt language of each row: the manifest's `language` column where it has one
+            langs = loaded.columns.get("language") or [None] * len(loaded)
+            self.qwen3.languages = {loaded.ids[i]: langs[i] for i in order if langs[i]}
             return self._score_qwen3(batch, waves, t0)
         b, t_max = batch.response_ids.shape
         k = self.topk
@@ -160,14 +159,17 @@ class TeacherScorer:
         return batch
 
     @torch.inference_mode()
-    def transcribe_texts(self, audio_refs: list, max_new_tokens: int = 64) -> list[str]:
-        """The teacher's own greedy transcripts (teacher WER on the eval set)."""
+    def transcribe_texts(self, clips, max_new_tokens: int = 64) -> tuple[list[str], list[str]]:
+        """(reference texts, the teacher's own greedy transcripts) of `clips` (teacher WER on the
+        eval set)."""
+        from ark_ray.data.clip_stream import load_clips
+
+        batch = load_clips(clips)
         if self.qwen3 is not None:
-            return self.qwen3.transcribe(ray.get(list(audio_refs)), max_new_tokens)
+            return batch.texts, self.qwen3.transcribe(batch.waves, max_new_tokens)
         from ark_ray.config import SamplingConfig
         from ark_ray.engines.hf import HFEngine
 
         eng = HFEngine("", model=self.model, processor=self.processor, device=str(self.device),
                        dtype="float32" if self.dtype == torch.float32 else "bfloat16")
-        waves = ray.get(list(audio_refs))
-        return [t.text for t in eng.transcribe(waves, SamplingConfig(max_new_tokens=max_new_tokens))]
+        return batch.texts, [t.text for t in eng.transcribe(batch.waves, SamplingConfig(max_new_tokens=max_new_tokens))]
