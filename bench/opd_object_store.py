@@ -1,6 +1,6 @@
 """OPD's object-store bytes and driver memory, step by step, on a 20 000-clip manifest.
 
-    python bench/opd_object_store.py [--clips 20000] [--steps 40] [--batch 8] [--window_mb 64] \
+    python bench/opd_object_store.py [--clips 20000] [--steps 40] [--batch 32] [--window_mb 64] \
         [--label after] [--out runs/opd_object_store.jsonl]
 
 Issue 25's target: once the input's first window fills, the object store and the driver's RSS stay
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
+
+import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))   # after $PYTHONPATH: the "before" run points it at an older checkout
@@ -53,16 +54,11 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def ratio(xs: list, early=slice(5, 10), late=slice(-5, None)) -> float:
-    a, b = xs[early], xs[late]
-    return (sum(b) / len(b)) / max(sum(a) / len(a), 1e-9)
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=20000)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--window_mb", type=float, default=64.0, help="input.window_mb (the new input path only)")
     p.add_argument("--engine", default="hf", help="rollout engine backend (hf | vllm)")
     p.add_argument("--cpus", type=int, default=6, help="local Ray's CPUs (when $RAY_ADDRESS is unset)")
@@ -97,38 +93,43 @@ def main(argv=None) -> dict:
     init_ray(RayConfig(num_cpus=a.cpus))
     state = get_state_from_address(ray.get_runtime_context().gcs_address)
 
-    def store() -> tuple[float, int]:
+    def store() -> tuple[float, float, int]:
+        """(MiB in use, MiB of primary copies: objects something refers to, object count); freed
+        objects leave `in use` in batches, a second or so later."""
         s = get_memory_info_reply(state).store_stats
-        return s.object_store_bytes_used / 2**20, int(s.num_local_objects)
+        return s.object_store_bytes_used / 2**20, s.object_store_bytes_primary_copy / 2**20, int(s.num_local_objects)
 
     rec = []
     t0 = time.perf_counter()
     ctl = OpdController(cfg)
-    before_mb, _ = store()
+    before_mb = store()[0]
 
     def on_step(r: dict) -> None:
-        mb, n = store()
-        rec.append({"step": r["step"], "store_mb": mb, "objects": n, "driver_rss_mb": rss_mb(),
-                    "t": time.perf_counter() - t0})
-        print(f"step {r['step']:3d}  store {mb:8.2f} MiB  objects {n:5d}  driver RSS {rec[-1]['driver_rss_mb']:7.1f} MiB",
-              flush=True)
+        mb, primary, n = store()
+        rec.append({"step": r["step"], "store_mb": mb, "primary_mb": primary, "objects": n,
+                    "driver_rss_mb": rss_mb(), "t": time.perf_counter() - t0})
+        print(f"step {r['step']:3d}  store {mb:8.2f} MiB (primary copies {primary:8.2f})  objects {n:5d}  "
+              f"driver RSS {rec[-1]['driver_rss_mb']:7.1f} MiB", flush=True)
 
     ctl.on_step = on_step
     try:
         ctl.run()
     finally:
         ctl.shutdown()
-    store_mb = [r["store_mb"] for r in rec]
-    rss = [r["driver_rss_mb"] for r in rec]
     res = {"label": a.label, "clips": a.clips, "steps": a.steps, "batch": a.batch, "engine": a.engine,
            "window_mb": over.get("input", {}).get("window_mb"), "store_mb_after_startup": before_mb,
-           "store_ratio_last5_vs_6to10": ratio(store_mb), "rss_ratio_last5_vs_6to10": ratio(rss),
-           "store_mb_steps_6to10": sum(store_mb[5:10]) / 5, "store_mb_last5": sum(store_mb[-5:]) / 5,
-           "rss_mb_steps_6to10": sum(rss[5:10]) / 5, "rss_mb_last5": sum(rss[-5:]) / 5,
-           "wall_s": time.perf_counter() - t0, "per_step": rec}
-    print(f"\n{a.label}: object store {res['store_mb_steps_6to10']:.1f} MiB (steps 6-10) -> "
-          f"{res['store_mb_last5']:.1f} MiB (last 5): x{res['store_ratio_last5_vs_6to10']:.2f};  driver RSS "
-          f"{res['rss_mb_steps_6to10']:.0f} -> {res['rss_mb_last5']:.0f} MiB: x{res['rss_ratio_last5_vs_6to10']:.2f}")
+           "wall_s": time.perf_counter() - t0}
+    lines = [f"{a.label}: {a.steps} steps x {a.batch} clips of {a.clips}"]
+    for key, what in (("store_mb", "object store in use"), ("primary_mb", "primary copies"),
+                      ("driver_rss_mb", "driver RSS")):
+        xs = [r[key] for r in rec]
+        early, late = sum(xs[5:10]) / 5, sum(xs[-5:]) / 5
+        slope = float(np.polyfit([r["step"] for r in rec[5:]], xs[5:], 1)[0])
+        res[key] = {"steps_6to10": early, "last5": late, "ratio": late / max(early, 1e-9), "mb_per_step": slope}
+        lines.append(f"  {what:20s} {early:8.1f} MiB (steps 6-10) -> {late:8.1f} MiB (last 5): x{late / max(early, 1e-9):.2f}, "
+                     f"{slope:+.3f} MiB/step")
+    res["per_step"] = rec
+    print("\n" + "\n".join(lines))
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         f.write(json.dumps(res) + "\n")

@@ -76,8 +76,8 @@ def test_list_prefix_and_manifest_on_s3(bucket, aws_env, monkeypatch):
 
 def test_manifest_dataset_reads_s3_like_the_local_reader(bucket, moto_endpoint, ray_local):
     """The Ray Data manifest reader on S3, credentials only in the S3Config (the Ray workers have no
-    AWS_* variables): bad rows refused all at once or skipped and counted, and the good rows the
-    same as the in-process reader's, relative audio paths resolved on S3."""
+    AWS_* variables): bad rows refused all at once or skipped and counted, the good rows the same
+    as the in-process reader's, relative audio paths resolved on S3, and the audio decoded there."""
     from ark_ray.data.manifest import ManifestError, read_manifest
     from ark_ray.data.manifest_dataset import ROW_INDEX, open_manifest
 
@@ -99,6 +99,13 @@ def test_manifest_dataset_reads_s3_like_the_local_reader(bucket, moto_endpoint, 
     assert rows == read_manifest(uri, skip_bad_rows=True, s3=s3)
     assert [(r["audio"], r["begin_time"], r["end_time"], r["id"]) for r in rows] == [
         (f"s3://{BUCKET}/raw/a.wav", 0.25, 0.75, f"{uri}:1"), (f"s3://{BUCKET}/raw/deep/b.flac", None, None, f"{uri}:4")]
+    # and its audio decoded by the input pipeline's Ray Data tasks, off S3, cut and resampled
+    from ark_ray.config import InputConfig
+    from ark_ray.data.clip_stream import StreamOptions, first_rows
+
+    (clips,) = [c.load() for c in first_rows(m, 2, StreamOptions(InputConfig(block_rows=2), 30.0, s3))]
+    assert clips.ids == [f"{uri}:1", f"{uri}:4"] and clips.texts == ["ref a", "ref b"]
+    assert len(clips.waves[0]) == 8000 and abs(len(clips.waves[1]) - 22400) <= 1   # 0.5 s; 1.4 s from 22.05 kHz
 
 
 def _run_job(args: list[str], env_extra: dict, repo_root) -> dict:

@@ -219,8 +219,6 @@ class StreamOptions:
 
 def _finish(ds: "ray.data.Dataset", opts: StreamOptions) -> "ray.data.Dataset":
     """Decode `ds` in blocks of `input.block_rows`, in order, within the window."""
-    from ray.data import ExecutionResources
-
     from ark_ray.data.s3 import s3_options
 
     s3_opts = s3_options(opts.s3)   # resolved here: workers on other nodes lack the driver's AWS_*
@@ -235,11 +233,13 @@ def _finish(ds: "ray.data.Dataset", opts: StreamOptions) -> "ray.data.Dataset":
 
 
 def _bundles(ds: "ray.data.Dataset") -> Iterator[tuple]:
-    """(block ref, rows) of `ds` in order, without fetching a block."""
+    """(block ref, first row, end row) of `ds`'s output in order, without fetching a block."""
     for bundle in ds.iter_internal_ref_bundles():
-        for entry in bundle.blocks:
-            if entry.metadata.num_rows:
-                yield entry.ref, int(entry.metadata.num_rows)
+        for i, entry in enumerate(bundle.blocks):
+            cut = bundle.slices[i] if bundle.slices else None
+            start, stop = (cut.start_offset, cut.end_offset) if cut is not None else (0, entry.metadata.num_rows or 0)
+            if stop > start:
+                yield entry.ref, int(start), int(stop)
 
 
 # ---------------------------------------------------------------------- the driver's side
@@ -262,7 +262,7 @@ class ClipStream:
         self.on_recover = on_recover or (lambda msg: log.warning("%s", msg))
         self._positions = data.pending()
         self._skip = np.asarray(sorted(data.above), dtype=np.int64)   # consumed before this stream
-        self._blocks: deque = deque()       # [ref, rows, rows already cut]
+        self._blocks: deque = deque()       # [ref, end row, first row not yet cut]
         self._source: Optional[Iterator] = None
         self._received: Optional[Iterator[int]] = None   # the current span's positions not yet received
         self._stop = data.low               # end of the current span (the next span starts there)
@@ -312,9 +312,10 @@ class ClipStream:
                 self._start_pipeline(first, self._stop)
                 continue
             if nxt is not None:
-                for _ in range(nxt[1]):
+                ref, start, stop = nxt
+                for _ in range(stop - start):
                     next(self._received)
-                self._blocks.append([nxt[0], nxt[1], 0])
+                self._blocks.append([ref, stop, start])
                 return
             self._source = None             # the span is done: the next pipeline takes the next one
 
@@ -351,7 +352,7 @@ def reload_clips(manifest: Manifest, data: DataPositions, positions: Sequence[in
     rows = np.asarray([data.row(int(p)) for p in want], dtype=np.int64)
     ds = manifest.dataset.map_batches(_pick, batch_format="pyarrow", batch_size=None, num_cpus=opts.input.num_cpus,
                                       fn_kwargs=dict(rows=rows, positions=want))
-    found = ClipRefs(tuple((ref, 0, n) for ref, n in _bundles(_finish(ds, opts))))
+    found = ClipRefs(tuple(_bundles(_finish(ds, opts))))
     # the blocks come in manifest order: one small task puts the rows in the order asked for
     table = _reorder.remote(found, [int(p) for p in want])
     return ClipRefs(((table, 0, len(want)),), tuple(int(p) for p in want))
@@ -390,5 +391,5 @@ def first_rows(manifest: Manifest, n: int, opts: StreamOptions) -> Iterator[Clip
     ds = manifest.dataset
     if n < manifest.rows:
         ds = ds.map_batches(_head, batch_format="pyarrow", batch_size=None, num_cpus=opts.input.num_cpus, fn_kwargs={"n": n})
-    for ref, rows in _bundles(_finish(ds, opts)):
-        yield ClipRefs(((ref, 0, rows),))
+    for piece in _bundles(_finish(ds, opts)):
+        yield ClipRefs((piece,))

@@ -2,14 +2,15 @@
 
 Why a fixed numpy layout: the batch is put into Ray's object store once per stage, and numpy
 arrays there are zero-copy for every reader; ragged per-sample lists would be pickled per
-element. Audio never travels here, only `audio_ref` (an id into the audio store: the waveforms
-are put into the object store once by the controller).
+element. Audio never travels here, only `audio_ref` (the clip's manifest id: the waveforms stay in
+the input's decoded Ray Data blocks, which rollout and teacher load through the batch's ClipRefs,
+ark_ray/data/clip_stream.py).
 
 Columns (one row per sample, T = longest response in the batch, k = top-k, U = 2k union slots):
   sample_id            [B]      str    stable id of the data item
   position             [B]      int64  data position (epoch * N + index into that epoch's order):
                                        what resume and staleness accounting use
-  audio_ref            [B]      str    key of the clip in the controller's audio store
+  audio_ref            [B]      str    the clip's manifest id (its audio travels as the batch's ClipRefs)
   prompt_ids           [B]      object int32 arrays (prompts differ by audio length)
   response_ids         [B, T]   int32  student tokens, right-padded with -1 (EOS included)
   response_mask        [B, T]   bool   valid response positions
