@@ -19,10 +19,10 @@ WINDOW_MB = 2.0
 
 @pytest.fixture(scope="module")
 def segments(tmp_path_factory) -> pathlib.Path:
-    """240 one-second segments (6 per clip) of the 40 bundled training clips."""
+    """120 one-second segments (3 per clip) of the 40 bundled training clips."""
     rows = []
     for r in read_manifest(REPO / "assets/demo_corpus/train_sample.jsonl"):
-        for k in range(6):
+        for k in range(3):
             rows.append({"id": f"{r['id']}@{k}", "audio": r["audio"], "text": r["text"],
                          "begin_time": 0.05 * k, "end_time": 0.05 * k + 1.0, "language": "en"})
     path = tmp_path_factory.mktemp("clips") / "segments.jsonl"
@@ -59,7 +59,7 @@ def test_stream_keeps_the_data_order_and_a_flat_object_store(ray_local, segments
     base = _store_mb(ray)
     store, passed_mb, kept = [], 0.0, {}
     load = ray.remote(num_cpus=0)(lambda c: c.load())             # as a rollout worker does
-    for step in range(80):                                       # 640 positions: into epoch 2
+    for step in range(48):                                       # 384 positions: into epoch 3
         positions, clips = stream.next_batch()
         assert positions == [next(expected) for _ in range(8)]
         batch = ray.get(load.remote(clips))
@@ -67,11 +67,11 @@ def test_stream_keeps_the_data_order_and_a_flat_object_store(ray_local, segments
         assert batch.ids == [rows[data.row(p)]["id"] for p in positions]
         assert batch.texts == [rows[data.row(p)]["text"] for p in positions]
         assert batch.columns["language"] == ["en"] * 8
-        if step in (0, 45):
+        if step in (0, 40):
             r = rows[data.row(positions[3])]
             want = load_audio(r["audio"], begin_time=r["begin_time"], end_time=r["end_time"])
             assert np.array_equal(batch.waves[3], want)
-        if step in (3, 50):
+        if step in (3, 30):
             kept[positions[5]] = batch.waves[5].copy()
         passed_mb += sum(w.nbytes for w in batch.waves) / 2**20
         del clips, batch
