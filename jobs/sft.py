@@ -48,8 +48,25 @@ def preflight(cfg: SftConfig):
     return storage
 
 
+def local_ray_cpus(cfg: SftConfig) -> SftConfig:
+    """For a local Ray (no cluster to join, ray.num_cpus unset): enough logical CPUs for the learner
+    ranks and the featurize stage. Ray Train keeps the ranks' CPUs from Ray Data, so with Ray's
+    default (the machine's cores) a 2-core machine and two 1-CPU ranks left no CPU to read audio
+    with, and the run waited forever for its first batch."""
+    import dataclasses
+    import math
+    import os
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or cfg.ray.num_cpus is not None:
+        return cfg
+    need = math.ceil(cfg.learner.num_workers * cfg.learner.num_cpus + cfg.featurize_workers)
+    if need <= (os.cpu_count() or 1):
+        return cfg
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_cpus=need))
+
+
 def main(argv=None) -> dict:
-    cfg = parse_job_args(SftConfig, sys.argv[1:] if argv is None else argv)
+    cfg = local_ray_cpus(parse_job_args(SftConfig, sys.argv[1:] if argv is None else argv))
     storage = preflight(cfg)
     from ark_ray.runtime import cpu_env_defaults
 

@@ -197,3 +197,18 @@ def test_bad_manifest_rows_are_refused_before_training(ray_local, tmp_path):
     with pytest.raises(ManifestError, match=r"(?s)1 bad row.*train.jsonl:13.*audio"):
         SftDriver(cfg).run()
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_local_ray_gets_a_cpu_for_the_audio_beside_the_learner_ranks(repo_root, monkeypatch):
+    """Ray Train keeps the ranks' CPUs from Ray Data: on a 2-core machine two 1-CPU ranks left none to
+    read audio with (the run waited forever). A local Ray gets enough logical CPUs; a cluster, or a
+    num_cpus the user set, is left alone."""
+    job = _load_job(repo_root)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    args = ["--learner.num_workers=2", "--learner.num_cpus=1", "--featurize_workers=2"]
+    assert job.local_ray_cpus(load_config(SftConfig, None, args)).ray.num_cpus == 4
+    assert job.local_ray_cpus(load_config(SftConfig, None, [*args, "--ray.num_cpus=3"])).ray.num_cpus == 3
+    assert job.local_ray_cpus(load_config(SftConfig, None, ["--learner.num_workers=1"])).ray.num_cpus is None
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert job.local_ray_cpus(load_config(SftConfig, None, args)).ray.num_cpus is None
