@@ -116,7 +116,11 @@ def _write_scored(folder: str, index: int, name: str, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
-    reports = evaluate(cfg, preflight(cfg))
+    sources = preflight(cfg)
+    n_files = sum(len(files) for _, _, files in sources)
+    print(f"evaluate: {len(sources)} dataset(s) in {n_files} file(s); normalizer {cfg.normalizer}; "
+          f"{cfg.text_field} vs {cfg.pred_field}", flush=True)
+    reports = evaluate(cfg, sources)
     result = {"normalizer": cfg.normalizer, "datasets": [r.to_dict() for r in reports],
               "total": total(reports).to_dict()}
     print(format_table(reports))
