@@ -203,14 +203,15 @@ def test_every_input_one_row_bad_files_error_rows(first_run, corpus):
     assert summary["startup"]["engines_started"] == 1 and summary["startup"]["engine_build_s"][0] > 0
 
 
-def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, corpus, tmp_path):
+def test_rerun_skips_done_and_repairs_interrupted_output(first_run, model_dir, corpus, tmp_path, capsys):
     src, _ = first_run
     out = tmp_path / "resume"
     shutil.copytree(src, out)
     cfg = cfg_for(model_dir, corpus / "m.jsonl", out, "--max_audio_s=3", "--format=parquet")
 
-    again = run_transcribe(cfg)                            # nothing left to do
+    again = run_transcribe(cfg)                            # nothing left to do, and the console says so
     assert (again["skipped_done"], again["rows_written"]) == (N_INPUTS, 0)
+    assert f"all {N_INPUTS} inputs are already done in {cfg.output}: nothing to transcribe" in capsys.readouterr().out
 
     parts = sorted(p for p in out.iterdir() if p.name.startswith("part-"))
     assert len(parts) >= 2

@@ -111,6 +111,9 @@ def run_transcribe(cfg: TranscribeConfig, console: Optional[JobConsole] = None,
                "errors_by_reason": {}, "audio_hours": 0.0, "output": cfg.output}
     if removed:
         say(f"removed {removed} duplicate row(s) an interrupted earlier run left in {cfg.output}")
+    if not todo:
+        say(f"all {len(rows)} inputs are already done in {cfg.output}: nothing to transcribe (--overwrite redoes "
+            "them, --retry_errors retries the error rows)")
     if todo:
         init_ray(cfg.ray)
         startup["ray_s"] = time.perf_counter() - t0
