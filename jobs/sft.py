@@ -94,6 +94,10 @@ def main(argv=None) -> dict:
         console.line(f"SFT: {cfg.model} on {cfg.train_manifest} ({cfg.text_field}), {cfg.steps} steps x "
                      f"{cfg.batch_size} clips (seed {cfg.seed}) -> {storage.uri}")
         console.line(f"Ray / DeepSpeed / transformers logs: {console.log_path}")
+        if cfg.model.startswith("preset:"):
+            console.line(f"note: {cfg.model} is a randomly initialised model (no pretrained weights): a short run "
+                         "learns little and its dev WER stays near 1.0 with empty transcripts; "
+                         "--model=assets/models/student fine-tunes the trained demo student instead")
         init_ray(cfg.ray)
         try:
             s = run_sft(cfg, Hooks(line=console.line, step=on_step), storage)

@@ -52,6 +52,7 @@ def _cases(tmp) -> dict:
                                      "transcribe: input: "),
         "transcribe-not-a-model": ("transcribe", ["--input", preds, "--output", str(tmp / "out"), "--model", str(tmp)],
                                    "not an HF-format model directory"),
+        "sft-unknown-key": ("sft", ["--batchsize=4"], "sft: unknown config key batchsize (did you mean batch_size?)"),
         "transcribe-other-format": ("transcribe", ["--input", preds, "--output", str(jsonl_run), "--format", "parquet"],
                                     "holds 1 jsonl part file(s) of an earlier run, and a rerun skips their inputs, "
                                     "so --format parquet would write nothing new; pass --format jsonl"),
