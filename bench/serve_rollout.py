@@ -121,6 +121,7 @@ def serve_config(args, model_dir: str) -> dict:
 
 def wait(what: str, check, timeout_s: float) -> float:
     t0 = time.monotonic()
+    print(f"waiting for {what} ...", flush=True)
     while not check():
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"{what}: not after {timeout_s:.0f} s")
@@ -169,7 +170,10 @@ def main(argv=None) -> int:
         save_random_model(d, args.preset, dtype=dtype, seed=seed)
         dirs[name] = d
     clips = make_clips(10.0, 16)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    # CPU: logical CPUs oversubscribed (as the tests do) so that the replicas, the ingress and the
+    # rollout's surge replica fit a small box (local.yaml asks 1 CPU a replica); GPU: the node's own
+    cpus = {} if gpu else {"num_cpus": max(8, os.cpu_count() or 1)}
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **cpus)
     result: dict = {"device": device, "replicas": args.replicas, "clients": args.clients}
     clients = None
     try:
