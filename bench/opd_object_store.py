@@ -1,6 +1,6 @@
 """OPD's object-store bytes and driver memory, step by step, on a 20 000-clip manifest.
 
-    python bench/opd_object_store.py [--clips 20000] [--steps 40] [--batch 32] [--window_mb 64] \
+    python bench/opd_object_store.py [--clips 20000] [--steps 40] [--batch 32] [--window_mb 16] \
         [--label after] [--out runs/opd_object_store.jsonl]
 
 Issue 25's target: once the input's first window fills, the object store and the driver's RSS stay
@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     p.add_argument("--clips", type=int, default=20000)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--window_mb", type=float, default=64.0, help="input.window_mb (the new input path only)")
+    p.add_argument("--window_mb", type=float, default=16.0, help="input.window_mb (the new input path only)")
     p.add_argument("--engine", default="hf", help="rollout engine backend (hf | vllm)")
     p.add_argument("--cpus", type=int, default=6, help="local Ray's CPUs (when $RAY_ADDRESS is unset)")
     p.add_argument("--label", default="after")
