@@ -149,6 +149,15 @@ class SamplingConfig(Validated):
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def check_resources(resources: dict, key: str = "resources") -> None:
+    """Custom Ray resources: names to positive amounts; CPUs, GPUs and memory have their own keys."""
+    for name, amount in resources.items():
+        need(name not in ("CPU", "GPU", "memory", "object_store_memory"), key,
+             f"names {name}, which has its own key (num_cpus, num_gpus); list only custom resources")
+        need(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0, key,
+             f"{name}={amount!r}: an amount must be a number > 0")
+
+
 @dataclass
 class EngineConfig(Validated):
     """One inference engine actor (vLLM or HF) and its resources."""
@@ -189,8 +198,12 @@ class EngineConfig(Validated):
         "TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, FLASHINFER_WORKSPACE_BASE and CUDA_CACHE_PATH under it; a "
         "variable already set wins): an engine started on a node that has run one before reuses it. None: the "
         "libraries' own defaults.")
+    resources: dict = opt({}, "Custom Ray resources each engine actor asks for besides CPUs and GPUs, e.g. "
+                          "{ark_engine: 1}: it then runs only on nodes that advertise them (the node types of "
+                          "cluster/*.yaml do, one role per node type). {}: none.")
 
     def validate(self) -> None:
+        check_resources(self.resources)
         need(self.dtype in ENGINE_DTYPES, "dtype", f"{self.dtype!r} is not one of {list(ENGINE_DTYPES)}")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
              f"{self.device!r} is not auto, cpu, cuda or cuda:N")
@@ -272,6 +285,10 @@ class LearnerConfig(Validated):
                           "still sit on different cards). Every role names its GPU share `num_gpus` in its own "
                           "section: learner.num_gpus, rollout_engine.num_gpus, teacher_engine.num_gpus.")
 
+    resources: dict = opt({}, "Custom Ray resources each rank's placement bundle asks for besides CPUs and GPUs, "
+                          "e.g. {ark_learner: 1}: the group then runs only on nodes that advertise them (cluster/*.yaml's "
+                          "8-GPU node type does). {}: none.")
+
     removed_keys = {"num_gpus_per_worker": "renamed to learner.num_gpus (every role's GPU share is `num_gpus` in "
                                            "its section: learner.num_gpus, rollout_engine.num_gpus, "
                                            "teacher_engine.num_gpus)",
@@ -301,6 +318,7 @@ class LearnerConfig(Validated):
             need(0 < self.num_gpus <= 1, "num_gpus",
                  f"must be in (0, 1] with use_gpu (one rank per card, a fraction to share it), "
                  f"got {self.num_gpus}")
+        check_resources(self.resources)
         need(self.weight_sync != "ipc" or self.use_gpu, "weight_sync",
              "=ipc shares CUDA memory and needs use_gpu=true; on CPU set weight_sync=auto (object_store)")
 
@@ -845,7 +863,18 @@ class OpdConfig(Validated):
     save_every: int = opt(4, "Steps between checkpoints (0: only at the end).")
     max_audio_s: float = opt(30.0, "Longer clips are rejected when loaded.")
     input: InputConfig = opt(InputConfig(), "Training and eval input (Ray Data): read-ahead window, CPUs per task.")
-    max_actor_restarts: int = opt(3, "Restarts of a crashed rollout/teacher actor (its in-flight call is redone).")
+    max_actor_restarts: int = opt(3, "Restarts Ray gives a rollout worker or teacher scorer that crashed or was lost "
+                                  "with its node (-1: no limit); the controller redoes its in-flight work, and a "
+                                  "restarted rollout worker gets the current weights before it serves.")
+    max_failures: int = opt(3, "Learner-group restarts after a learner rank is lost with its node (as Ray Train's "
+                            "FailureConfig.max_failures): the group starts again where there is room and loads this "
+                            "run's last checkpoint (save_every), and the steps since are redone on the same data "
+                            "positions. Past it the job stops with one error line that says how to --resume. 0: "
+                            "never restart; -1: no limit.")
+    recovery_timeout_s: float = opt(600.0, "Longest wait for a lost rollout worker, teacher scorer or learner group "
+                                    "to come back (Ray restarts it once a node has room, e.g. the autoscaler's "
+                                    "replacement); past it the job stops with one error line naming the lost node "
+                                    "and role.")
     resume: bool = opt(False, "Continue from output_dir's latest checkpoint (output_dir/checkpoints/latest), also on "
                        "another cluster: no utterance repeated or skipped.")
     staged_startup: bool = opt(False, "For a GPU shared by all three roles: vLLM sizes its KV cache from the memory "
@@ -854,8 +883,9 @@ class OpdConfig(Validated):
                                "engines are up. False: all three start at once.")
     skip_bad_rows: bool = opt(False, "Unusable manifest lines (bad JSON, no audio, impossible segments) stop the job "
                               "at load time with every bad line listed; true: skip them and log how many.")
-    seed: int = opt(0, "Seed of the data order (the permutation of train_manifest, one per epoch); "
-                    "learner.seed seeds parameter init and dropout.")
+    seed: int = opt(0, "Seed of the data order (the permutation of train_manifest, one per epoch) and of rollout "
+                    "sampling (each clip's sampling seed derives from it and the clip's data position, so two runs "
+                    "of one seed sample alike); learner.seed seeds parameter init and dropout.")
     sampling: SamplingConfig = opt(SamplingConfig(max_new_tokens=48), "Student rollout sampling (greedy by default).")
     rollout_engine: EngineConfig = opt(EngineConfig(), "Inference engine of the rollout workers (num_gpus/num_cpus: "
                                        "per rollout worker).")
@@ -898,7 +928,11 @@ class OpdConfig(Validated):
             raise ConfigError(f"sampling.logprobs_topk={self.sampling.logprobs_topk} differs from topk={self.topk}: "
                               "OPD sets the student's top-k from `topk`; leave sampling.logprobs_topk at 0")
         at_least(self, 0, "eval_every", "eval_max_samples", "save_every", "teacher_logprobs_k")
-        at_least(self, -1, "max_actor_restarts")
+        at_least(self, -1, "max_actor_restarts", "max_failures")
+        need(self.recovery_timeout_s > 0, "recovery_timeout_s", f"must be > 0 seconds, got {self.recovery_timeout_s}")
+        need(self.sampling.seed is None, "sampling.seed",
+             f"={self.sampling.seed}: OPD seeds each clip's rollout from `seed` and the clip's data position "
+             "(a redone rollout samples the same tokens); leave sampling.seed unset and set seed")
         at_least(self, 1, "keep_checkpoints")
         need(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
         need(self.max_audio_s > 0, "max_audio_s", f"must be > 0, got {self.max_audio_s}")

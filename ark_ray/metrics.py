@@ -94,6 +94,9 @@ _SPECS = (
                "WER of the student's rollout transcripts against the references, last batch."),
     MetricSpec("ark_opd_dropped_stale_samples_total", "counter",
                "Trajectory samples dropped for being more than max_staleness versions old."),
+    MetricSpec("ark_opd_recoveries_total", "counter",
+               "Lost actors brought back mid-run, by role (rollout, teacher: Ray restarted it and its work was "
+               "redone; learner: the group restarted from the last checkpoint).", ("role",)),
     MetricSpec("ark_opd_unmapped_positions_total", "counter",
                "Response tokens left out of the loss because the teacher's vocabulary has no such token "
                "(qwen3_asr teacher; 0 with a shared vocabulary)."),

@@ -67,10 +67,12 @@ def engine_env(num_gpus: float) -> dict:
 
 
 def engine_actor_options(model_dir: str, eng) -> dict:
-    """Ray actor options for an engine actor of EngineConfig `eng` serving `model_dir`: its CPUs and
-    GPUs, and on CPU (num_gpus == 0, vLLM) `memory=` the model plus its sized KV cache, so Ray only
+    """Ray actor options for an engine actor of EngineConfig `eng` serving `model_dir`: its CPUs, GPUs
+    and custom resources, and on CPU (num_gpus == 0, vLLM) `memory=` the model plus its sized KV cache, so Ray only
     places it on a node with that much left (a pending actor, not a vLLM start-up failure)."""
     opts: dict = {"num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus}
+    if eng.resources:
+        opts["resources"] = dict(eng.resources)
     if eng.num_gpus <= 0 and eng.backend == "vllm":
         from ark_ray.engines.cpu_memory import engine_memory_bytes
 

@@ -97,6 +97,11 @@ OPD = Dashboard(
               "such token (qwen3_asr teacher through the token-string map; stays 0 with a shared vocabulary).",
               [(f"sum(increase({m('ark_opd_unmapped_positions_total')}[{RATE}]))", "unmapped"),
                (f"sum({m('ark_opd_unmapped_positions_total')})", "total")]),
+        Panel("Recoveries", "Actors brought back after a node was lost, by role: rollout and teacher (Ray "
+              "restarted the actor, its work was redone) and learner (the group restarted from the last "
+              "checkpoint). Each one is also a line on the job's console and a record in metrics.jsonl.",
+              [(f"sum by (role) (increase({m('ark_opd_recoveries_total')}[{RATE}]))", "{{role}}"),
+               (f"sum({m('ark_opd_recoveries_total')})", "total")]),
         Panel("Pipeline queues", "Batches in flight or waiting per stage. A full rollout queue with an empty "
               "learner queue means the teacher is the bottleneck.",
               [(f"sum by (queue) ({m('ark_opd_queue_depth_batches')})", "{{queue}}")]),

@@ -16,6 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # `python jobs/opd.py` from a clone, without an installed package
     sys.path.insert(0, str(REPO))
 
+from ark_ray.faults import RecoveryFailed  # noqa: E402
 from ark_ray.opd.console import Console, table  # noqa: E402
 from ark_ray.runtime import cpu_env_defaults  # noqa: E402
 
@@ -38,8 +39,8 @@ def closing_rows(s: dict) -> list[tuple[str, str]]:
     rows = [("student_wer_before", fmt(before)), ("student_wer_after", fmt(after)),
             ("relative_wer_cut", f"{cut:.1%}" if cut is not None else "-"),
             ("teacher_wer", fmt(s.get("teacher_wer")))]
-    for k in ("steps", "kl_first", "kl_last", "samples_per_s", "dropped_stale", "weight_sync", "startup_s",
-              "train_s", "wall_s", "final_model"):
+    for k in ("steps", "kl_first", "kl_last", "samples_per_s", "dropped_stale", "recoveries", "weight_sync",
+              "startup_s", "train_s", "wall_s", "final_model"):
         rows.append((k, fmt(s.get(k))))
     return rows
 
@@ -76,6 +77,7 @@ def main(argv=None) -> dict:
         init_ray(cfg.ray)
         ctl = OpdController(cfg, storage)
         ctl.on_step, ctl.on_eval, ctl.say = console.on_step, console.on_eval, console.line
+        ctl.on_recovery = console.on_recovery
         console.line(f"actors up in {ctl.startup.get('total_s', 0):.0f} s; held-out WER before training:")
         try:
             s = ctl.run()
@@ -95,6 +97,10 @@ def main(argv=None) -> dict:
         console.line(f"log: {console.log_path}" + ("" if storage.is_local else f" (copied to {storage.uri_of('job.log')})"))
         storage.upload("job.log")
         return s
+    except RecoveryFailed as e:   # a lost node the run could not get over: one line, no traceback
+        console.restore()
+        _upload_log(storage)
+        raise SystemExit(f"error: {e} (log: {console.log_path})") from None
     except BaseException:
         console.restore()   # the traceback goes to the terminal
         print(f"(full log: {console.log_path})", file=sys.stderr)

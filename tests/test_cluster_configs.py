@@ -193,7 +193,7 @@ def test_kuberay_clusters_autoscale_gpu_workers_with_token_auth(manifest):
 
 def test_rayjob_runs_the_opd_job(repo_root):
     doc = load(repo_root / "cluster" / "kuberay" / "rayjob.yaml")
-    assert doc["spec"]["entrypoint"] == "python jobs/opd.py --config jobs/configs/opd_ark06.yaml"
+    assert doc["spec"]["entrypoint"] == "python jobs/opd.py --config jobs/configs/opd_cluster.yaml"
     env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
     assert env["working_dir"] == "/home/ray/ark-ray"
     assert doc["spec"]["shutdownAfterJobFinishes"] is True
@@ -221,3 +221,79 @@ def test_rayservice_serves_the_gpu_serve_config(repo_root):
     drifted = copy.deepcopy(ours)
     drifted["applications"][0]["args"]["max_batch_size"] = 64
     assert drifted != theirs                                         # the comparison can fail
+
+
+# --------------------------------------------------------------------------- the multi-node OPD layout
+def fits(want: dict, have: dict) -> bool:
+    return all(have.get(k, 0) >= v for k, v in want.items())
+
+
+def total(bundles: list[dict]) -> dict:
+    out: dict = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def launcher_node_types(cfg: dict) -> dict:
+    """{worker node type: (its Ray resources, max_workers)} of a cluster launcher config."""
+    return {n: (t["resources"], t["max_workers"]) for n, t in cfg["available_node_types"].items()
+            if n != cfg["head_node_type"]}
+
+
+def kuberay_node_types(doc: dict) -> dict:
+    """{worker group: (the Ray resources of one pod, maxReplicas)}: CPUs and GPUs from the container's
+    limits, custom resources from rayStartParams (a JSON string, quoted as KubeRay wants it)."""
+    import json
+
+    out = {}
+    for g in cluster_spec(doc)["workerGroupSpecs"]:
+        (c,) = g["template"]["spec"]["containers"]
+        res = {"CPU": float(c["resources"]["limits"]["cpu"]), "GPU": int(c["resources"]["limits"]["nvidia.com/gpu"])}
+        if "resources" in g["rayStartParams"]:
+            res.update(json.loads(json.loads(g["rayStartParams"]["resources"])))
+        out[g["groupName"]] = (res, g["maxReplicas"])
+    return out
+
+
+def check_layout(types: dict) -> None:
+    """jobs/configs/opd_cluster.yaml's requests, as the job makes them (resource_requests), against a
+    cluster's node types: each role fits exactly one node type, the learner group all on one node
+    (so it packs STRICT_PACK), and there are enough nodes for every rollout worker and teacher."""
+    from ark_ray.config import OpdConfig, load_config
+    from ark_ray.opd.controller import resource_requests
+    from ark_ray.train.learner import pack_strategy
+
+    cfg = load_config(OpdConfig, pathlib.Path(__file__).resolve().parents[1] / "jobs/configs/opd_cluster.yaml")
+    req = resource_requests(cfg)
+    group = total(req["learner"])
+    (learner_type,) = [n for n, (res, _) in types.items() if fits(group, res)]
+    assert pack_strategy(req["learner"], [types[learner_type][0]]) == "STRICT_PACK"
+    engines = req["rollout worker"] + req["teacher"]
+    homes = {n for want in engines for n, (res, _) in types.items() if fits(want, res)}
+    assert len(homes) == 1 and learner_type not in homes, homes
+    (home,) = homes
+    res, most = types[home]
+    per_node = min(int(res[k] // v) for k, v in engines[0].items())
+    assert all(w == engines[0] for w in engines) and most * per_node >= len(engines)
+    assert req["learner"][0]["GPU"] == 1 and len(req["learner"]) == types[learner_type][0]["GPU"]
+
+
+def test_launcher_node_types_match_the_multi_node_opd_layout(launcher):
+    _, cfg = launcher
+    check_layout(launcher_node_types(cfg))
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_groups_match_the_multi_node_opd_layout(repo_root, name):
+    check_layout(kuberay_node_types(load(repo_root / "cluster" / "kuberay" / name)))
+
+
+def test_layout_check_can_fail(repo_root):
+    types = kuberay_node_types(load(repo_root / "cluster" / "kuberay" / "rayjob.yaml"))
+    for group, key in (("gpu-8x", "ark_learner"), ("gpu-1x", "ark_engine")):
+        broken = {n: ({k: v for k, v in res.items() if not (n == group and k == key)}, most)
+                  for n, (res, most) in types.items()}
+        with pytest.raises((AssertionError, ValueError)):
+            check_layout(broken)

@@ -62,6 +62,20 @@ def test_sampling_n(engine):
     assert [(t.clip_index, t.sample_index) for t in out] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
 
 
+def test_sampling_follows_per_clip_seeds(engine):
+    """OPD seeds each clip from its run seed and data position: the same clips with the same seeds
+    sample the same tokens (whatever the global RNG did meanwhile), other seeds sample others."""
+    import torch
+
+    hot = SamplingConfig(max_new_tokens=8, temperature=1.5)
+    a = engine.transcribe(clips(3), hot, seeds=[5, 6, 7])
+    torch.manual_seed(1234)
+    b = engine.transcribe(clips(3), hot, seeds=[5, 6, 7])
+    c = engine.transcribe(clips(3), hot, seeds=[8, 9, 10])
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+    assert [t.token_ids for t in a] != [t.token_ids for t in c]
+
+
 def test_long_audio_is_chunked(model_dir):
     eng = make_engine(str(model_dir), EngineConfig(backend="hf", max_chunk_s=2.0))
     rng = np.random.default_rng(3)

@@ -33,6 +33,18 @@ def batch(model_dir):
     return {k: v.numpy() for k, v in b.items()}
 
 
+def test_learner_ranks_pack_on_one_node_where_they_fit():
+    from ark_ray.train.learner import pack_strategy
+
+    ranks = [LearnerGroup.bundle(LearnerConfig(use_gpu=True, num_gpus=1, num_cpus=8, resources={"ark_learner": 1}))] * 8
+    assert ranks[0] == {"CPU": 8, "GPU": 1, "ark_learner": 1}
+    eight = {"CPU": 96, "GPU": 8, "ark_learner": 8}
+    assert pack_strategy(ranks, [{"CPU": 4, "GPU": 1}, eight]) == "STRICT_PACK"
+    assert pack_strategy(ranks, [{"CPU": 96, "GPU": 8}]) == "PACK"                    # no ark_learner there
+    assert pack_strategy(ranks, [{"CPU": 48, "GPU": 4, "ark_learner": 4}] * 2) == "PACK"   # only across two nodes
+    assert pack_strategy([LearnerGroup.bundle(LearnerConfig())] * 2, []) == "PACK"     # no node yet (autoscaler)
+
+
 def train(model_dir, batch, steps, **kw):
     cfg = LearnerConfig(lr=1e-3, seed=0, **kw)
     g = LearnerGroup(model_dir, cfg, total_steps=10)

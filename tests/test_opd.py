@@ -1,4 +1,5 @@
-"""Asynchronous OPD end to end on a local Ray: async/sync runs, resume, actor faults, ray job submit."""
+"""OPD end to end: async/sync runs, seeded rollouts, resume, learner restarts (max_failures), node loss on a
+simulated multi-node cluster (each role's node killed hard, replaced), ray job submit."""
 import json
 import os
 import pathlib
@@ -12,6 +13,7 @@ import pytest
 import ray
 
 from ark_ray.config import OpdConfig, load_config
+from ark_ray.faults import RecoveryFailed
 from ark_ray.model.factory import make_tokenizer, save_random_model
 from ark_ray.net import free_port
 
@@ -63,7 +65,6 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
     try:
         s = ctl.run()
         worker_version = ray.get(ctl.rollouts[0].get_version.remote())
-        published = ray.get(ctl.store.latest.remote())[1]
     finally:
         ctl.shutdown()
     assert s["steps"] == 3 and s["mode"] == "async" and s["weight_sync"] == "broadcast"
@@ -75,7 +76,7 @@ def test_async_run_trains_syncs_and_exports(ray_local, pair, tmp_path):
     assert versions == sorted(set(versions)) and versions[-1] == ctl.version
     assert all(r["retries"] == 0 and r["sync_s"] > 0 for r in syncs)
     assert [h["version"] for h in ctl.weights.history] == versions          # every sync in metrics.jsonl
-    assert worker_version == published == ctl.version    # the final sync arrived; published at the final save
+    assert worker_version == ctl.version                 # the final sync arrived
     assert all(r["kl"] > 0 and 4 <= r["union_size"] <= 8 for r in recs)
     # tau 1: the loss is the raw KL; queue depths are bounded by max_inflight (the trained batch excluded)
     assert all(r["loss"] == pytest.approx(r["kl"]) for r in recs)
@@ -118,7 +119,8 @@ def test_s3_run_crashes_mid_checkpoint_then_resumes_on_a_fresh_cluster(
     for k, v in aws_env.items():      # the driver's settings; the learner ranks get them pickled
         monkeypatch.setenv(k, v)
     cfg = make_cfg(pair, uri, mode="sync", steps=3, tau=2.0, eval_manifest=None, keep_checkpoints=1,
-                   local_dir=str(tmp_path / "run1"), learner={"num_workers": 2})
+                   local_dir=str(tmp_path / "run1"), learner={"num_workers": 2},
+                   sampling={"temperature": 1.0})     # sampled rollouts: their seeds come from `seed`
     ctl = OpdController(cfg)
     commit = ctl.ckpts.commit
 
@@ -165,6 +167,9 @@ def test_s3_run_crashes_mid_checkpoint_then_resumes_on_a_fresh_cluster(
     metrics = _s3_json_lines(s3_client, bucket, "probe/metrics.jsonl")
     steps = [r for r in metrics if r["kind"] == "step"]
     assert [(r["step"], r["samples"]) for r in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]   # step 3 redone once
+    # rollout sampling follows `seed` (each clip's seed from its data position): step 3, redone from
+    # the same weights on another cluster, sampled the same tokens and so gave the same KL
+    assert steps[2]["kl"] == pytest.approx(recs[2]["kl"], rel=1e-4)
     ck = [r for r in metrics if r["kind"] == "checkpoint"]
     assert [r["step"] for r in ck] == [1, 2, 3, 4]
     # the resumed run's ranks ran on the cluster's worker nodes and each uploaded from its own
@@ -204,6 +209,15 @@ def test_source_outlives_stale_drops_and_resumes(ray_local, pair, tmp_path):
         assert ctl.data.consumed_total == len(ctl.data.consumed())   # nothing consumed twice
         ctl.save()
         consumed = ctl.data.consumed()
+        # a learner rank lost with max_failures used up: one line naming the node, the role and --resume
+        ctl.cfg.max_failures, ctl.cfg.steps = 0, 8
+        node = ctl.learner.nodes[0]
+        ray.kill(ctl.learner.workers[0])
+        with pytest.raises(RecoveryFailed) as failed:
+            ctl.run_sync()
+        line = str(failed.value)
+        assert "\n" not in line and f"lost node {node[:12]} (learner rank 0)" in line
+        assert "max_failures=0" in line and "--resume=true" in line and "checkpoint of step 6" in line
     finally:
         ctl.shutdown()
     s2, c2 = run(make_cfg(pair, out, steps=8, mode="sync", resume=True, save_every=0, eval_manifest=None,
@@ -214,66 +228,93 @@ def test_source_outlives_stale_drops_and_resumes(ray_local, pair, tmp_path):
     assert c2.data.consumed() == set(range(c2.data.low))    # a prefix: no position skipped
 
 
-class KillOnCall:
-    """A real actor handle, except that the `nth` call of `method` is followed at once by
-    `ray.kill(actor, no_restart=False)`: the call is in flight when its process dies."""
-
-    def __init__(self, handle, method: str, nth: int):
-        self.handle, self.method, self.nth, self.calls = handle, method, nth, 0
-        self.killed_args = None
-
-    def __getattr__(self, name):
-        attr = getattr(self.handle, name)
-        if name != self.method:
-            return attr
-        outer = self
-
-        class Method:
-            @staticmethod
-            def remote(*args):
-                ref = attr.remote(*args)
-                outer.calls += 1
-                if outer.calls == outer.nth:
-                    ray.kill(outer.handle, no_restart=False)
-                    outer.killed_args = args
-                return ref
-        return Method
+def _records(path: pathlib.Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def _pid(actor) -> int:
-    return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
+def trained_positions(records: list[dict]) -> list[int]:
+    """Every position the final model was trained on (or dropped as stale), from metrics.jsonl: a
+    learner restart's record rewinds to its checkpoint, whose later steps were done again."""
+    steps: dict[int, dict] = {}
+    for r in records:
+        if r["kind"] == "recovery" and r["role"] == "learner rank":
+            steps = {k: v for k, v in steps.items() if k <= r["from_step"]}
+        elif r["kind"] == "step":
+            steps[r["step"]] = r
+    return sorted(p for r in steps.values() for p in r["positions"] + r["stale_positions"])
 
 
-def test_killed_actors_are_restarted_and_work_redone(ray_local, pair, tmp_path):
-    """Kill the rollout actor right after the second batch's call reaches it, and the teacher right
-    after its second scoring call: Ray restarts each (the same handle answers from a new process),
-    retries the killed call on the new actor, and the run trains every step on full batches, the
-    killed calls' rows included, none twice. (Both kills in one run: each run costs a minute.)"""
-    from ark_ray.opd.controller import OpdController
+def test_opd_survives_losing_the_node_of_each_role(ray_cluster, pair, tmp_path):
+    """`python jobs/opd.py` on a multi-node cluster (a head without CPUs, worker nodes): the node of
+    the rollout worker, then the teacher's, then the learner's is removed hard mid-run
+    (allow_graceful=False: a spot instance vanishing), each after the previous recovery, and a
+    replacement node joins each time. Each role is pinned to a node type of its own (a custom
+    resource, as cluster/*.yaml pin them), so each loss is one role's. The run finishes every step,
+    trains every data position exactly once, and reports each recovery (console line naming the
+    lost node, metrics.jsonl record, summary)."""
+    ray_cluster.ensure_workers(2)          # the generic nodes: audio decoding tasks
+    pins = {"rollout worker": "opd_rollout", "teacher": "opd_teacher", "learner rank": "opd_learner"}
+    role_nodes = {role: ray_cluster.add_worker(num_cpus=2, resources={"sim_node": 1, pin: 1})
+                  for role, pin in pins.items()}
+    ray_cluster.cluster.wait_for_nodes()
+    out = tmp_path / "run"
+    steps, batch = 30, 4
+    cmd = [sys.executable, str(REPO / "jobs" / "opd.py"), f"--student={pair / 'student'}",
+           f"--teacher={pair / 'teacher'}", f"--output_dir={out}",
+           f"--train_manifest={REPO / 'assets/demo_corpus/train_sample.jsonl'}",
+           f"--eval_manifest={REPO / 'assets/demo_corpus/test.jsonl'}", "--eval_max_samples=2",
+           f"--steps={steps}", f"--rollout_batch_size={batch}", "--sampling.max_new_tokens=8",
+           "--sampling.temperature=1.0", "--topk=4", "--save_every=3", "--max_staleness=1000", "--max_inflight=2",
+           "--rollout_engine.backend=hf", "--recovery_timeout_s=300", "--max_failures=2",
+           "--rollout_engine.resources={opd_rollout: 1}", "--teacher_engine.resources={opd_teacher: 1}",
+           "--learner.resources={opd_learner: 1}"]
+    proc = subprocess.Popen(cmd, env=ray_cluster.env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
 
-    ctl = OpdController(make_cfg(pair, tmp_path / "k", steps=3))   # 4 clips a step, max_staleness 2
-    roles = {"rollouts": "rollout", "teachers": "score"}
-    real = {role: getattr(ctl, role)[0] for role in roles}
-    pid_before = {role: _pid(actor) for role, actor in real.items()}
-    for role, method in roles.items():
-        getattr(ctl, role)[0] = KillOnCall(real[role], method, nth=2)
+    def wait_for(done, what: str, timeout_s: float = 600):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            recs = _records(metrics)
+            if done(recs):
+                return recs
+            assert proc.poll() is None, f"the job ended before {what}:\n" + proc.stdout.read()[-5000:]
+            time.sleep(0.3)
+        raise AssertionError(f"no {what} within {timeout_s} s")
+
+    killed = {}
     try:
-        s = ctl.run()
-        killed = {role: getattr(ctl, role)[0].killed_args for role in roles}
-        pid_after = {role: _pid(actor) for role, actor in real.items()}
+        for role, pin in pins.items():
+            seen = len([r for r in _records(metrics) if r["kind"] == "recovery"])
+            last = max([r["step"] for r in _records(metrics) if r["kind"] == "step"], default=0)
+            wait_for(lambda recs: any(r["kind"] == "step" and r["step"] >= last + 2 for r in recs),
+                     f"two steps before losing the {role}'s node")
+            killed[role] = role_nodes[role].node_id
+            role_nodes[role] = ray_cluster.replace(killed[role], num_cpus=2, resources={"sim_node": 1, pin: 1})
+            wait_for(lambda recs: any(r["role"] == role for r in [r for r in recs if r["kind"] == "recovery"][seen:]),
+                     f"the {role}'s recovery")
+        console, _ = proc.communicate(timeout=900)
     finally:
-        for role in roles:
-            getattr(ctl, role)[0] = real[role]
-        ctl.shutdown()
-    steps = [json.loads(line) for line in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["samples"] for r in steps if r["kind"] == "step"] == [4, 4, 4]
-    assert s["steps"] == 3 and s["dropped_stale"] == 0     # 3 steps: no batch can be 3 versions old
-    assert ctl.data.consumed_total == len(ctl.data.consumed()) == 12
-    for role in roles:
-        assert killed[role] is not None and pid_after[role] != pid_before[role], role
-        # the killed call's batch: positions are a rollout's last argument; a teacher scores a trajectory
-        positions = killed[role][-1] if role == "rollouts" else list(ray.get(killed[role][0]).position)
-        assert len(positions) == 4 and set(positions) <= ctl.data.consumed(), role
+        if proc.poll() is None:
+            proc.kill()
+        for node in role_nodes.values():      # the shared cluster as this test found it
+            if node.node_id in ray_cluster.workers:
+                ray_cluster.kill(node.node_id)
+    assert proc.returncode == 0, console[-6000:]
+    recs = _records(metrics)
+    recoveries = [r for r in recs if r["kind"] == "recovery"]
+    assert [r["role"] for r in recoveries] == list(pins)           # one recovery per loss, nothing else
+    for r, (role, node) in zip(recoveries, killed.items()):        # each names the node it was lost with
+        assert r["lost_node"] == node and r["restarted"] and r["node"] != node
+        assert f"recovered {role} 0 in" in console and f"lost with node {node[:12]}" in console
+    assert recoveries[0]["weights_version"] >= 1                    # the restarted rollout worker got weights
+    assert recoveries[2]["from_step"] > 0 and recoveries[2]["from_step"] % 3 == 0   # a checkpoint (save_every 3)
+    # every data position trained exactly once: none skipped, none twice
+    assert trained_positions(recs) == list(range(steps * batch))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["summary"]["steps"] == steps and summary["summary"]["recoveries"] == 3
+    positions = summary["data_positions"]
+    assert positions["low"] == positions["consumed_total"] == steps * batch and positions["above"] == []
 
 
 @pytest.mark.slow

@@ -40,6 +40,14 @@ def test_vllm_engine_matches_hf_and_updates_weights(tmp_path):
         after = v.transcribe(clips(), SP)
         assert_same(after, make_engine(str(tmp_path / "b"), EngineConfig(backend="hf")).transcribe(clips(), SP))
         assert [t.token_ids for t in after] != [t.token_ids for t in before]
+        # sampling follows per-clip seeds (OPD's, from its seed and each clip's data position):
+        # the same seeds sample the same tokens, in any batch; other seeds sample others
+        hot = SamplingConfig(max_new_tokens=8, temperature=1.5)
+        a = v.transcribe(clips(), hot, seeds=[11, 12, 13, 14])
+        b = v.transcribe(clips()[::-1], hot, seeds=[14, 13, 12, 11])[::-1]
+        c = v.transcribe(clips(), hot, seeds=[21, 22, 23, 24])
+        assert [t.token_ids for t in a] == [t.token_ids for t in b]
+        assert [t.token_ids for t in a] != [t.token_ids for t in c]
     finally:
         v.close()
 

@@ -18,6 +18,25 @@ from ark_ray.engines.transcript import Segment, Transcript
 __all__ = ["Transcriber", "AsyncTranscriber", "Transcript", "Segment"]
 
 
+def piece_seeds(seeds: Optional[Sequence[int]], owners: Sequence[int]) -> Optional[list[int]]:
+    """Per-clip seeds -> one seed per piece of the long-audio split (`owners[j]`: piece j's clip):
+    a clip's k-th piece gets its clip's seed + k."""
+    if seeds is None:
+        return None
+    out, seen = [], {}
+    for o in owners:
+        k = seen.get(o, 0)
+        seen[o] = k + 1
+        out.append((int(seeds[o]) + k) % 2**63)
+    return out
+
+
+def mix_seeds(*parts: int) -> int:
+    """One 32-bit seed from integers (a run's seed and a data position; a batch's seeds): stable
+    across processes and runs, unlike hash()."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint32)[0])
+
+
 class Transcriber(abc.ABC):
     """Audio (16 kHz mono float32 arrays) in, one `Transcript` per clip and sample out."""
 
@@ -25,12 +44,15 @@ class Transcriber(abc.ABC):
     processor: object
 
     @abc.abstractmethod
-    def transcribe(self, audios: Sequence[np.ndarray],
-                   sampling: Optional[SamplingConfig] = None) -> list[Transcript]:
+    def transcribe(self, audios: Sequence[np.ndarray], sampling: Optional[SamplingConfig] = None,
+                   seeds: Optional[Sequence[int]] = None) -> list[Transcript]:
         """Transcribe clips; returns len(audios) * sampling.n results, clip-major.
 
         Clips longer than the engine's `max_chunk_s` are cut by `ark_ray.audio.chunk_audio`
-        and their chunks' transcripts joined, with one `Segment` per chunk.
+        and their chunks' transcripts joined, with one `Segment` per chunk. `seeds`: one sampling
+        seed per clip (OPD derives them from its `seed` and the clip's data position), so a clip
+        samples the same tokens whenever it is transcribed again with the same weights; they
+        override `sampling.seed` and do nothing for greedy decoding.
         """
 
     @abc.abstractmethod

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ark_ray.config import SamplingConfig
-from ark_ray.engines.base import Transcriber, Transcript
+from ark_ray.engines.base import Transcriber, Transcript, mix_seeds, piece_seeds
 from ark_ray.engines.long_audio import split_long_audio, join_chunks
 
 
@@ -56,8 +56,11 @@ class HFEngine(Transcriber):
 
     # ------------------------------------------------------------------ transcription
     @torch.inference_mode()
-    def _generate(self, waves: Sequence[np.ndarray], sampling: SamplingConfig) -> list[list[dict]]:
-        """Generate for short clips (<= max_chunk_s). Returns, per clip, n sample dicts."""
+    def _generate(self, waves: Sequence[np.ndarray], sampling: SamplingConfig,
+                  seeds: Optional[list[int]] = None) -> list[list[dict]]:
+        """Generate for short clips (<= max_chunk_s). Returns, per clip, n sample dicts. `seeds`: one
+        per wave; transformers samples a batch from one generator, so each batch of waves seeds it
+        from its waves' seeds (the same waves in the same batches sample the same tokens)."""
         out: list[list[dict]] = [[] for _ in waves]
         order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
         eos = self.processor.token_ids.eos
@@ -77,7 +80,9 @@ class HFEngine(Transcriber):
             )
             if not greedy:
                 gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-                if sampling.seed is not None:
+                if seeds is not None:
+                    torch.manual_seed(mix_seeds(*(seeds[i] for i in idx)))
+                elif sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
             res = self.model.generate(**batch, **gen_kwargs)
             t2 = time.perf_counter()
@@ -108,11 +113,11 @@ class HFEngine(Transcriber):
                 out[clip].append(item)
         return out
 
-    def transcribe(self, audios: Sequence[np.ndarray],
-                   sampling: Optional[SamplingConfig] = None) -> list[Transcript]:
+    def transcribe(self, audios: Sequence[np.ndarray], sampling: Optional[SamplingConfig] = None,
+                   seeds: Optional[Sequence[int]] = None) -> list[Transcript]:
         sampling = sampling or SamplingConfig()
         pieces, owners = split_long_audio(audios, self.max_chunk_s)
-        results = self._generate([p.samples for p in pieces], sampling)
+        results = self._generate([p.samples for p in pieces], sampling, piece_seeds(seeds, owners))
         return join_chunks(audios, pieces, owners, results, sampling.n, self.processor)
 
     # ------------------------------------------------------------------ weights

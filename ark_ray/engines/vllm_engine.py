@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from ark_ray.config import EngineConfig, SamplingConfig
-from ark_ray.engines.base import Transcriber, Transcript
+from ark_ray.engines.base import Transcriber, Transcript, piece_seeds
 from ark_ray.engines.long_audio import join_chunks, split_long_audio
 
 
@@ -375,7 +375,7 @@ class VllmEngine(Transcriber):
         self.max_chunk_s = cfg.max_chunk_s
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
-    def _params(self, sampling: SamplingConfig):
+    def _params(self, sampling: SamplingConfig, seed: Optional[int] = None):
         from vllm import SamplingParams
 
         from ark_ray.vllm_plugin.outputs import logprob_kwargs
@@ -385,16 +385,19 @@ class VllmEngine(Transcriber):
             n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
             logprobs=max(1, sampling.logprobs_topk), stop_token_ids=[self.processor.token_ids.eos],
-            seed=sampling.seed, detokenize=False, skip_special_tokens=False,
+            seed=sampling.seed if seed is None else seed, detokenize=False, skip_special_tokens=False,
             **logprob_kwargs(),  # flat log-probs: no Python object per (token, rank)
         )
 
-    def _generate(self, waves: Sequence[np.ndarray], sampling: SamplingConfig) -> list[list[dict]]:
+    def _generate(self, waves: Sequence[np.ndarray], sampling: SamplingConfig,
+                  seeds: Optional[list[int]] = None) -> list[list[dict]]:
+        """`seeds`: one per wave (vLLM seeds each request's own generator), or None."""
         from ark_ray.vllm_plugin import generation_prompt
 
         t0 = time.perf_counter()
         prompts = [generation_prompt(self.processor, np.asarray(w, dtype=np.float32)) for w in waves]
-        outs = self.llm.generate(prompts, self._params(sampling), use_tqdm=False)
+        params = self._params(sampling) if seeds is None else [self._params(sampling, s) for s in seeds]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         gen_s = time.perf_counter() - t0
         k = sampling.logprobs_topk
         results: list[list[dict]] = []
@@ -403,10 +406,11 @@ class VllmEngine(Transcriber):
                                         {"generate_s": gen_s / max(1, len(waves))}) for o in out.outputs])
         return results
 
-    def transcribe(self, audios: Sequence[np.ndarray], sampling: Optional[SamplingConfig] = None) -> list[Transcript]:
+    def transcribe(self, audios: Sequence[np.ndarray], sampling: Optional[SamplingConfig] = None,
+                   seeds: Optional[Sequence[int]] = None) -> list[Transcript]:
         sampling = sampling or SamplingConfig()
         pieces, owners = split_long_audio(audios, self.max_chunk_s)
-        results = self._generate([p.samples for p in pieces], sampling)
+        results = self._generate([p.samples for p in pieces], sampling, piece_seeds(seeds, owners))
         return join_chunks(audios, pieces, owners, results, sampling.n, self.processor)
 
     @property

@@ -3,7 +3,7 @@
 Everything else the run prints (vLLM, Ray, transformers and DeepSpeed logs, the worker output Ray
 forwards to the driver, Python warnings) goes to `<run>/job.log` (ark_ray/console.py, the shape
 every job's console shares). The controller reports through
-`on_step` / `on_eval` (its hooks); `curves.png` is drawn from what they saw.
+`on_step` / `on_eval` / `on_recovery` (its hooks); `curves.png` is drawn from what they saw.
 """
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ class Console(JobConsole):
         self.evals.append({"step": step, "who": who, "wer": wer})
         label = "teacher" if who == "teacher" else "student"
         self.line(f"step {step:>4}  {label} held-out WER {wer:.3f}")
+
+    def on_recovery(self, line: str) -> None:
+        """One line per recovery (a lost actor back, a learner group restarted), above the bar."""
+        self.line(line)
 
     # ------------------------------------------------------------------ outputs
     def save_curves(self, path: Optional[str | os.PathLike] = None) -> Optional[pathlib.Path]:

@@ -9,9 +9,13 @@ Weights arrive by whichever path `ark_ray.train.weight_sync` picked for this act
 buckets on a shared GPU (`load_weights("ipc", ...)`), bucket objects from the object store
 (`load_weights("object_store", ...)`), or the learner's NCCL/gloo broadcast straight into the
 engine processes (`receive_broadcast`). Each call returns the version the engine now holds; a
-failure raises, and the driver's sync fails with this actor's error. A restarted worker (Ray
-restarts it after a crash) first loads the WeightStore's copy, so a redone rollout is not produced
-by the initial weights.
+failure raises, and the driver's sync fails with this actor's error. A worker Ray restarted (after
+a crash, or on another node after its node was lost) holds the initial weights and reports
+version 0; the driver pushes the current weights to it before it gets any rollout.
+
+Sampling follows the run's seed: each clip's sampling seed comes from the driver (derived from
+the run's `seed` and the clip's data position), so a redone rollout with the same weights samples
+the same tokens, and two runs of one seed sample alike.
 """
 from __future__ import annotations
 
@@ -26,23 +30,14 @@ from ark_ray.opd.trajectory import TrajectoryBatch
 
 
 class RolloutWorker:
-    def __init__(self, model_dir: str, engine_cfg: dict, sampling_cfg: dict, topk: int,
-                 store_name: Optional[str] = None):
+    def __init__(self, model_dir: str, engine_cfg: dict, sampling_cfg: dict, topk: int):
         from ark_ray.engines import make_engine
 
         self.engine = make_engine(model_dir, EngineConfig(**engine_cfg))
         self.sampling = SamplingConfig(**dict(sampling_cfg, logprobs_topk=topk))
         self.topk = topk
         self.version = 0
-        self.store_name = store_name
         self.group: Optional[str] = None  # the broadcast group this engine belongs to
-        if store_name:
-            store = ray.get_actor(store_name)
-            refs, version = ray.get(store.latest.remote())
-            if refs is not None:
-                from ark_ray.engines.weight_buckets import object_items
-                self.engine.update_weights(object_items(refs))
-                self.version = version
 
     # ------------------------------------------------------------------ weights
     def engine_info(self) -> dict:
@@ -69,7 +64,7 @@ class RolloutWorker:
         from ark_ray.engines.weight_buckets import ipc_items, object_items
 
         t0 = time.perf_counter()
-        if self.version >= version:  # a call Ray retried after a restart: the store had it already
+        if self.version >= version:  # a call retried after it had already arrived
             return {"version": self.version, "how": "current", "seconds": 0.0}
         if mode == "ipc":
             if getattr(self.engine, "llm", None) is not None:
@@ -109,9 +104,10 @@ class RolloutWorker:
         return self.version
 
     # ------------------------------------------------------------------ rollouts
-    def rollout(self, clips, positions: list[int]) -> TrajectoryBatch:
+    def rollout(self, clips, positions: list[int], seeds: Optional[list[int]] = None) -> TrajectoryBatch:
         """Roll out the batch `clips` (a ClipRefs from the driver's ClipStream: this worker fetches
-        the decoded audio itself) holding data `positions`."""
+        the decoded audio itself) holding data `positions`, tagged with this worker's weights version;
+        `seeds`: each clip's sampling seed (None: unseeded)."""
         from ark_ray.audio import SAMPLE_RATE
         from ark_ray.data.clip_stream import load_clips
 
@@ -120,7 +116,7 @@ class RolloutWorker:
         if list(batch.positions) != [int(p) for p in positions]:
             raise RuntimeError(f"rollout: the clips hold positions {batch.positions}, not {list(positions)}")
         waves = batch.waves
-        outs = self.engine.transcribe(waves, self.sampling)
+        outs = self.engine.transcribe(waves, self.sampling, seeds=seeds)
         if len(outs) != len(waves):
             raise RuntimeError(f"{len(outs)} rollouts for {len(waves)} clips (sampling.n must be 1)")
         return TrajectoryBatch.from_rollouts(

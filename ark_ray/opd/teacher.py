@@ -77,9 +77,12 @@ class TeacherScorer:
         vocab = self.model.config.vocab_size
         self.blocked = ~self.processor.allowed_token_mask(vocab).to(self.device)
 
-    def ready(self) -> bool:
-        """Returns once the teacher is loaded (the controller times start-up by role)."""
-        return True
+    def ready(self) -> dict:
+        """Where this teacher runs (node, GPUs, pid), once it is loaded: the controller times start-up
+        by role with it, and probes a lost teacher with it until Ray has restarted it."""
+        from ark_ray.train.weight_sync import placement
+
+        return placement()
 
     @torch.inference_mode()
     def score(self, batch: TrajectoryBatch, clips) -> TrajectoryBatch:

@@ -5,8 +5,8 @@ drives the learners step by step (it hands each step a trajectory batch from the
 pulls weights out for the rollout workers), which is OpenRLHF's `trainer/ray/` pattern. SFT runs
 the same rank inside Ray Train workers (`ark_ray/train/sft_loop.py`: each reads its own dataset
 shard, `train_shard`). On CPU: gloo, fp32; on GPU: NCCL, bf16 compute with fp32 master
-weights and optimizer state (`deepspeed_config` says which DeepSpeed wrapper keeps them), actors in a
-placement group (one GPU bundle per rank). `learner.gradient_checkpointing` recomputes every decoder
+weights and optimizer state (`deepspeed_config` says which DeepSpeed wrapper keeps them); OPD's actors in
+one placement group (one bundle per rank). `learner.gradient_checkpointing` recomputes every decoder
 and encoder layer in the backward pass.
 
 The loss comes from the job (`ark_ray.train.losses.Loss`: SFT's TokenCrossEntropy by default, OPD's
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import ray
@@ -429,38 +429,104 @@ class LearnerWorker:
         return self.rank
 
 
-class LearnerGroup:
-    """N learner ranks as Ray actors; the driver's handle for training, export and weight sync."""
+def pack_strategy(bundles: list[dict], nodes: list[dict]) -> str:
+    """STRICT_PACK when one live node has room for every bundle of the group (all ranks on one host:
+    intra-node NCCL, one rendezvous address), else PACK (as few nodes as Ray can manage).
 
-    def __init__(self, model_dir: str, cfg: LearnerConfig, total_steps: int, loss: Optional[Loss] = None):
+    `nodes`: each live node's total resources (`ray.nodes()[i]["Resources"]`)."""
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0.0) + v
+    fits = any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes)
+    return "STRICT_PACK" if fits else "PACK"
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous() -> tuple[str, int]:
+    """Run in rank 0's bundle: the address and a free port of the node rank 0 will run on."""
+    return ray.util.get_node_ip_address(), free_port()
+
+
+class LearnerGroup:
+    """N learner ranks as Ray actors in one placement group; the driver's handle for training, export
+    and weight sync.
+
+    Placement: one bundle per rank ({CPU: num_cpus, GPU: num_gpus when use_gpu, custom `resources`}), STRICT_PACK where
+    one node has room for the whole group, else PACK (`pack_strategy`); the torch.distributed
+    rendezvous is on rank 0's node. Faults: a rank lost with its node surfaces as `LearnerLost`
+    (naming the rank and its node) from every call into the group, never as a raw Ray error, so the
+    job can restart the group from its last checkpoint; an error raised by a rank's own code travels
+    as it is.
+    """
+
+    def __init__(self, model_dir: str, cfg: LearnerConfig, total_steps: int, loss: Optional[Loss] = None,
+                 ready_timeout_s: Optional[float] = None):
         """`loss`: the job's loss object (default SFT cross-entropy); `total_steps`: learner steps
-        (batches) of the run, for the LR schedule."""
+        (batches) of the run, for the LR schedule; `ready_timeout_s`: longest wait for the cluster to
+        have room for the group and for its ranks to start (None: no limit); past it, `GetTimeoutError`."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         self.cfg = cfg
         self.loss = loss if loss is not None else TokenCrossEntropy()
         self.model_dir = model_dir
         world = cfg.num_workers
-        opts: dict[str, Any] = {"num_cpus": cfg.num_cpus}
-        self.pg = None
-        if cfg.use_gpu:
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            gpus = cfg.num_gpus  # < 1: shares its card with the rollout engine / teacher
-            self.pg = placement_group([{"GPU": gpus, "CPU": cfg.num_cpus}] * world, strategy="PACK")
-            ray.get(self.pg.ready())
-            opts["num_gpus"] = gpus
-        port = free_port()
-        actor_cls = ray.remote(LearnerWorker)
-        self.workers = []
-        for r in range(world):
-            o = dict(opts)
-            if self.pg is not None:
-                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
-            env = {"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}
-            self.workers.append(actor_cls.options(**o, runtime_env={"env_vars": env}).remote(
-                model_dir, asdict(cfg), total_steps, r, world, "127.0.0.1", port, self.loss))
-        ray.get([w.ping.remote() for w in self.workers])
+        bundle = self.bundle(cfg)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        self.strategy = pack_strategy([bundle] * world, nodes)
+        self.pg = placement_group([bundle] * world, strategy=self.strategy)
+        self.workers: list = []
+        self.nodes: list[Optional[str]] = [None] * world   # each rank's node id (for LearnerLost)
         self._syncs: dict = {}  # target list -> WeightSync
+        try:
+            ray.get(self.pg.ready(), timeout=ready_timeout_s)
+            in_bundle = [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)
+                         for r in range(world)]
+            addr, port = ray.get(_rendezvous.options(scheduling_strategy=in_bundle[0]).remote(),
+                                 timeout=ready_timeout_s)
+            actor_cls = ray.remote(LearnerWorker)
+            env = {"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}
+            for r in range(world):
+                self.workers.append(actor_cls.options(
+                    num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus if cfg.use_gpu else 0,
+                    resources=dict(cfg.resources), scheduling_strategy=in_bundle[r], runtime_env={"env_vars": env},
+                ).remote(model_dir, asdict(cfg), total_steps, r, world, addr, port, self.loss))
+            where = self._gather([w.placement.remote() for w in self.workers], timeout_s=ready_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.nodes = [p["node"] for p in where]
+
+    @staticmethod
+    def bundle(cfg: LearnerConfig) -> dict:
+        """What each rank asks Ray for: its placement bundle."""
+        return {"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.use_gpu else {}), **cfg.resources}
+
+    def _gather(self, refs: list, timeout_s: Optional[float] = None) -> list:
+        """Every rank's result of one call; a rank lost with its node raises `LearnerLost` (even when
+        another rank's error, e.g. its collective failing, arrives first), a rank's own error raises
+        as it is."""
+        from ark_ray.faults import LearnerLost, is_lost
+
+        out, lost, failed = [], None, None
+        for r, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=timeout_s))
+            except ray.exceptions.GetTimeoutError:
+                raise
+            except Exception as e:  # noqa: BLE001 - sorted into lost / the rank's own error below
+                out.append(None)
+                if is_lost(e) and lost is None:
+                    lost = (r, e)
+                elif failed is None:
+                    failed = e
+        if lost is not None:
+            r, e = lost
+            raise LearnerLost(r, self.nodes[r], e) from e
+        if failed is not None:
+            raise failed
+        return out
 
     @property
     def world(self) -> int:
@@ -488,12 +554,12 @@ class LearnerGroup:
             weights += [0.0] * (self.world - len(weights))
         most = max(len(next(iter(s.values()))) for s in shards)
         n_micro = -(-most // (self.cfg.micro_batch_size or most))
-        stats = ray.get([w.train_step.remote(s, n_micro, global_tokens, wt)
-                         for w, s, wt in zip(self.workers, shards, weights)])
+        stats = self._gather([w.train_step.remote(s, n_micro, global_tokens, wt)
+                              for w, s, wt in zip(self.workers, shards, weights)])
         return summarize_step(self.loss, stats, global_tokens, n_micro)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        sds = ray.get([w.state_dict.remote() for w in self.workers])
+        sds = self._gather([w.state_dict.remote() for w in self.workers])
         return sds[0]
 
     def export_hf(self, out_dir: str, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -502,33 +568,38 @@ class LearnerGroup:
 
     def save_checkpoint(self, storage: RunStorage, rel: str, client_state: dict) -> list[dict]:
         """Every rank writes and uploads its own files to `rel` in the run folder (see
-        LearnerWorker.upload_checkpoint); one record per rank. A rank's failure raises here."""
-        return ray.get([w.upload_checkpoint.remote(storage, rel, client_state) for w in self.workers])
+        LearnerWorker.upload_checkpoint); one record per rank. A rank's failure raises here (a
+        rank lost with its node: LearnerLost)."""
+        return self._gather([w.upload_checkpoint.remote(storage, rel, client_state) for w in self.workers])
 
     def load_checkpoint(self, storage: RunStorage, rel: str) -> dict:
         """Every rank downloads and loads `rel` on its own node; rank 0's client state."""
-        return ray.get([w.download_checkpoint.remote(storage, rel) for w in self.workers])[0]
+        return self._gather([w.download_checkpoint.remote(storage, rel) for w in self.workers])[0]
 
-    def weight_sync(self, targets: list, store=None):
+    def weight_sync(self, targets: list):
         """The `WeightSync` that pushes this group's weights to `targets` (rollout actors), made once
         per target list; `learner.weight_sync` picks the path (ark_ray.train.weight_sync)."""
         from ark_ray.train.weight_sync import WeightSync
 
         key = tuple(id(t) for t in targets)
         if key not in self._syncs:
-            self._syncs[key] = WeightSync(self.workers, self.cfg, targets, store)
+            self._syncs[key] = WeightSync(self.workers, self.cfg, targets, learner_nodes=self.nodes)
         return self._syncs[key]
 
-    def push_weights(self, targets: list, version: int, store=None) -> dict:
+    def push_weights(self, targets: list, version: int) -> dict:
         """Push the current weights as `version` to `targets` and wait until every one reports it;
         the sync's record (paths, seconds, bytes). Raises the receiving actor's error on failure."""
-        ws = self.weight_sync(targets, store)
+        ws = self.weight_sync(targets)
         ws.push(version)
         return ws.wait()
 
     def shutdown(self) -> None:
         for w in self.workers:
-            ray.kill(w)
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 - a rank already gone with its node
+                pass
+        self.workers = []
         if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
             remove_placement_group(self.pg)

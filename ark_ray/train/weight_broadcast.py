@@ -23,6 +23,10 @@ One sync (version v) is one call per actor (learner ranks: `broadcast_weights`, 
               arrived after the learner finished (done/v is set): both ends raise, the sync fails
               and `WeightSync` retries it; the retry forms a new group, since a communicator's
               membership is fixed and a restarted process cannot slip into the live one.
+  lost:       a receiver lost with its node before it reached the sync would hold everyone up to
+              `timeout_s`; the driver marks its place instead (`abort_receivers`: ready/v/i =
+              b"lost"), the learner announces go/v = {"action": "abort"}, every side raises at
+              once, and `WeightSync` redoes the sync without it.
 """
 from __future__ import annotations
 
@@ -126,6 +130,10 @@ class Sender:
         ready = [f"ready/{version}/{i}" for i in range(n_targets)]
         k.wait(ready, self.spec.timeout)
         answers = [k.get(r) for r in ready]
+        lost = [i for i, a in enumerate(answers) if a == b"lost"]
+        if lost:
+            k.set(f"go/{version}", pickle.dumps({"action": "abort", "lost": lost}))
+            raise RuntimeError(f"weight sync v{version} aborted: receiver(s) {lost} were lost before it")
         world = 1 + n_targets * ranks_per_target
         ch = self.channel
         if ch is not None and ch.pg is not None and ch.world == world and \
@@ -237,6 +245,8 @@ def receive(engine, spec: dict, index: int, version: int, group: Optional[str], 
     if keys.check([f"done/{version}"]):
         raise RuntimeError(f"the learner finished v{version} without this actor")
     go = pickle.loads(keys.get(f"go/{version}"))
+    if go["action"] == "abort":
+        raise RuntimeError(f"weight sync v{version} aborted: receiver(s) {go['lost']} were lost before it")
     form = go if go["action"] == "form" else None
     if form is None and group is None:
         raise RuntimeError(f"v{version} went out on a group this actor is not in")
@@ -253,4 +263,13 @@ def receive(engine, spec: dict, index: int, version: int, group: Optional[str], 
     return form["group"] if form else group
 
 
-__all__ = ["StoreSpec", "Channel", "Sender", "send_weights", "receive"]
+def abort_receivers(spec: StoreSpec | dict, version: int, indices: list[int]) -> None:
+    """The driver's side: mark receivers `indices` of sync `version` as lost, so the learner (still
+    waiting for them to get ready) aborts the sync instead of waiting out its timeout. A receiver
+    that was already in the broadcast is past that wait; its loss ends the collective instead."""
+    keys = _keys(_spec(spec))
+    for i in indices:
+        keys.compare_set(f"ready/{version}/{i}", "", b"lost")
+
+
+__all__ = ["StoreSpec", "Channel", "Sender", "send_weights", "receive", "abort_receivers"]

@@ -19,10 +19,12 @@ A sync fails loudly: `WeightSync.wait` raises the receiving actor's error (after
 `weight_sync_retries` retries of the whole sync), and a sync counts as done only once every
 rollout actor reports the new version.
 
-The `WeightStore` (a named actor) holds one host copy of some recent version, for rollout actors
-that Ray restarts: they load it before redoing their call. Object-store syncs publish there for
-free (the buckets already are objects); the other paths publish only when asked (at checkpoints),
-so a sync never copies the whole model to the host.
+Lost actors (their node vanished) are not failures: a receiver lost mid-sync is left out (`lost`:
+the sync completes for the others; a broadcast in flight is aborted and redone without it, so
+nobody waits for it), and the job pushes the current weights to it once Ray has restarted it
+(`recovered`, then the next `push`), before it serves again. A learner rank lost mid-sync raises
+`LearnerLost`. No host copy of the weights is kept for restarts: a restarted actor gets the
+learner's current weights, never a stale checkpoint's.
 """
 from __future__ import annotations
 
@@ -38,27 +40,6 @@ import torch
 from ark_ray.engines.weight_buckets import layer_key
 
 MODES = ("ipc", "broadcast", "object_store")
-
-
-# ----------------------------------------------------------------------------- the store for restarts
-
-
-class WeightStore:
-    """Holds the newest published weights (a list of bucket object refs) and their version, by name."""
-
-    def __init__(self):
-        self.refs: Optional[list] = None
-        self.version = 0
-
-    def publish(self, refs: list, version: int) -> None:
-        if version >= self.version:
-            self.refs, self.version = list(refs), version
-
-    def latest(self) -> tuple[Optional[list], int]:
-        return self.refs, self.version
-
-
-WeightStore = ray.remote(num_cpus=0)(WeightStore)
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -134,9 +115,11 @@ def put_buckets(module: torch.nn.Module, plan: list[dict], *, zero3: bool, build
 
 
 def placement() -> dict:
-    """This process's node and the GPUs Ray gave it (empty on CPU)."""
+    """This process's node, the GPUs Ray gave it (empty on CPU) and its pid (a restart changes it)."""
+    import os
+
     ctx = ray.get_runtime_context()
-    return {"node": ctx.get_node_id(), "gpus": sorted(str(g) for g in ray.get_gpu_ids())}
+    return {"node": ctx.get_node_id(), "gpus": sorted(str(g) for g in ray.get_gpu_ids()), "pid": os.getpid()}
 
 
 def resolve_mode(requested: str, learner: dict, engine: dict) -> str:
@@ -169,48 +152,103 @@ class WeightSync:
     `poll` collects a finished sync without blocking; `wait` blocks until all are done. One sync is
     in flight at a time and pushes meanwhile coalesce into the newest, so the learner never waits
     for a worker busy with a rollout and a worker never falls behind by queued syncs.
+    Targets in `lost` (their node vanished) are left out of syncs until `recovered`.
     """
 
-    def __init__(self, learners: list, cfg, targets: list, store=None):
-        self.learners, self.cfg, self.targets, self.store = learners, cfg, targets, store
+    def __init__(self, learners: list, cfg, targets: list, learner_nodes: Optional[list] = None):
+        self.learners, self.cfg, self.targets = learners, cfg, targets
+        self.learner_nodes = learner_nodes or [None] * len(learners)
         self.bucket_bytes = int(cfg.weight_sync_bucket_mb * 2**20)
-        self.modes: Optional[list[str]] = None
+        self.modes: Optional[list[Optional[str]]] = None
         self.infos: list[dict] = []
+        self.learner_info: Optional[dict] = None
         self.spec: Optional[dict] = None
         self.pending: deque = deque()          # the sync in flight (at most one)
         self.deferred: Optional[int] = None    # the newest version pushed while one was in flight
         self.versions: dict[int, int] = {}    # rollout actor index -> version it last reported
+        self.lost: dict[int, BaseException] = {}   # rollout actor index -> the error that lost it
+        self._back_at: dict[int, float] = {}       # rollout actor index -> when it was last recovered
         self.history: list[dict] = []         # one record per finished sync
 
     # -- setup
-    def _resolve(self) -> None:
-        learner = ray.get(self.learners[0].placement.remote())
-        self.infos = ray.get([t.engine_info.remote() for t in self.targets])
-        self.modes = [resolve_mode(self.cfg.weight_sync, learner, i) for i in self.infos]
-        dtypes = {i["dtype"] for i in self.infos}
+    def _resolve(self, only: Optional[list[int]] = None) -> None:
+        """Where learner rank 0 and the engines run -> each engine's path (all, or `only` these again)."""
+        if self.learner_info is None:
+            self.learner_info = self._learner_get([self.learners[0].placement.remote()])[0]
+        idx = [i for i in range(len(self.targets)) if i not in self.lost] if only is None else only
+        if self.modes is None:
+            self.modes, self.infos = [None] * len(self.targets), [{} for _ in self.targets]
+        from ark_ray.faults import is_lost
+
+        for i, ref in [(i, self.targets[i].engine_info.remote()) for i in idx]:
+            try:
+                self.infos[i] = ray.get(ref)
+            except Exception as e:
+                if not is_lost(e):
+                    raise
+                self.mark_lost(i, e)      # resolved when it is back (`recovered`)
+                continue
+            self.modes[i] = resolve_mode(self.cfg.weight_sync, self.learner_info, self.infos[i])
+        dtypes = {self.infos[i]["dtype"] for i, m in enumerate(self.modes) if m is not None}
         if len(dtypes) > 1:
             raise ValueError(f"rollout engines disagree on their dtype: {sorted(dtypes)}")
-        self.dtype = dtypes.pop()
+        if dtypes:
+            self.dtype = dtypes.pop()
         if "broadcast" in self.modes:
-            ranks = {i["ranks"] for m, i in zip(self.modes, self.infos) if m == "broadcast"}
+            ranks = {self.infos[i]["ranks"] for i, m in enumerate(self.modes) if m == "broadcast"}
             if len(ranks) > 1:
                 raise ValueError(f"broadcast needs the same engine processes per actor, got {sorted(ranks)}")
             self.ranks_per_target = ranks.pop()
-            self.spec = asdict(ray.get(self.learners[0].weight_sync_store.remote()))
+            if self.spec is None:
+                self.spec = asdict(self._learner_get([self.learners[0].weight_sync_store.remote()])[0])
 
     def describe(self) -> str:
         if self.modes is None:
             self._resolve()
-        return ", ".join(sorted(set(self.modes)))
+        return ", ".join(sorted({m for m in self.modes if m is not None}))
+
+    def _learner_get(self, refs: list) -> list:
+        """The learner ranks' results; a rank lost with its node raises LearnerLost."""
+        from ark_ray.faults import LearnerLost, is_lost
+
+        out = []
+        for r, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except Exception as e:
+                if is_lost(e):
+                    raise LearnerLost(r, self.learner_nodes[r], e) from e
+                raise
+        return out
+
+    # -- lost targets
+    def mark_lost(self, i: int, error: BaseException, sent_at: Optional[float] = None) -> None:
+        """Leave rollout actor `i` out of syncs (its node was lost) until `recovered(i)`; a failed call
+        `sent_at` (perf_counter) before its last recovery tells nothing new and is ignored."""
+        if sent_at is not None and self._back_at.get(i, float("-inf")) > sent_at:
+            return
+        self.lost.setdefault(i, error)
+        self.versions.pop(i, None)
+
+    def recovered(self, i: int) -> None:
+        """Rollout actor `i` answers again (restarted, maybe elsewhere): its path is resolved anew,
+        and the next push includes it."""
+        self.lost.pop(i, None)
+        self.versions.pop(i, None)
+        self._back_at[i] = time.perf_counter()
+        if self.modes is not None:
+            self._resolve(only=[i])
 
     # -- one sync
     def _start(self, version: int, only: Optional[list[int]] = None) -> dict:
-        """Queue version `version` for the actors `only` (default: all); returns the attempt."""
+        """Queue version `version` for the actors `only` (default: all that are not lost); returns the
+        attempt."""
         if self.modes is None:
             self._resolve()
-        idx = list(range(len(self.targets))) if only is None else only
+        idx = [i for i in (range(len(self.targets)) if only is None else only) if i not in self.lost]
         by_mode = {m: [i for i in idx if self.modes[i] == m] for m in MODES}
-        a = {"version": version, "t0": time.perf_counter(), "learner": [], "targets": {}, "exports": {}}
+        a = {"version": version, "t0": time.perf_counter(), "learner": [], "targets": {}, "exports": {},
+             "bc_index": {}, "aborted": set()}
         args = (version, self.dtype, self.bucket_bytes)
         for mode in ("ipc", "object_store"):
             if by_mode[mode]:
@@ -220,11 +258,13 @@ class WeightSync:
                 for i in by_mode[mode]:
                     a["targets"][i] = self.targets[i].load_weights.remote(mode, refs[0], version)
         if by_mode["broadcast"]:
-            # every broadcast actor takes part in each broadcast sync (a group's membership is fixed)
-            bc = [i for i, m in enumerate(self.modes) if m == "broadcast"]
+            # every broadcast actor that is not lost takes part (a group's membership is fixed: a
+            # changed set of receivers forms a new group)
+            bc = [i for i, m in enumerate(self.modes) if m == "broadcast" and i not in self.lost]
             a["learner"] += [w.broadcast_weights.remote(version, len(bc), self.ranks_per_target, *args[1:])
                              for w in self.learners]
             for j, i in enumerate(bc):
+                a["bc_index"][i] = j
                 a["targets"][i] = self.targets[i].receive_broadcast.remote(self.spec, j, version,
                                                                            self.ranks_per_target)
         return a
@@ -246,48 +286,100 @@ class WeightSync:
 
     def poll(self) -> Optional[dict]:
         """Collect a finished sync without blocking (raising its error if it failed) and start the
-        deferred one; the finished sync's record, or None."""
+        deferred one; the finished sync's record, or None. A broadcast receiver found lost meanwhile
+        has its place in the broadcast aborted, so the learner and the others stop waiting for it."""
         rec = None
         while self.pending:
             a = self.pending[0]
             refs = list(a["targets"].values()) + a["learner"]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             if len(ready) < len(refs):
+                self._abort_lost_receivers(a, set(ready))
                 break
             rec = self._finish(self.pending.popleft())
             self._next()
         return rec
+
+    def _abort_lost_receivers(self, a: dict, ready: set) -> None:
+        from ark_ray.faults import is_lost
+
+        for i, ref in a["targets"].items():
+            if i not in a["bc_index"] or i in a["aborted"] or ref not in ready:
+                continue
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - only a lost receiver is acted on here
+                if is_lost(e):
+                    from ark_ray.train.weight_broadcast import abort_receivers
+
+                    abort_receivers(self.spec, a["version"], [a["bc_index"][i]])
+                    a["aborted"].add(i)
 
     def wait(self) -> Optional[dict]:
         """Block until the in-flight and deferred syncs are done on every actor; the newest record."""
         rec = None
         while self.pending or self.deferred is not None:
             while self.pending:
+                a = self.pending[0]
+                if a["bc_index"]:   # lost broadcast receivers must not hold the others up
+                    while True:
+                        refs = list(a["targets"].values()) + a["learner"]
+                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+                        if len(ready) == len(refs):
+                            break
+                        self._abort_lost_receivers(a, set(ready))
                 rec = self._finish(self.pending.popleft())
             self._next()
         return rec
 
     def _finish(self, a: dict) -> dict:
-        """Wait for one sync; retry its failures; check every actor reports its version."""
+        """Wait for one sync; leave out lost receivers; retry failures; check every actor reports its
+        version. A learner rank lost meanwhile raises LearnerLost."""
+        from ark_ray.faults import LearnerLost, is_lost
+
         version = a["version"]
         attempts = 0
+        lost_here: list[int] = []
         while True:
             errors: dict[int, BaseException] = {}
             results: dict[int, dict] = {}
             learner_error = None
-            try:
-                learner_res = ray.get(a["learner"])
-            except Exception as e:  # the learner's side (export or broadcast) failed
-                learner_res, learner_error = [], e
+            learner_res = []
+            for r, ref in enumerate(a["learner"]):
+                try:
+                    learner_res.append(ray.get(ref))
+                except Exception as e:  # the learner's side (export or broadcast) failed
+                    if is_lost(e):
+                        self._release(version)
+                        raise LearnerLost(r % len(self.learners), self.learner_nodes[r % len(self.learners)],
+                                          e) from e
+                    learner_error = learner_error or e
+            lost_now = []
             for i, ref in a["targets"].items():
                 try:
                     results[i] = ray.get(ref)
                 except Exception as e:
-                    errors[i] = e
+                    if is_lost(e):
+                        self.mark_lost(i, e, sent_at=a["t0"])
+                        lost_now.append(i)
+                    else:
+                        errors[i] = e
+            lost_here += lost_now
             for i, r in results.items():
                 if r.get("version", -1) < version:
                     errors[i] = RuntimeError(f"rollout worker {i} reports v{r.get('version')} after the sync "
                                              f"of v{version}")
+            if lost_now and any(i in a["bc_index"] for i in lost_now):
+                # a broadcast fails on every side when one receiver is lost: redo it without that one
+                errors = {i: e for i, e in errors.items() if i not in a["bc_index"]}
+                redo = [i for i in a["bc_index"] if i not in self.lost]
+                learner_error = None
+                if redo or errors:
+                    kept = {**a.get("kept", {}), **{i: r for i, r in results.items()
+                                                    if i not in redo and i not in errors}}
+                    a = self._start(version, only=redo + sorted(errors))
+                    a["kept"] = kept
+                    continue
             if not errors and learner_error is None:
                 break
             attempts += 1
@@ -299,44 +391,31 @@ class WeightSync:
                                      f"({self.modes[i]}) after {attempts} attempt(s): {err}") from err
                 raise SyncFailed(f"weight sync of v{version} failed on the learner after {attempts} "
                                  f"attempt(s): {learner_error}") from learner_error
-            failed = sorted(errors) or sorted(a["targets"])
+            failed = sorted(errors) or sorted(i for i in a["targets"] if i not in self.lost)
             if any(self.modes[i] == "broadcast" for i in failed):   # a broadcast is all or nothing
-                failed = sorted(set(failed) | {i for i, m in enumerate(self.modes) if m == "broadcast"})
+                failed = sorted(set(failed) | {i for i, m in enumerate(self.modes)
+                                               if m == "broadcast" and i not in self.lost})
             kept = {**a.get("kept", {}), **{i: r for i, r in results.items() if i not in failed}}
             a = self._start(version, only=failed)
             a["kept"] = kept
         results.update(a.get("kept", {}))
+        results = {i: r for i, r in results.items() if i not in self.lost}
         for i, r in results.items():
             self.versions[i] = r["version"]
         ok = [r for r in learner_res if r.get("status") != "skipped"]
         export_s = max([r.get("seconds", 0.0) for r in ok] or [0.0])
         load_s = max([r.get("seconds", 0.0) for r in results.values()] or [0.0])
-        rec = {"version": version, "modes": sorted(set(self.modes)), "retries": attempts,
+        rec = {"version": version, "modes": sorted({m for m in self.modes if m is not None}), "retries": attempts,
                "export_s": export_s, "load_s": load_s, "sync_s": export_s + load_s,
                "bytes": max([r.get("bytes", 0) for r in ok] or [0]),
-               "wall_s": time.perf_counter() - a["t0"]}
-        if "object_store" in a["exports"] and self.store is not None:  # free: the buckets are objects
-            exported = ray.get(a["exports"]["object_store"])
-            ray.get(self.store.publish.remote(exported["refs"], version))
+               "wall_s": time.perf_counter() - a["t0"], "lost": sorted(set(lost_here))}
         self._release(version)
         self.history.append(rec)
         return rec
 
     def _release(self, version: int) -> None:
-        ray.get([w.release_weights.remote(version) for w in self.learners])
-
-    def publish(self, version: int) -> None:
-        """One host copy of the current weights into the WeightStore (checkpoints; restarts load it)."""
-        if self.store is None:
-            return
-        self.wait()   # no sync in flight: its buffers are released by version, like this export's
-        if self.modes is None:
-            self._resolve()
-        res = ray.get([w.export_weights.remote("object_store", version, self.dtype, self.bucket_bytes)
-                       for w in self.learners])
-        ray.get(self.store.publish.remote(res[0]["refs"], version))
-        self._release(version)   # the store now holds the bucket refs; they live while it does
+        self._learner_get([w.release_weights.remote(version) for w in self.learners])
 
 
-__all__ = ["WeightStore", "WeightSync", "SyncFailed", "bucket_plan", "flat_buckets", "put_buckets",
-           "placement", "resolve_mode", "sync_params"]
+__all__ = ["WeightSync", "SyncFailed", "bucket_plan", "flat_buckets", "put_buckets", "placement", "resolve_mode",
+           "sync_params"]
