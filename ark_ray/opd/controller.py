@@ -453,7 +453,7 @@ class OpdController:
         self.weights.push(self.version)
         self._collect_sync(block=True)
         d = self.data.state()
-        self.say(f"resumed from {self.storage.uri_of(rel)}: step {self.step}, version {self.version}, "
+        self.say(f"resumed from {self.storage.uri_of(self.ckpts.dir(self.checkpoint_step))}: step {self.step}, version {self.version}, "
                  f"epoch {d['epoch']}, position {self.data.low}")
         return True
 
