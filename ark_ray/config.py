@@ -877,6 +877,9 @@ class OpdConfig(Validated):
                                     "and role.")
     resume: bool = opt(False, "Continue from output_dir's latest checkpoint (output_dir/checkpoints/latest), also on "
                        "another cluster: no utterance repeated or skipped.")
+    overwrite: bool = opt(False, "Delete the run already in output_dir (checkpoints, metrics, summary, exports, "
+                          "curves, job.log) and start a new one. Without it (or resume), an output_dir that holds a "
+                          "run is refused.")
     staged_startup: bool = opt(False, "For a GPU shared by all three roles: vLLM sizes its KV cache from the memory "
                                "free while it profiles, so nothing else may allocate meanwhile. The teachers load on "
                                "the CPU concurrently and move to the GPU, and the learners start, once the rollout "

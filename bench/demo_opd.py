@@ -40,8 +40,8 @@ def sh(cmd: list[str], log: pathlib.Path) -> float:
 
 
 def opd(seed: int, out: pathlib.Path, extra: list[str] = ()) -> dict:
-    if out.exists() and not (out / "summary.json").exists():   # a stopped run's leftovers: not appended to
-        out.rename(out.with_name(f"{out.name}.stopped-{int(time.time())}"))
+    if out.exists():   # an earlier or stopped run here: jobs/opd.py continues one only with --resume
+        out.rename(out.with_name(f"{out.name}.earlier-{int(time.time())}"))
     s = sh([PY, "jobs/opd.py", f"--seed={seed}", f"--output_dir={out}", *extra], out.with_suffix(".term"))
     summ = json.loads((out / "summary.json").read_text())["summary"]
     return {"before": summ["student_wer_before"], "after": summ["student_wer_after"],

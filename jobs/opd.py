@@ -6,6 +6,8 @@ unlabelled demo speech generated on first use). Under `ray job submit` it joins 
 vLLM, Ray, transformers and DeepSpeed output goes to job.log in the local run folder (output_dir
 itself when local; for an s3:// or other remote output_dir a local folder the job names, whose
 job.log is copied to output_dir at the end, as curves.png is).
+A bad key, input, model or output folder, or an output_dir that already holds a run (without
+--resume or --overwrite), is one line on stderr and exit status 2, before Ray starts.
 """
 import pathlib
 import sys
@@ -16,11 +18,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # `python jobs/opd.py` from a clone, without an installed package
     sys.path.insert(0, str(REPO))
 
+from ark_ray.cli import run_job  # noqa: E402
 from ark_ray.faults import RecoveryFailed  # noqa: E402
 from ark_ray.opd.console import Console, table  # noqa: E402
-from ark_ray.runtime import cpu_env_defaults  # noqa: E402
 
 DEFAULT = pathlib.Path(__file__).parent / "configs" / "opd_tiny.yaml"
+#: What a run writes into output_dir: what --overwrite deletes, and what makes a folder "hold a run"
+#: (ark_ray.data.preflight.claim_run).
+RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "final", "init", "curves.png", "curves.json",
+                 "job.log")
 
 
 def fmt(v) -> str:
@@ -45,17 +51,32 @@ def closing_rows(s: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def preflight(cfg):
+    """Inputs readable, the models models, the run folder writable and claimed (new, --resume or
+    --overwrite), before Ray starts; the run folder."""
+    from ark_ray.data.preflight import check_input, check_model, claim_run, open_output
+
+    check_input(cfg.train_manifest, "train_manifest", cfg.s3)
+    check_input(cfg.eval_manifest, "eval_manifest", cfg.s3)
+    check_model(cfg.student, "student")
+    check_model(cfg.teacher, "teacher")
+    storage = open_output(cfg.output_dir, "output_dir", cfg.s3, cfg.local_dir)
+    claim_run(storage, resume=cfg.resume, overwrite=cfg.overwrite, artefacts=RUN_ARTEFACTS)
+    return storage
+
+
 def main(argv=None) -> dict:
-    cpu_env_defaults()   # before torch/vLLM/DeepSpeed read the environment (a plain shell has none of it)
     from ark_ray.config import OpdConfig, parse_job_args
-    from ark_ray.demo import student as demo_student
-    from ark_ray.demo import heldout, unlabelled
 
     cfg = parse_job_args(OpdConfig, sys.argv[1:] if argv is None else argv, default_config=DEFAULT)
     student_spec, eval_spec = cfg.student, cfg.eval_manifest
-    from ark_ray.data.run_storage import RunStorage
+    storage = preflight(cfg)
+    from ark_ray.runtime import cpu_env_defaults
 
-    storage = RunStorage(cfg.output_dir, cfg.s3, cfg.local_dir)   # a bad URI or bucket fails here, before Ray
+    cpu_env_defaults()   # before torch/vLLM/DeepSpeed read the environment (a plain shell has none of it)
+    from ark_ray.demo import student as demo_student
+    from ark_ray.demo import heldout, unlabelled
+
     console = Console(storage.local_dir)
     console.total = cfg.steps
     t0 = time.perf_counter()
@@ -153,4 +174,4 @@ def baseline_lines(student_spec: str, eval_spec: str, cfg) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_job("opd", main)

@@ -53,6 +53,13 @@ def _cases(tmp) -> dict:
         "transcribe-not-a-model": ("transcribe", ["--input", preds, "--output", str(tmp / "out"), "--model", str(tmp)],
                                    "not an HF-format model directory"),
         "sft-unknown-key": ("sft", ["--batchsize=4"], "sft: unknown config key batchsize (did you mean batch_size?)"),
+        "opd-unknown-key": ("opd", ["--rollout_batchsize=4"], "opd: unknown config key rollout_batchsize "
+                            "(did you mean rollout_batch_size?)"),
+        "opd-missing-manifest": ("opd", ["--train_manifest", str(tmp / "nope.jsonl"), "--output_dir", str(tmp / "o")],
+                                 "opd: train_manifest: " + str(tmp / "nope.jsonl") + " not found"),
+        "opd-run-there": ("opd", [f"--student={REPO / 'assets/models/student'}",
+                                  f"--teacher={REPO / 'assets/models/teacher'}", "--output_dir", str(tmp)],
+                          "opd: output_dir: " + str(tmp) + " already holds a run (metrics.jsonl); pass --resume"),
         "transcribe-other-format": ("transcribe", ["--input", preds, "--output", str(jsonl_run), "--format", "parquet"],
                                     "holds 1 jsonl part file(s) of an earlier run, and a rerun skips their inputs, "
                                     "so --format parquet would write nothing new; pass --format jsonl"),
