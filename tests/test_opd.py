@@ -157,7 +157,7 @@ def test_s3_run_crashes_mid_checkpoint_then_resumes_on_a_fresh_cluster(
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {uri}/checkpoints/step_2: step 2, version " in proc.stdout
-    assert proc.stdout.count("\n") <= 60, proc.stdout          # the console (a bar's \r updates share a line)
+    assert proc.stdout.count("\n") <= 60, proc.stdout          # the console (text mode reads each bar update, \r, as a line too)
     assert f"outputs and checkpoints: {uri}" in proc.stdout
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]}
     assert latest().strip() == "step_4"

@@ -321,7 +321,7 @@ def test_promote_canary_gate_and_rollback(ray_cluster, served, clip, student, tm
     assert {"version": v_teacher, "fraction": 0.5} in [m.get("canary") for m in seen_models]
 
     table = closing(up.stdout)
-    # the console: header, bars, a line per event, the table (newline-ended; a bar's \r updates share one)
+    # the console: header, bars, a line per event, the table (text mode reads each bar update, \r, as a line too)
     assert all(r.stdout.count("\n") <= 60 for r in (up, worse, back)), up.stdout + worse.stdout + back.stdout
     assert "canary: 50% of requests go to" in up.stdout and "gate passed" in up.stdout
     assert (table["decision"], table["served_before"], table["served_now"]) == ("promoted", v_student, v_teacher)

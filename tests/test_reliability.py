@@ -164,7 +164,7 @@ def test_transcribe_job_starts_from_a_plain_shell_with_vllm_cpu(model_dir, seed_
                         "--engine.max_model_len=512", "--engine.max_num_seqs=4", "--progress=false"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    # the console: a few lines (newline-ended; a bar's \r updates share one), the libraries in job.log
+    # the console: a few lines (text mode reads each bar update, \r, as a line too), the libraries in job.log
     assert r.stdout.count("\n") <= 60 and r.stderr == "", r.stdout + r.stderr[-3000:]
     assert f"vLLM / Ray / transformers logs: {out / 'job.log'}" in r.stdout and (out / "job.log").stat().st_size
     summary = json.loads(r.stdout.split("SUMMARY_JSON ", 1)[1].splitlines()[0])

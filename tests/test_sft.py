@@ -169,7 +169,7 @@ def test_cluster_run_recovers_a_lost_node_stops_at_max_failures_and_resumes_from
     assert proc.returncode == 0, log2.read_text()[-3000:]
     term = log2.read_text()
     assert "resuming s3://sft-runs/tiny after step 4" in term
-    # the console: a few lines (newline-ended; the bar's \r updates share one), the libraries in job.log
+    # the console: a few lines (text mode reads each bar update, \r, as a line too), the libraries in job.log
     assert term.count("\n") <= 60 and "note: preset:tiny is a randomly initialised model" in term, term
 
     recs = _records(get("metrics.jsonl"))
