@@ -12,9 +12,13 @@ from functools import lru_cache
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from ark_ray.audio.decode import SAMPLE_RATE
+
+# torch is imported inside the functions that use it: `ark_ray.audio` is imported by every Ray Data
+# decode task, which needs only soundfile/soxr; an eager torch import there costs each worker
+# ~300 MB and seconds, and a task cancelled in the middle of `import torch` (a pipeline shut down
+# mid-block) left a worker whose next import failed with "duplicate registrations".
 
 N_FFT = 400
 HOP_LENGTH = 160
@@ -28,6 +32,7 @@ def mel_frames(n_samples: int) -> int:
 
 @lru_cache(maxsize=8)
 def _filters(n_mels: int, device: str) -> torch.Tensor:
+    import torch
     from transformers.audio_utils import mel_filter_bank
 
     fb = mel_filter_bank(num_frequency_bins=1 + N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
@@ -43,6 +48,8 @@ def mel_filters(n_mels: int = N_MELS, device: Union[str, torch.device] = "cpu") 
 
 @lru_cache(maxsize=8)
 def _window(device: str) -> torch.Tensor:
+    import torch
+
     return torch.hann_window(N_FFT, periodic=True, device=device)
 
 
@@ -52,6 +59,8 @@ def log_mel(waves: Sequence[Union[np.ndarray, torch.Tensor]], device: Optional[U
 
     Frames past a clip's own length are 0 (the model masks them).
     """
+    import torch
+
     if len(waves) == 0:
         raise ValueError("log_mel needs at least one clip")
     dev = torch.device(device) if device is not None else (
