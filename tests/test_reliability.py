@@ -9,6 +9,7 @@ import os
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import soundfile as sf
 
@@ -99,14 +100,14 @@ def test_seed_manifest_one_row_per_line_with_reasons(ray_local, model_dir, seed_
 def test_silent_is_error_restores_the_old_behaviour(tmp_path):
     sf.write(tmp_path / "silence.wav", np.zeros(SR, np.float32), SR)
     sf.write(tmp_path / "speech.wav", noise(1.0, 1), SR)
-    block = {"key": np.array(["s", "v"], object), "audio": np.array([str(tmp_path / "silence.wav"),
-                                                                   str(tmp_path / "speech.wav")], object),
-             "begin_time": np.full(2, np.nan), "end_time": np.full(2, np.nan)}
+    block = pa.table({"key": ["s", "v"], "audio": [str(tmp_path / "silence.wav"), str(tmp_path / "speech.wav")],
+                      "begin_time": [float("nan")] * 2, "end_time": [float("nan")] * 2})
     flagged = decode_batch(block)
-    assert list(flagged["error"]) == ["", ""] and list(flagged["silent"]) == [True, False]
-    assert len(flagged["wave"][0]) == SR
+    assert flagged.column("error").to_pylist() == [None, None]
+    assert flagged.column("silent").to_pylist() == [True, False]
+    assert len(flagged.column("wave")[0].as_py()) == SR
     old = decode_batch(block, silent_is_error=True)
-    assert list(old["error"]) == ["silent", ""] and len(old["wave"][0]) == 0
+    assert old.column("error").to_pylist() == ["silent", None] and len(old.column("wave")[0].as_py()) == 0
     assert AudioError("silent", "x").reason == "silent"
 
 
