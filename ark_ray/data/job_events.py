@@ -94,12 +94,19 @@ class ClusterWatch:
         while not self._stop.wait(self.period_s):
             self.poll()
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
+        """Report what changed since the last poll; False when the GCS could not be read (a hiccup:
+        the next period tries again). Nodes and records are read apart, so a failed node query
+        never holds back the engines' records (the closing table counts them)."""
+        ok = True
+        try:
+            records = read_new(self.channel, self.seen)
+        except Exception:  # noqa: BLE001
+            records, ok = [], False
         try:
             nodes = _alive_nodes()
-            records = read_new(self.channel, self.seen)
-        except Exception:  # noqa: BLE001 - a GCS hiccup: try again next period
-            return
+        except Exception:  # noqa: BLE001
+            nodes, ok = self.nodes, False
         for nid in set(self.nodes) - set(nodes):
             self.lost.append(nid)
             self.on_line(f"node {_node_name(self.nodes[nid])} lost: Ray Data reruns its tasks and restarts "
@@ -117,11 +124,15 @@ class ClusterWatch:
             after = f", after the loss of node {_node_name(self.lost[-1])}" if self.lost else ""
             self.on_line(f"engine {len(self.engines)} ready on node {_node_name(r['node'])} at "
                          f"{r['t'] - self.t0:.0f} s (built in {r['build_s']:.1f} s{after})")
+        return ok
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self.poll()
+        for _ in range(5):   # the last read feeds the closing table: retry a GCS hiccup
+            if self.poll():
+                break
+            time.sleep(1.0)
         clear(self.channel)
 
     def summary(self) -> dict:
