@@ -120,21 +120,13 @@ def main(argv=None) -> dict:
         return s
     except RecoveryFailed as e:   # a lost node the run could not get over: one line, no traceback
         console.restore()
-        _upload_log(storage)
+        storage.upload_after_failure()
         raise SystemExit(f"error: {e} (log: {console.log_path})") from None
     except BaseException:
         console.restore()   # the traceback goes to the terminal
         print(f"(full log: {console.log_path})", file=sys.stderr)
-        _upload_log(storage)
+        storage.upload_after_failure()
         raise
-
-
-def _upload_log(storage) -> None:
-    """A failed run's job.log to its run folder too, unless the storage itself is what failed."""
-    try:
-        storage.upload("job.log")
-    except Exception as e:  # noqa: BLE001 - the run's own error is the one to show
-        print(f"(job.log not copied to {storage.uri}: {e})", file=sys.stderr)
 
 
 def _made_on_first_use(console: Console, uri: Optional[str], resolve, what: str) -> Optional[str]:

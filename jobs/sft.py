@@ -113,21 +113,13 @@ def main(argv=None) -> dict:
     except SftFailed as e:
         console.restore()
         print(f"error: {e} (full log: {console.log_path})", file=sys.stderr)
-        _upload_log(storage)
+        storage.upload_after_failure()
         raise SystemExit(1) from None
     except BaseException:
         console.restore()   # the traceback (or the user error's one line) goes to the terminal
         print(f"(full log: {console.log_path})", file=sys.stderr)
-        _upload_log(storage)
+        storage.upload_after_failure()
         raise
-
-
-def _upload_log(storage) -> None:
-    """A failed run's job.log to its run folder too, unless the storage itself is what failed."""
-    try:
-        storage.upload("job.log")
-    except Exception as e:  # noqa: BLE001 - the run's own error is the one to show
-        print(f"(job.log not copied to {storage.uri}: {e})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import os
 import pathlib
 import posixpath
 import re
+import sys
 import tempfile
 import time
 from typing import Callable, Optional, Union
@@ -188,6 +189,14 @@ class RunStorage:
             pafs.copy_files(posixpath.join(base, name), str(dst), source_filesystem=self.fs,
                             destination_filesystem=dst_fs)
         return names
+
+    def upload_after_failure(self, rel: str = "job.log") -> None:
+        """A failed run's `rel` (its job.log) to the run folder too, unless the storage itself is what
+        failed: then one line on stderr says so, and the run's own error stays the one shown."""
+        try:
+            self.upload(rel)
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to show
+            print(f"({rel} not copied to {self.uri}: {e})", file=sys.stderr)
 
     def upload(self, rel: str) -> Optional[str]:
         """Copy `local_dir/rel` (a file or a folder) to `rel` under the URI; its URI. A no-op for
