@@ -46,6 +46,9 @@ def main(teacher_dir: str, out: str) -> None:
     res["subset_entries"], res["subset_max_abs_dlogp"] = n, d
     print(json.dumps(res))
     pathlib.Path(out).write_text(json.dumps(res))
+    # stop the engine-core process now: after os._exit below nothing else would, and an orphaned
+    # engine core keeps the caller's stdout pipe open (the test then waits for an EOF that never comes)
+    vl.llm.llm_engine.engine_core.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -195,9 +196,21 @@ def test_vllm_teacher_matches_hf(teacher_dir, repo_root, tmp_path):
     """vLLM (prompt_logprobs) against HF on the same rows: fp32, max |delta log p| <= 1e-3."""
     out = tmp_path / "parity.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo_root / "tests" / "shims"), str(repo_root)]))
-    r = subprocess.run([sys.executable, str(repo_root / "tests" / "qwen3_vllm_parity.py"), teacher_dir, str(out)],
-                       cwd=repo_root, env=env, capture_output=True, text=True, timeout=880)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    log = tmp_path / "parity.log"
+    # output to a file and a session of its own: any engine process the script leaves behind is
+    # killed with the session, and no pipe of ours waits on it
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, str(repo_root / "tests" / "qwen3_vllm_parity.py"), teacher_dir,
+                              str(out)], cwd=repo_root, env=env, stdout=f, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=880)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert rc == 0, log.read_text()[-8000:]
     res = json.loads(out.read_text())
     assert res["scored_equal"] and res["unions_equal"], res
     assert res["positions"] > 10 and res["max_abs_dlogp"] <= 1e-3 and res["max_abs_dtail_p"] <= 1e-3, res
