@@ -254,11 +254,24 @@ class SimCluster:
         for _ in range(n_workers):
             self.add_worker()
         self.cluster.wait_for_nodes()
+        self._give_internal_kv_back()
 
     def add_worker(self, **kw):
         args = dict(num_cpus=self.cpus, object_store_memory=self.object_store, resources={"sim_node": 1})
         args.update(kw)
-        return self.cluster.add_node(**args)
+        node = self.cluster.add_node(**args)
+        self._give_internal_kv_back()
+        return node
+
+    @staticmethod
+    def _give_internal_kv_back() -> None:
+        """Every in-process Node points `ray.experimental.internal_kv` at its own GCS; point it back
+        at the cluster this process is connected to (`ray_local`), which Ray's driver-side code uses."""
+        import ray
+        from ray.experimental import internal_kv
+
+        if ray.is_initialized():
+            internal_kv._initialize_internal_kv(ray._private.worker.global_worker.gcs_client)
 
     @property
     def workers(self) -> dict:

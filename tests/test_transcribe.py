@@ -317,6 +317,30 @@ def test_job_records_batch_metrics(ray_local, ray_metrics, model_dir, corpus, tm
     assert got == pytest.approx(want)
 
 
+def test_engine_records_reach_the_driver_whatever_internal_kv_points_at(ray_local, ray_cluster):
+    """A batch job's engines announce themselves through the GCS of the cluster the driver is
+    connected to, even when `ray.experimental.internal_kv`'s process-global client points at
+    another cluster (every in-process `ray._private.node.Node`, e.g. a `cluster_utils.Cluster`
+    beside the driver's, re-points it: the closing table then counted 0 engines)."""
+    from ray._raylet import GcsClient
+    from ray.experimental import internal_kv
+
+    from ark_ray.data import job_events
+
+    saved = internal_kv.global_gcs_client
+    internal_kv._initialize_internal_kv(GcsClient(address=ray_cluster.address))   # what a Node does
+    try:
+        channel, lines = job_events.new_channel("test"), []
+        ray_local.get(ray_local.remote(num_cpus=0)(job_events.publish).remote(channel, "engine", {"build_s": 1.5}))
+        watch = job_events.ClusterWatch(channel, lines.append, period_s=600)
+        watch.stop()
+    finally:
+        internal_kv._initialize_internal_kv(saved)
+    assert watch.summary()["engines_started"] == 1 and watch.summary()["engine_build_s"] == [1.5]
+    assert len(lines) == 1 and lines[0].startswith("engine 1 ready on node") and "built in 1.5 s" in lines[0]
+    assert job_events.read_new(channel, set()) == []          # stop() cleared the channel
+
+
 def test_node_with_the_engine_lost_mid_job_nothing_lost_or_doubled(ray_cluster, model_dir, tmp_path, repo_root):
     """The job runs against a 3-node cluster (as under `ray job submit`); once part files land, the
     node holding the engine (and decode and write tasks) is removed hard and a fresh node added.

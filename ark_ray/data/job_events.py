@@ -16,7 +16,19 @@ import time
 import uuid
 from typing import Callable, Optional
 
-NAMESPACE = "ark_ray"
+NAMESPACE = b"ark_ray"
+
+
+def _gcs():
+    """The GCS client of the cluster this process is connected to.
+
+    Not `ray.experimental.internal_kv`: its client is a process global that every in-process
+    `ray._private.node.Node` re-points at its own GCS (a `ray.cluster_utils.Cluster` next to the
+    driver's cluster, as in the tests), after which a driver would read another cluster's records
+    while its workers publish to its own."""
+    import ray
+
+    return ray._private.worker.global_worker.gcs_client
 
 
 def new_channel(prefix: str = "batch") -> str:
@@ -28,24 +40,23 @@ def publish(channel: str, kind: str, record: dict) -> None:
     Best effort: a job's results never depend on it."""
     try:
         import ray
-        from ray.experimental import internal_kv
 
         rec = dict(record, kind=kind, node=ray.get_runtime_context().get_node_id(), pid=os.getpid(), t=time.time())
-        internal_kv._internal_kv_put(f"{channel}/{kind}/{uuid.uuid4().hex}", json.dumps(rec), namespace=NAMESPACE)
+        _gcs().internal_kv_put(f"{channel}/{kind}/{uuid.uuid4().hex}".encode(), json.dumps(rec).encode(), True,
+                               NAMESPACE)
     except Exception:  # noqa: BLE001 - no Ray, no GCS: nothing to report to
         pass
 
 
 def read_new(channel: str, seen: set) -> list[dict]:
     """Records on `channel` not in `seen` (their keys are added to it), oldest first."""
-    from ray.experimental import internal_kv
-
+    gcs = _gcs()
     out = []
-    for key in internal_kv._internal_kv_list(channel + "/", namespace=NAMESPACE) or []:
+    for key in gcs.internal_kv_keys((channel + "/").encode(), NAMESPACE) or []:
         if key in seen:
             continue
+        raw = gcs.internal_kv_get(key, NAMESPACE)
         seen.add(key)
-        raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
         if raw:
             out.append(json.loads(raw))
     return sorted(out, key=lambda r: r.get("t", 0))
@@ -53,9 +64,7 @@ def read_new(channel: str, seen: set) -> list[dict]:
 
 def clear(channel: str) -> None:
     try:
-        from ray.experimental import internal_kv
-
-        internal_kv._internal_kv_del(channel + "/", del_by_prefix=True, namespace=NAMESPACE)
+        _gcs().internal_kv_del((channel + "/").encode(), True, NAMESPACE)
     except Exception:  # noqa: BLE001 - Ray already gone
         pass
 
