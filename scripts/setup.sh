@@ -24,7 +24,7 @@ if [ -f "$stamp" ]; then exit 0; fi
 "$VENV/bin/python" -m pip install -q --upgrade pip uv
 findlinks=(); [ -d "$WHEELS" ] && findlinks=(--find-links "$WHEELS")
 UV_HTTP_TIMEOUT=300 "$VENV/bin/python" -m uv pip install --python "$VENV/bin/python" "${findlinks[@]}" \
-  --index-strategy unsafe-best-match \
+  --index-strategy unsafe-best-match --compile-bytecode \
   "torch==2.13.0+cpu" -e ".[cpu,dev]"
 # PyPI's torchvision/torchaudio/torchcodec builds crash beside the CPU torch (see docs/environment).
 "$VENV/bin/python" -m uv pip uninstall --python "$VENV/bin/python" torchvision torchaudio torchcodec 2>/dev/null || true
