@@ -106,8 +106,14 @@ def manifest_rows_dataset(uri: str, text_field: Optional[str] = "text", s3: Opti
                           num_cpus: Optional[float] = None) -> "ray.data.Dataset":
     """Every row, the bad ones marked with `_where`, `_error` and `_error_detail` (as
     `manifest_rows` does), plus `_row` (-1 on bad rows). Lazy; a missing file raises at once.
-    `num_cpus`: per read task (Ray Data's default: 1)."""
-    return ray.data.read_datasource(ManifestDatasource(uri, text_field, s3), num_cpus=num_cpus)
+    `num_cpus`: per read task (Ray Data's default: 1).
+
+    One read task, its output unsplit: a manifest is one file, read in blocks of up to _BLOCK_ROWS
+    rows. Ray Data would otherwise split the read's output towards its default parallelism (a
+    40-row manifest came out as 28 blocks), and every later pass (the check, OPD's placement and
+    sort, SFT's positions) ran one task, often a freshly started worker process, per block. The
+    consumers cut their own blocks where they need parallelism (OPD decodes in `block_rows`)."""
+    return ray.data.read_datasource(ManifestDatasource(uri, text_field, s3), num_cpus=num_cpus, override_num_blocks=1)
 
 
 def open_manifest(uri: str, text_field: Optional[str] = "text", *, skip_bad_rows: bool = False,
