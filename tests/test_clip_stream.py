@@ -51,6 +51,9 @@ def test_stream_keeps_the_data_order_and_a_flat_object_store(ray_local, segments
 
     rows = read_manifest(segments)
     manifest = open_manifest(str(segments))
+    # one block for a small manifest, not Ray Data's split towards its default parallelism (a task,
+    # often a fresh worker process, per block in every later pass)
+    assert manifest.dataset.materialize().num_blocks() == 1
     data = DataPositions(manifest.rows, seed=7)
     data.consume(list(range(0, 21)) + [25, 30])                  # low = 21, {25, 30} above it
     expected = data.pending()
